@@ -1,0 +1,671 @@
+"""ddpo-debias: fine-tune Stable Diffusion with RL from AI feedback until the faces it draws are gender-balanced.
+
+The prompt stays the same and no new data is used: a gender classifier scores each sampled image, and the
+UNet's attention projections are trained with DDPO so that the batch's female ratio moves toward 0.5.
+
+    DDIM     Song et al., arXiv 2010.02502: eq. (12) the step, eq. (16) its noise level σ_t(η)
+    DDPO     Black et al., arXiv 2305.13301: each DDIM step with η > 0 is a Gaussian policy π(x_{t-1} | x_t, c)
+    PPO      Schulman et al., arXiv 1707.06347: the clipped surrogate
+    TR-PPO   Wang, He & Tan, arXiv 1903.07940: "Truly PPO", a KL trust region with a rollback
+    Debias   arXiv 2407.09551: the rewards R_shift (eq. 1) and R_balance (eq. 2-3), in rewards.py
+
+Run it (one GPU; downloads SD v1.5 and the classifier on first use):
+    python ddpo_debias.py --prompt "photo of the face of a computer scientist" --reward balance
+A CPU smoke run on tiny random models (see README "A tiny CPU run"):
+    python -m tests.random_sd15 /tmp/tiny --tiny && python ddpo_debias.py --model /tmp/tiny \
+        --classifier /tmp/tiny/classifier --epochs 2 --batch-size 4 --num-steps 4 --mixed-precision no
+
+Notation (one legend for the whole file):
+    B images per epoch, b images in a training micro-batch, T denoising steps, C×H×W the latent (4×64×64 for
+    SD 1.5), x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
+    r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage.
+
+Sections, in the order of the algorithm:
+    1 config   2 DDIM step with log-prob   3 losses   4 models   5 sampling   6 rewards and advantages
+    7 update   8 logging and checkpoints   9 command line   10 the loop and main()
+"""
+import argparse
+import ast
+import contextlib
+import dataclasses
+import datetime
+import inspect
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import rewards
+
+
+# ---------------------------------------------------------------------------------------------- 1. config
+@dataclass
+class Config:
+    prompt: str = "photo of the face of a computer scientist"
+    """The one prompt the model is fine-tuned on; it is never changed (the paper's point)."""
+    reward: str = "balance"
+    """'balance' (R_balance, eq. 2-3) or 'shift' (R_shift, eq. 1); see rewards.REWARDS."""
+    underrepresented: str = "auto"
+    """U for --reward shift: female, male, or auto = the rarer gender in the first epoch's samples (paper step 1)."""
+    trust_region: str = "clip"
+    """'clip' (DDPO's clipped PPO) or 'truly' (Truly PPO: KL trust region with rollback)."""
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """The policy: a hub id or a local Stable Diffusion pipeline folder."""
+    classifier: str = "rizvandwiki/gender-classification-2"
+    """The AI feedback: a hub id or a local image-classification folder with female and male labels."""
+    epochs: int = 100
+    """Epochs of sample-then-update; DDPO's runs take about 100 to move a reward."""
+    batch_size: int = 16
+    """Images sampled per epoch (B); the female ratio q of eq. (2) is taken over them."""
+    updates_per_epoch: int = 2
+    """Optimizer steps per epoch, each over B / updates_per_epoch images and all their T steps (DDPO: 2)."""
+    train_batch_size: int = 8
+    """Images per training micro-batch (b): a memory knob only; gradients accumulate to the same update."""
+    num_steps: int = 50
+    """DDIM steps per image (T), as DDPO."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
+    eta: float = 1.0
+    """DDIM η; must be > 0, because at σ_t = 0 the step is deterministic and has no log-probability. 1.0 as DDPO."""
+    lr: float = 1e-5
+    """AdamW learning rate: full attention weights, not LoRA, so 30x below DDPO's LoRA rate 3e-4."""
+    clip_range: float = 1e-4
+    """PPO ε: tiny because log-probs are means over C·H·W elements, so log r is that much smaller (DDPO)."""
+    kl_threshold: float = 1e-4
+    """Truly PPO δ: exact KL per element; at 1e-4 a typical |log r| over 4x64x64 elements equals the clip range."""
+    truly_alpha: float = 100.0
+    """Truly PPO α: at KL = δ the rollback's pull ≈ the surrogate's push for |A| ≈ 1 (see truly_ppo_loss)."""
+    adv_clip: float = 5.0
+    """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
+    max_grad_norm: float = 1.0
+    """Gradient norm clip before every optimizer step, as DDPO."""
+    seed: int = 0
+    """One seed for the sampling noise and the shuffles: a CPU run is exactly reproducible."""
+    device: str = ""
+    """cuda or cpu; empty: cuda when there is one."""
+    mixed_precision: str = "bf16"
+    """no, fp16 or bf16: frozen weights and activations in that type, trained weights and AdamW state in fp32."""
+    compile: bool = False
+    """torch.compile the UNet (slow first epoch, faster after)."""
+    low_memory: bool = False
+    """Gradient checkpointing and micro-batches of one image: slower, for 8-16 GB cards."""
+    profile: bool = False
+    """Also log the UNet's achieved TFLOP/s and the peak GPU memory per epoch."""
+    save_every: int = 1
+    """Epochs between checkpoints (and after the last one)."""
+    output_dir: str = ""
+    """Where the run goes; empty: runs/<date-time>. A folder that holds a run is never overwritten."""
+    resume: str = ""
+    """A run folder to continue from its last checkpoint."""
+
+
+CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"),
+           "underrepresented": ("female", "male", "auto"), "mixed_precision": ("no", "fp16", "bf16")}
+MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
+
+
+class UsageError(Exception):
+    """Bad input: printed as one line naming the flag, exit code 2."""
+
+
+# --------------------------------------------------------------------------- 2. DDIM step with log-prob
+def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, prev_latents=None, generator=None):
+    """One DDIM step x_t -> x_{t-1} as a Gaussian policy, and the log-density of x_{t-1} under it.
+
+    DDIM eq. (12): x_{t-1} = √ᾱ_{t-1}·x̂₀ + √(1 - ᾱ_{t-1} - σ_t²)·ε̂ + σ_t·z,  z ~ N(0, I)
+    DDIM eq. (16): σ_t = η·√((1 - ᾱ_{t-1}) / (1 - ᾱ_t))·√(1 - ᾱ_t / ᾱ_{t-1})
+    Variables -> symbols: alpha_prod_t -> ᾱ_t, alpha_prod_prev -> ᾱ_{t-1}, pred_original_sample -> x̂₀,
+    std_dev -> σ_t, prev_mean -> μ_θ(x_t). Epsilon prediction, no clipping of x̂₀ (SD's config).
+    Shapes: noise_pred, latents, prev_latents (B, C, H, W); timestep an int or (B,). Returns
+    prev_latents (B, C, H, W), log_prob (B,), prev_mean (B, C, H, W), std_dev (B, 1, 1, 1).
+    """
+    if eta <= 0:
+        raise ValueError("eta must be > 0: with σ_t = 0 the step is deterministic and has no log-probability")
+    noise_pred, latents = noise_pred.float(), latents.float()  # the density is computed in fp32 always
+    t = torch.as_tensor(timestep, device=latents.device).long().reshape(-1)  # (B,) or (1,)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
+    alpha_prod_t = alphas_cumprod[t].view(-1, 1, 1, 1)
+    alpha_prod_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)],
+                                  torch.as_tensor(scheduler.final_alpha_cumprod)).view(-1, 1, 1, 1)
+    pred_original_sample = (latents - (1 - alpha_prod_t).sqrt() * noise_pred) / alpha_prod_t.sqrt()  # x̂₀, eq. (12)
+    variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)  # eq. (16) / η²
+    std_dev = eta * variance.sqrt()
+    direction = (1 - alpha_prod_prev - std_dev**2).sqrt() * noise_pred  # "direction pointing to x_t", eq. (12)
+    prev_mean = alpha_prod_prev.sqrt() * pred_original_sample + direction
+    if prev_latents is None:  # sampling: draw x_{t-1}; in training we re-score the stored one instead
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        prev_latents = prev_mean + std_dev * noise
+    # log N(x_{t-1}; μ, σ²) per element, then the MEAN over C·H·W (as DDPO), not the sum: log r shrinks by
+    # 1/(C·H·W), which is why the PPO clip range is 1e-4 rather than the usual 0.2.
+    log_prob = (-((prev_latents.detach() - prev_mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev)
+                - math.log(math.sqrt(2 * math.pi)))
+    return prev_latents, log_prob.mean(dim=(1, 2, 3)), prev_mean, std_dev
+
+
+def gaussian_kl(mean_old, mean_new, std):
+    """Exact KL(π_old || π_new) of two step policies sharing σ_t: ‖μ_new - μ_old‖² / (2σ_t²), mean over C·H·W -> (B,)."""
+    return ((mean_new - mean_old) ** 2 / (2 * std**2)).mean(dim=(1, 2, 3))
+
+
+# ------------------------------------------------------------------------------------------- 3. losses
+def ppo_clip_loss(log_prob, log_prob_old, advantages, clip_range, kl=None):
+    """DDPO's clipped PPO: mean over samples of max(-A·r, -A·clip(r, 1-ε, 1+ε)). All inputs (b,)."""
+    ratio = torch.exp(log_prob - log_prob_old)  # r
+    loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean(),
+             "approx_kl": 0.5 * ((log_prob - log_prob_old) ** 2).mean(), "rollback_frac": torch.zeros(())}
+    return loss, stats
+
+
+def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
+    """Truly PPO (TR-PPO-RB, arXiv 1903.07940): objective r·A - α·KL where KL ≥ δ and r·A > A, else r·A.
+
+    Unlike the debiasing paper's failed version (one approximate KL per batch, triggered on r > 1), the KL
+    here is exact and per sample (gaussian_kl). Defaults: δ = 1e-4 is the KL at which a typical |log r| over
+    the 4x64x64 SD latent equals the clip range 1e-4 (|log r| ≈ √(2·KL / (C·H·W))); the KL's gradient then
+    has norm √(2δ) ≈ 0.014 times the surrogate's for |A| = 1, so α = 100 makes the rollback pull about as
+    hard as the surrogate pushes. On the tests' learning run it learns as fast as clipped PPO.
+    """
+    ratio = torch.exp(log_prob - log_prob_old)
+    surrogate = ratio * advantages  # r·A
+    rollback = (kl >= kl_threshold) & (surrogate > advantages)  # outside the trust region, still "improving"
+    objective = torch.where(rollback, surrogate - alpha * kl, surrogate)
+    stats = {"clipfrac": torch.zeros(()), "approx_kl": 0.5 * ((log_prob - log_prob_old) ** 2).mean(),
+             "rollback_frac": rollback.float().mean()}
+    return -objective.mean(), stats
+
+
+# ------------------------------------------------------------------------------------------- 4. models
+TRAINABLE = (".to_q.", ".to_k.", ".to_v.", ".to_out.0.")  # every attention projection of the UNet
+
+
+def load_models(config, device):
+    """The SD components from `config.model`, frozen weights in the mixed-precision type, attention in fp32."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    path = config.model
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "unet", "config.json")):
+        raise UsageError(f"--model: {path} is not a Stable Diffusion pipeline folder (no unet/config.json)")
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UsageError(f"--model: folder {path} does not exist")
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    except OSError as error:
+        raise UsageError(f"--model: cannot load {path!r} ({str(error).splitlines()[0]}); a hub id needs network "
+                         "access once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)") from None
+    vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
+    text_encoder.to(device).requires_grad_(False).eval()
+    unet.requires_grad_(False).eval()  # eval: SD has no dropout, and it keeps sampling and training identical
+    for name, param in unet.named_parameters():
+        if any(key in f".{name}" for key in TRAINABLE):
+            param.requires_grad_(True)  # stays fp32: AdamW on bf16 weights would lose small updates
+        else:
+            param.data = param.data.to(dtype)
+    unet.to(device)
+    if config.low_memory:
+        unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def trainable_parameters(unet):
+    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+
+
+def load_classifier(config, device):
+    try:
+        return rewards.GenderClassifier(config.classifier, device=device)
+    except ValueError as error:
+        raise UsageError(f"--classifier: {error}") from None
+    except OSError as error:
+        raise UsageError(f"--classifier: cannot load {config.classifier!r} ({str(error).splitlines()[0]}); "
+                         "a hub id needs network access once, or pass a local folder") from None
+
+
+@torch.no_grad()  # the text encoder is frozen: embeddings are computed once per prompt, never trained
+def encode_prompt(text_encoder, tokenizer, prompt, device):
+    """-> (2, L, D): row 0 the empty prompt (unconditional), row 1 the prompt. L = 77 tokens for SD."""
+    if len(tokenizer(prompt).input_ids) > tokenizer.model_max_length:
+        print(f"warning: --prompt is longer than {tokenizer.model_max_length} tokens and is truncated", file=sys.stderr)
+    ids = tokenizer(["", prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def autocast(config, device):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+# ----------------------------------------------------------------------------------------- 5. sampling
+def guided_noise_pred(unet, latents, timesteps, prompt_embeds, guidance_scale):
+    """Classifier-free guidance: one UNet pass over 2b rows. latents (b, C, H, W), timesteps () or (b,)."""
+    b = latents.shape[0]
+    embeds = prompt_embeds.repeat_interleave(b, dim=0)  # (2b, L, D): b unconditional rows, then b conditional
+    t = timesteps.repeat(2) if timesteps.dim() else timesteps  # per-sample steps in training, one in sampling
+    noise_uncond, noise_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds).sample.chunk(2)
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # ε̂, (b, C, H, W)
+
+
+@torch.no_grad()  # sampling collects the trajectory; gradients are taken later, in the update
+def sample(unet, vae, scheduler, prompt_embeds, config, device, generator):
+    """Sample B images; keep what the update needs to re-score every step.
+
+    Returns latents (B, T+1, C, H, W) = x_T..x_0, log_probs (B, T) under the sampling policy, means
+    (B, T, C, H, W) = μ_old (for the exact KL), timesteps (T,), images (B, 3, H·8, W·8) in [0, 1].
+    """
+    scheduler.set_timesteps(config.num_steps, device=device)
+    c, s = unet.config.in_channels, unet.config.sample_size
+    latents = torch.randn((config.batch_size, c, s, s), generator=generator, device=device)  # x_T
+    all_latents, log_probs, means = [latents], [], []
+    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False):
+        with autocast(config, device):
+            noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, config.guidance_scale)
+        latents, log_prob, mean, _ = ddim_step_with_logprob(scheduler, noise_pred, t, latents, config.eta,
+                                                            generator=generator)
+        all_latents.append(latents), log_probs.append(log_prob), means.append(mean)
+    return {"latents": torch.stack(all_latents, dim=1), "log_probs": torch.stack(log_probs, dim=1),
+            "means": torch.stack(means, dim=1), "timesteps": scheduler.timesteps.clone(),
+            "images": decode(vae, latents, config, device)}
+
+
+@torch.no_grad()
+def decode(vae, latents, config, device):
+    """x_0 (B, C, H, W) -> images (B, 3, 8H, 8W) in [0, 1], in chunks of b to bound the VAE's memory."""
+    images = []
+    for chunk in latents.split(1 if config.low_memory else config.train_batch_size):
+        with autocast(config, device):
+            images.append(vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample.float())
+    return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------- 6. rewards and advantages
+def compute_rewards(classifier, images, reward, underrepresented=None):
+    """-> rewards (B,) on the images' device, labels [B], U. With U None (auto) it is the rarer gender here."""
+    p_female = classifier(images)  # (B,)
+    labels = rewards.label_images(p_female)  # one host sync per epoch
+    if underrepresented is None:  # the paper's step 1: U is the gender the model draws less often
+        underrepresented = "female" if labels.count("female") <= labels.count("male") else "male"
+    values = rewards.REWARDS[reward](p_female, labels, underrepresented)
+    return values.to(images.device, torch.float32), labels, underrepresented
+
+
+def compute_advantages(reward_values, adv_clip):
+    """A = (R - mean) / std over the batch, clipped to ±adv_clip (DDPO). (B,) -> (B,)."""
+    return ((reward_values - reward_values.mean()) / (reward_values.std() + 1e-8)).clamp(-adv_clip, adv_clip)
+
+
+# ------------------------------------------------------------------------------------------- 7. update
+def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embeds, config, device, shuffle_gen):
+    """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
+    gradient of B / updates_per_epoch images × T steps in micro-batches of b images, one step at a time.
+
+    Returns per-step stats (stacked tensors, no host sync inside) and how many optimizer steps were skipped.
+    """
+    B, T = samples["log_probs"].shape
+    per_update = B // config.updates_per_epoch
+    micro = 1 if config.low_memory else config.train_batch_size
+    params = list(trainable_parameters(unet).values())
+    order = torch.randperm(B, generator=shuffle_gen).to(device)  # shuffle samples ...
+    step_order = torch.stack([torch.randperm(T, generator=shuffle_gen) for _ in range(B)]).to(device)  # ... and steps
+    stats, skipped = [], 0
+    for u in range(config.updates_per_epoch):
+        for idx in order[u * per_update:(u + 1) * per_update].split(micro):  # (b,) sample indices
+            for j in range(T):
+                k = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
+                x_t, x_prev = samples["latents"][idx, k], samples["latents"][idx, k + 1]  # (b, C, H, W)
+                with autocast(config, device):
+                    noise_pred = guided_noise_pred(unet, x_t, samples["timesteps"][k], prompt_embeds,
+                                                   config.guidance_scale)
+                _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, samples["timesteps"][k],
+                                                                x_t, config.eta, prev_latents=x_prev)
+                kl = gaussian_kl(samples["means"][idx, k], mean, std)  # exact, (b,)
+                log_prob_old, adv = samples["log_probs"][idx, k], advantages[idx]
+                if config.trust_region == "truly":
+                    loss, st = truly_ppo_loss(log_prob, log_prob_old, adv, kl, config.kl_threshold, config.truly_alpha)
+                else:
+                    loss, st = ppo_clip_loss(log_prob, log_prob_old, adv, config.clip_range)
+                # weight so the accumulated gradient is that of the mean over the update's images and steps
+                scaler.scale(loss * len(idx) / (per_update * T)).backward()
+                stats.append(torch.stack([loss.detach(), st["approx_kl"].detach(), st["clipfrac"],
+                                          kl.detach().mean(), st["rollback_frac"]]))
+        # ---- the weights change here, once per `per_update` images: unscale, clip, step, reset.
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        if torch.isfinite(grad_norm):  # one host sync per optimizer step: a NaN/Inf step is skipped, not taken
+            scaler.step(optimizer)
+        else:
+            skipped += 1
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return torch.stack(stats), skipped
+
+
+# ---------------------------------------------------------------------------- 8. logging and checkpoints
+def save_grid(images, labels, path, thumb=128, columns=4):
+    """A PNG of the epoch's images (B, 3, H, W) in [0, 1], each captioned with its classifier label."""
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
+    rows = math.ceil(len(pixels) / columns)
+    grid = Image.new("RGB", (columns * thumb, rows * (thumb + 14)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (pix, label) in enumerate(zip(pixels, labels)):
+        x, y = (i % columns) * thumb, (i // columns) * (thumb + 14)
+        grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
+        draw.text((x + 3, y + thumb + 1), label or "none", fill="black")
+    grid.save(path)
+
+
+def save_plot(metrics, path, width=480, height=160):
+    """reward_mean and female_ratio over epochs as a PNG, two panels, drawn with pillow."""
+    image = Image.new("RGB", (width, 2 * height), "white")
+    draw = ImageDraw.Draw(image)
+    for panel, key in enumerate(("reward_mean", "female_ratio")):
+        points = [(m["epoch"], m[key]) for m in metrics if m[key] is not None]
+        top, left, right = panel * height + 16, 40, width - 10
+        low, high = (0.0, 1.0) if key == "female_ratio" else (min(v for _, v in points or [(0, 0)]),
+                                                            max(v for _, v in points or [(0, 1)]))
+        high = high if high > low else low + 1e-6
+        draw.rectangle((left, top, right, top + height - 30), outline="gray")
+        draw.text((left, top - 14), f"{key}  (last {points[-1][1]:.3f})" if points else key, fill="black")
+        draw.text((2, top), f"{high:.2f}", fill="gray"), draw.text((2, top + height - 40), f"{low:.2f}", fill="gray")
+        n = max(len(metrics) - 1, 1)
+        xy = [(left + (right - left) * i / n, top + (height - 30) * (1 - (v - low) / (high - low)))
+              for i, (_, v) in enumerate(points)]
+        draw.line(xy, fill="blue", width=2) if len(xy) > 1 else None
+    image.save(path)
+
+
+def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, underrepresented, metrics):
+    """Everything needed to continue bit-for-bit on the CPU, written atomically (temp file, then rename)."""
+    weights = {name: p.detach().cpu() for name, p in trainable_parameters(unet).items()}
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        raise RuntimeError("refusing to save a checkpoint with non-finite weights")
+    state = {"weights": weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+             "rng_cpu": torch.get_rng_state(), "generators": [g.get_state() for g in generators],
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "underrepresented": underrepresented, "metrics": metrics}
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)  # a kill during the save leaves the previous checkpoint intact
+
+
+def load_checkpoint(path, unet, optimizer, scaler, generators):
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
+    params = trainable_parameters(unet)
+    with torch.no_grad():
+        for name, weight in state["weights"].items():
+            params[name].copy_(weight)
+    optimizer.load_state_dict(state["optimizer"]), scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    for g, g_state in zip(generators, state["generators"]):
+        g.set_state(g_state)
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state
+
+
+def save_unet(unet, config, path):
+    """The fine-tuned UNet for `UNet2DConditionModel.from_pretrained`: the original fp32 UNet (not its bf16
+    copy) with the trained attention weights copied in, so no frozen weight is rounded."""
+    from diffusers import UNet2DConditionModel
+    full = UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
+    trained = {name: p.detach().float().cpu() for name, p in trainable_parameters(unet).items()}
+    if not all(torch.isfinite(w).all() for w in trained.values()):
+        raise RuntimeError("refusing to save a UNet with non-finite weights")
+    full.load_state_dict(trained, strict=False)
+    full.save_pretrained(path)
+
+
+def count_flops(unet, prompt_embeds, config, device):
+    """FLOPs of one image-step with CFG: sampling (forward) and training (forward + backward), counted once."""
+    from torch.utils.flop_counter import FlopCounterMode
+    c, s = unet.config.in_channels, unet.config.sample_size
+    x, t = torch.randn(1, c, s, s, device=device), torch.tensor([500], device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(config, device):
+        guided_noise_pred(unet, x, t, prompt_embeds, config.guidance_scale)
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        with autocast(config, device):
+            guided_noise_pred(unet, x, t, prompt_embeds, config.guidance_scale).float().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return forward, counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------- 9. command line
+def field_docs():
+    """Config's field docstrings (the string under each field), read from this file's source for --help."""
+    body = ast.parse(inspect.getsource(Config)).body[0].body
+    return {a.target.id: d.value.value for a, d in zip(body, body[1:])
+            if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr)}
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: "ddpo_debias.py: error: argument --reward: ..."
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def parse_args(argv=None):
+    """Flags are Config's fields with dashes; only the flags given are returned (the rest keep defaults)."""
+    parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
+    docs = field_docs()
+    for f in dataclasses.fields(Config):
+        flag, doc = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=doc)
+        else:
+            parser.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), help=f"{doc} ({f.default!r})")
+    return vars(parser.parse_args(argv))
+
+
+def validate(config):
+    """Raise UsageError for the first bad value, naming its flag."""
+    if not config.prompt.strip():
+        raise UsageError("--prompt: must not be empty")
+    for name in ("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch", "save_every"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
+    for name in ("eta", "lr", "clip_range", "kl_threshold", "max_grad_norm"):
+        if not getattr(config, name) > 0:
+            raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(config, name)}")
+    if config.batch_size % config.updates_per_epoch:
+        raise UsageError(f"--batch-size: {config.batch_size} images do not split into "
+                         f"--updates-per-epoch {config.updates_per_epoch} equal updates")
+    if config.batch_size < 2:
+        raise UsageError("--batch-size: needs at least 2 images (advantages are standardised over the batch)")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device: {config.device} asked for, but this machine has no CUDA GPU")
+
+
+def resolve_config(given):
+    """Config from the flags given; with --resume, the run's saved config.json updated by those flags."""
+    if given.get("resume"):
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.exists(os.path.join(given["resume"], "checkpoint.pt")) or not os.path.exists(path):
+            raise UsageError(f"--resume: {given['resume']} holds no checkpoint.pt and config.json to resume")
+        with open(path) as f:
+            return Config(**{**json.load(f), **given, "output_dir": given["resume"]})
+    return Config(**given)
+
+
+def prepare_run_dir(config):
+    """Create the run folder, check that it is writable, and refuse one that already holds another run."""
+    if not config.output_dir:
+        config.output_dir = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    held = [n for n in ("config.json", "metrics.jsonl", "checkpoint.pt") if os.path.exists(os.path.join(config.output_dir, n))]
+    if held and not config.resume:
+        raise UsageError(f"--output-dir: {config.output_dir} already holds a run ({held[0]}); choose another "
+                         "folder, or continue it with --resume")
+    try:
+        os.makedirs(config.output_dir, exist_ok=True)
+        probe = os.path.join(config.output_dir, ".write-test")
+        open(probe, "w").close(), os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"--output-dir: cannot write to {config.output_dir} ({error.strerror})") from None
+
+
+def write_json(path, obj, lines=False):
+    """Atomic write: a temp file, then rename. lines=True writes one JSON object per line (metrics.jsonl)."""
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(json.dumps(o) + "\n" for o in obj) if lines else json.dumps(obj, indent=2))
+    os.replace(path + ".tmp", path)
+
+
+# -------------------------------------------------------------------------------- 10. the loop and main()
+class RunError(Exception):
+    """The run cannot go on (e.g. NaNs): printed as one line, exit code 1, last checkpoint kept."""
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()  # only at phase boundaries, so the seconds below are the GPU's real time
+
+
+def finite_or_none(x):
+    return x if x is None or math.isfinite(x) else None  # JSON has no NaN
+
+
+def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, config, device, gens, underrepresented,
+              flops):
+    """Sample, score, update. -> the epoch's metrics record (one host sync for all its statistics)."""
+    unet, vae, scheduler = models
+    start = time.perf_counter()
+    samples = sample(unet, vae, scheduler, prompt_embeds, config, device, gens[0])
+    sync(device), (t_sample := time.perf_counter())
+    reward_values, labels, underrepresented = compute_rewards(classifier, samples["images"], config.reward,
+                                                              underrepresented)
+    advantages = compute_advantages(reward_values, config.adv_clip)
+    sync(device), (t_reward := time.perf_counter())
+    if torch.isfinite(advantages).all():
+        stats, skipped = update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embeds, config,
+                                device, gens[1])
+        loss, approx_kl, clipfrac, kl, rollback_frac = stats.mean(dim=0).tolist()
+    else:  # a non-finite reward would poison every weight: skip this epoch's update
+        skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = config.updates_per_epoch, [None] * 5
+    sync(device), (t_train := time.perf_counter())
+    B, T = config.batch_size, config.num_steps
+    record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
+              "reward_std": finite_or_none(reward_values.std().item()), "female_ratio": rewards.female_ratio(labels),
+              "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
+              "underrepresented": underrepresented if config.reward == "shift" else None,
+              "loss": finite_or_none(loss), "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
+              "rollback_frac": rollback_frac, "skipped_steps": skipped,
+              "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
+              "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start)}
+    if flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
+        record["sample_tflops"] = flops[0] * B * T / (t_sample - start) / 1e12
+        record["train_tflops"] = flops[1] * B * T / (t_train - t_reward) / 1e12
+        if torch.device(device).type == "cuda":
+            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+    return record, samples["images"], labels, underrepresented
+
+
+def warm_up_compile(unet, prompt_embeds, config, device):
+    """torch.compile happens at the first call of each shape: do it now, to report its seconds apart."""
+    start, g = time.perf_counter(), torch.Generator(device).manual_seed(0)  # its own generator: the run's stays
+    c, s, b = unet.config.in_channels, unet.config.sample_size, 1 if config.low_memory else config.train_batch_size
+    for n, grad in ((config.batch_size, False), (min(b, config.batch_size // config.updates_per_epoch), True)):
+        x = torch.randn(n, c, s, s, generator=g, device=device)
+        with torch.set_grad_enabled(grad), autocast(config, device):
+            eps = guided_noise_pred(unet, x, torch.full((n,), 500, device=device), prompt_embeds, config.guidance_scale)
+        eps.float().mean().backward() if grad else None
+    unet.zero_grad(set_to_none=True)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def train(config, classifier=None):
+    """The whole run into config.output_dir; `classifier` (images -> P(female)) replaces --classifier in tests."""
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
+    classifier = classifier or load_classifier(config, device)
+    prompt_embeds = encode_prompt(text_encoder, tokenizer, config.prompt, device)  # (2, L, D), once per run
+    params = trainable_parameters(unet)
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4)  # DDPO's weight decay
+    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12,  # fp16 only: gradient scaling
+                                  enabled=config.mixed_precision == "fp16")
+    gens = [torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)]
+    out = config.output_dir
+    metrics, first, underrepresented = [], 0, None if config.underrepresented == "auto" else config.underrepresented
+    if config.resume:
+        state = load_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, gens)
+        metrics, first, underrepresented = state["metrics"], state["epoch"] + 1, state["underrepresented"]
+        print(f"resuming {out} after epoch {state['epoch']}")
+    write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
+    write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
+    c, s = unet.config.in_channels, unet.config.sample_size
+    print(f"device {device}, {config.mixed_precision}; B={config.batch_size} images x T={config.num_steps} steps, "
+          f"latent {c}x{s}x{s}; {config.updates_per_epoch} updates/epoch of {config.batch_size // config.updates_per_epoch}"
+          f" images in micro-batches of {1 if config.low_memory else min(config.train_batch_size, config.batch_size // config.updates_per_epoch)}; "
+          f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights")
+    if config.compile:
+        unet.compile()  # in place: parameter names (and so checkpoints) stay the same
+        print(f"compile: {warm_up_compile(unet, prompt_embeds, config, device):.1f} s (not counted in epochs)")
+    flops = count_flops(unet, prompt_embeds, config, device) if config.profile else None
+    interrupted = []
+    def on_sigint(signum, frame):  # first Ctrl-C: finish the epoch and save; second: quit now
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        interrupted.append(signum)
+        print("\ninterrupted: finishing this epoch and saving a checkpoint (Ctrl-C again to quit now)", file=sys.stderr)
+    signal.signal(signal.SIGINT, on_sigint)
+    streak = 0
+    bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs)
+    for epoch in bar:
+        record, images, labels, underrepresented = run_epoch(
+            epoch, (unet, vae, scheduler), classifier, optimizer, scaler, prompt_embeds, config, device, gens,
+            underrepresented, flops)
+        metrics.append(record)
+        write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
+        save_grid(images, labels, os.path.join(out, f"samples_{epoch:04d}.png"))
+        save_plot(metrics, os.path.join(out, "plot.png"))
+        bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
+        streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
+        if streak >= MAX_NONFINITE:
+            raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
+                           "losses or gradients; try a lower --lr or --mixed-precision bf16 (last checkpoint kept)")
+        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted:
+            save_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, epoch, gens,
+                            underrepresented, metrics)
+        if interrupted:
+            raise KeyboardInterrupt
+    save_unet(unet, config, os.path.join(out, "unet"))
+    print(f"done: {out}/unet, metrics in {out}/metrics.jsonl")
+    return metrics
+
+
+def main(argv=None):
+    try:
+        config = resolve_config(parse_args(argv))
+        validate(config)
+        prepare_run_dir(config)
+        train(config)
+    except UsageError as error:
+        print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print("ddpo_debias.py: error: out of GPU memory; lower it with --low-memory, a smaller --train-batch-size "
+              "or --batch-size, or --mixed-precision bf16", file=sys.stderr)
+        return 2
+    except RunError as error:
+        print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ddpo_debias.py: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

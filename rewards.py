@@ -1,0 +1,110 @@
+"""AI feedback for ddpo-debias: a gender classifier and the two rewards of arXiv 2407.09551.
+
+The policy (Stable Diffusion) draws a batch of B faces; this file turns them into one reward per image.
+
+    GenderClassifier   any transformers image classifier with female/male labels -> P(female), (B,)
+    label_images       P(female) -> "female" / "male" / None, at the paper's confidence level 0.7
+    r_shift            eq. (1): R_shift(x, U) = P(x shows U), U the under-represented gender
+    r_balance          eq. (2)-(3): q = F / (F + M); minority images get |q - 0.5|, all others -|q - 0.5|
+    female_ratio       q of eq. (2), or None when no image is confidently female or male
+    REWARDS            name -> reward function, so that the training script picks one by name
+
+Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
+"""
+import torch
+import torch.nn.functional as F
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+THRESHOLD = 0.7  # the paper's confidence level: a label counts only where its probability is above it
+FEMALE_NAMES = ("female", "woman", "women")
+MALE_NAMES = ("male", "man", "men")
+
+
+def _find_label(id2label: dict, names: tuple) -> int | None:
+    """Index of the first label whose lower-cased name is in `names`; by name, never by position."""
+    for index, label in id2label.items():
+        if str(label).strip().lower() in names:
+            return int(index)
+    return None
+
+
+class GenderClassifier:
+    """P(female) for a batch of images, from a transformers image-classification model.
+
+    The image processor's constants (size, mean, std) come from `AutoImageProcessor`; the resize and
+    normalisation run in torch on the images' own device, so images never leave the GPU for PIL.
+    """
+
+    def __init__(self, model_name_or_path: str = "rizvandwiki/gender-classification-2", device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.model = AutoModelForImageClassification.from_pretrained(model_name_or_path)
+        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # feedback, never trained
+        id2label = self.model.config.id2label
+        self.female_index = _find_label(id2label, FEMALE_NAMES)
+        self.male_index = _find_label(id2label, MALE_NAMES)
+        if self.female_index is None or self.male_index is None:
+            labels = ", ".join(str(label) for label in id2label.values())
+            raise ValueError(f"classifier {model_name_or_path!r} needs a female and a male label; it has: {labels}")
+        processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+        size = processor.size  # {"height", "width"} for ViT; {"shortest_edge"} for some others
+        side = size.get("shortest_edge")
+        self.size = (size.get("height", side), size.get("width", side))
+        # (1, 3, 1, 1) so that they broadcast over (B, 3, H, W)
+        self.mean = torch.tensor(processor.image_mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.dtype = dtype
+
+    @torch.no_grad()  # the reward is a number handed to PPO: no gradient flows into the classifier
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> P(female) as float32 (B,)."""
+        pixels = images.to(device=self.mean.device, dtype=self.dtype)
+        # antialias=True matches PIL's bilinear resize (which the image processor uses) when shrinking
+        pixels = F.interpolate(pixels, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        pixels = (pixels - self.mean) / self.std
+        logits = self.model(pixel_values=pixels).logits  # (B, num_labels)
+        probs = logits.float().softmax(dim=-1)
+        return probs[:, self.female_index]
+
+
+def label_images(p_female: torch.Tensor, threshold: float = THRESHOLD) -> list:
+    """(B,) P(female) -> B labels: "female" where P(female) > threshold, "male" where 1 - P(female) >
+    threshold, else None (strictly greater, as in the paper). One host copy for the whole batch."""
+    return ["female" if p > threshold else "male" if 1.0 - p > threshold else None for p in p_female.tolist()]
+
+
+def female_ratio(labels: list) -> float | None:
+    """q = F / (F + M), eq. (2); None when F + M = 0 (q is undefined: no image was confident)."""
+    n_female, n_male = labels.count("female"), labels.count("male")
+    return n_female / (n_female + n_male) if n_female + n_male else None
+
+
+def r_shift(p_female: torch.Tensor, underrepresented: str) -> torch.Tensor:
+    """R_shift(x, U) = P(x shows U), eq. (1). (B,) -> (B,); P(male) = 1 - P(female) for a two-way classifier."""
+    if underrepresented not in ("female", "male"):
+        raise ValueError(f"underrepresented must be 'female' or 'male', got {underrepresented!r}")
+    return p_female if underrepresented == "female" else 1.0 - p_female
+
+
+def r_balance(labels: list) -> torch.Tensor:
+    """R_balance, eq. (2)-(3): a reward per image that peaks, in the batch total, at q = 0.5.
+
+    q = F / (F + M) over the batch, d = |q - 0.5|, the minority is female if q < 0.5 else male.
+    An image of the minority class gets +d; every other image, None images included, gets -d.
+    With no None images the batch total is d·(n_min - n_maj) = -2·n·(q - 0.5)², zero only at q = 0.5.
+    If F + M = 0, q is undefined and every reward is 0: there is no balance to reward.
+    Returns float32 (B,) on the CPU; the caller moves it next to the advantages.
+    """
+    q = female_ratio(labels)
+    if q is None:
+        return torch.zeros(len(labels))
+    d = abs(q - 0.5)
+    minority = "female" if q < 0.5 else "male"  # at q = 0.5, d = 0 and the choice does not matter
+    return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32)
+
+
+# EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
+# Every reward takes (p_female (B,), labels [B], underrepresented) and returns (B,).
+REWARDS = {
+    "shift": lambda p_female, labels, underrepresented: r_shift(p_female, underrepresented),
+    "balance": lambda p_female, labels, underrepresented: r_balance(labels),
+}

@@ -1,0 +1,113 @@
+"""Tiny local models for the tests, saved with `save_pretrained` so the real loading code runs offline.
+
+    make_tokenizer(path)            a CLIPTokenizer from a byte-level vocab.json and a one-line merges.txt
+    make_tiny_sd(path, linear_vae)  a StableDiffusionPipeline folder: UNet 32/64 channels, CLIP hidden 32
+    make_tiny_classifier(path)      a ViT image classifier with the labels given (female/male by default)
+
+`linear_vae=True` builds a VAE whose decoder passes latent channels 0 and 1 to red and blue almost
+unchanged (every residual branch zeroed, every other conv an identity), so that a reward on the image's
+colour is one the policy can move: a random tiny VAE maps all latents to nearly the same colours.
+"""
+import json
+import os
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, ViTConfig, ViTForImageClassification
+from transformers import ViTImageProcessor
+
+# The scheduler of Stable Diffusion v1.5 (its scheduler_config.json, as DDIM).
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+
+
+def _bytes_to_unicode():
+    """GPT-2/CLIP's reversible map from the 256 bytes to printable characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def make_tokenizer(path, model_max_length=77):
+    os.makedirs(path, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + ["th", "<|startoftext|>", "<|endoftext|>"]
+    with open(os.path.join(path, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(path, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\nt h\n")
+    tokenizer = CLIPTokenizer(os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt"),
+                              model_max_length=model_max_length)
+    return tokenizer
+
+
+def _identity_conv_(conv, pairs=None):
+    """Set a conv to pass input channel i to output channel j for (i, j) in pairs (default: i == j)."""
+    with torch.no_grad():
+        conv.weight.zero_()
+        if conv.bias is not None:
+            conv.bias.zero_()
+        n = min(conv.in_channels, conv.out_channels)
+        kh, kw = conv.kernel_size
+        for i, j in pairs or [(c, c) for c in range(n)]:
+            conv.weight[j, i, kh // 2, kw // 2] = 1.0
+
+
+def _make_linear_decoder_(vae):
+    """Turn a random AutoencoderKL decoder into latent channel 0 -> red, 1 -> blue, through one GroupNorm."""
+    dec = vae.decoder
+    with torch.no_grad():
+        for name, module in dec.named_modules():
+            if name.endswith("conv2"):  # a resnet's residual branch: zero it, the block becomes its shortcut
+                module.weight.zero_(), module.bias.zero_()
+            elif name.endswith("to_out.0"):  # attention's residual branch
+                module.weight.zero_(), module.bias.zero_()
+            elif name.endswith("conv_shortcut") or name.endswith("upsamplers.0.conv"):
+                _identity_conv_(module)
+    _identity_conv_(dec.conv_in)
+    _identity_conv_(vae.post_quant_conv)
+    _identity_conv_(dec.conv_out, pairs=[(0, 0), (1, 2)])  # feature 0 -> R, feature 1 -> B, G = 0
+
+
+def make_tiny_sd(path, linear_vae=False, seed=0):
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=1 if linear_vae else 32, sample_size=16, scaling_factor=1.0 if linear_vae else 0.18215)
+    if linear_vae:
+        _make_linear_decoder_(vae)
+    tokenizer = make_tokenizer(os.path.join(path, "_tokenizer_src"))
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_tiny_classifier(path, labels=("female", "male"), seed=0, image_size=32):
+    torch.manual_seed(seed)
+    config = ViTConfig(image_size=image_size, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                       num_attention_heads=4, intermediate_size=37, num_labels=len(labels),
+                       id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    model = ViTForImageClassification(config)
+    with torch.no_grad():  # a classifier that is confident on some images and not on others
+        model.classifier.weight.mul_(20.0)
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(path)
+    return path
