@@ -620,13 +620,16 @@ def train(config, classifier=None):
         interrupted.append(signum)
         print("\ninterrupted: finishing this epoch and saving a checkpoint (Ctrl-C again to quit now)", file=sys.stderr)
     signal.signal(signal.SIGINT, on_sigint)
-    streak = 0
+    streak, announced = 0, underrepresented is not None
     bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs)
     for epoch in bar:
         record, images, labels, underrepresented = run_epoch(
             epoch, (unet, vae, scheduler), classifier, optimizer, scaler, prompt_embeds, config, device, gens,
             underrepresented, flops)
         metrics.append(record)
+        if config.reward == "shift" and not announced:
+            tqdm.write(f"under-represented gender U = {underrepresented} (auto: the rarer in epoch {epoch}'s samples)")
+            announced = True
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
         save_grid(images, labels, os.path.join(out, f"samples_{epoch:04d}.png"))
         save_plot(metrics, os.path.join(out, "plot.png"))

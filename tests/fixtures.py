@@ -75,10 +75,10 @@ def _make_linear_decoder_(vae):
     _identity_conv_(dec.conv_out, pairs=[(0, 0), (1, 2)])  # feature 0 -> R, feature 1 -> B, G = 0
 
 
-def make_tiny_sd(path, linear_vae=False, seed=0):
+def make_tiny_sd(path, linear_vae=False, seed=0, sample_size=8):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
     vae = AutoencoderKL(
@@ -104,9 +104,13 @@ def make_tiny_classifier(path, labels=("female", "male"), seed=0, image_size=32)
     config = ViTConfig(image_size=image_size, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=1,
                        num_attention_heads=4, intermediate_size=37, num_labels=len(labels),
                        id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    model = ViTForImageClassification(config)
-    with torch.no_grad():  # a classifier that is confident on some images and not on others
-        model.classifier.weight.mul_(20.0)
+    model = ViTForImageClassification(config).eval()
+    with torch.no_grad():  # calibrate the head on smooth random images: confident on some, unsure on others
+        images = torch.nn.functional.interpolate(torch.rand(256, 3, 4, 4), size=image_size, mode="bilinear")
+        logits = model(pixel_values=(images - 0.5) / 0.5).logits
+        spread = (logits[:, 0] - logits[:, 1]).std()
+        model.classifier.weight.mul_(3.0 / spread)
+        model.classifier.bias.sub_(model(pixel_values=(images - 0.5) / 0.5).logits.mean(dim=0))
     model.save_pretrained(path)
     ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(path)

@@ -1,0 +1,91 @@
+"""rewards.py against hand-computed tables and against transformers' own pipeline."""
+import pytest
+import torch
+from PIL import Image
+
+import rewards
+from rewards import GenderClassifier, female_ratio, label_images, r_balance, r_shift
+from tests.fixtures import make_tiny_classifier
+
+
+def test_label_images_threshold_is_strict():
+    p = torch.tensor([0.71, 0.7, 0.5, 0.3, 0.29, 1.0, 0.0])
+    assert label_images(p) == ["female", None, None, None, "male", "female", "male"]
+
+
+def test_r_shift_eq1():
+    p = torch.tensor([0.9, 0.2])
+    assert torch.allclose(r_shift(p, "female"), torch.tensor([0.9, 0.2]))
+    assert torch.allclose(r_shift(p, "male"), torch.tensor([0.1, 0.8]))
+    with pytest.raises(ValueError):
+        r_shift(p, "other")
+
+
+@pytest.mark.parametrize("labels, expected", [
+    # q = 1/4 -> d = 0.25, minority female: female +d, male and None -d
+    (["female", "male", "male", "male"], [0.25, -0.25, -0.25, -0.25]),
+    # q = 2/3 (None not counted in q) -> d = 1/6, minority male
+    (["female", "female", "male", None], [-1 / 6, -1 / 6, 1 / 6, -1 / 6]),
+    (["female", "male"], [0.0, 0.0]),  # q = 0.5: balanced, every reward 0
+    ([None, None], [0.0, 0.0]),  # F + M = 0: q undefined, reward 0
+    (["male", "male", "male"], [-0.5, -0.5, -0.5]),  # q = 0 -> d = 0.5, no female image to reward
+])
+def test_r_balance_table(labels, expected):
+    assert torch.allclose(r_balance(labels), torch.tensor(expected))
+
+
+def test_female_ratio():
+    assert female_ratio(["female", "male", None, "male"]) == pytest.approx(1 / 3)
+    assert female_ratio([None]) is None
+
+
+@pytest.mark.parametrize("n_female", range(0, 9))
+def test_r_balance_total_is_minus_2n_q_minus_half_squared(n_female):
+    """Fig. 2 of the paper: with no None images the batch total is -2·n·(q - 0.5)², zero only at q = 0.5."""
+    n = 8
+    labels = ["female"] * n_female + ["male"] * (n - n_female)
+    q = n_female / n
+    total = r_balance(labels).sum().item()
+    assert total == pytest.approx(-2 * n * (q - 0.5) ** 2)
+    assert (total == pytest.approx(0.0)) == (q == 0.5)
+
+
+def test_registry_picks_by_name():
+    p = torch.tensor([0.9, 0.1])
+    labels = label_images(p)
+    assert torch.equal(rewards.REWARDS["shift"](p, labels, "male"), r_shift(p, "male"))
+    assert torch.equal(rewards.REWARDS["balance"](p, labels, None), r_balance(labels))
+
+
+def _smooth_images(n, size, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
+
+
+def test_classifier_agrees_with_transformers_pipeline(tiny_classifier):
+    from transformers import pipeline
+    classifier = GenderClassifier(tiny_classifier)
+    images = _smooth_images(6, 48)  # 48 -> 32: the resize shrinks, as SD's 512 -> 224 does
+    ours = classifier(images)
+    pipe = pipeline("image-classification", model=tiny_classifier, device="cpu")
+    pils = [Image.fromarray((im.permute(1, 2, 0) * 255).round().byte().numpy()) for im in images]
+    theirs = [next(r["score"] for r in out if r["label"] == "female") for out in pipe(pils, top_k=None)]
+    assert ours.dtype == torch.float32 and ours.shape == (6,)
+    assert torch.allclose(ours, torch.tensor(theirs), atol=0.02), (ours, theirs)
+    assert ours.std() > 0.05  # the comparison is not between constants
+
+
+def test_labels_found_by_name_not_index(models_dir):
+    images = _smooth_images(5, 32)
+    a = GenderClassifier(make_tiny_classifier(models_dir / "fm", labels=("female", "male")))
+    b = GenderClassifier(make_tiny_classifier(models_dir / "mf", labels=("male", "female")))
+    # same weights, swapped label names: P(female) of one is P(male) of the other
+    assert torch.allclose(a(images), 1 - b(images), atol=1e-6)
+    c = GenderClassifier(make_tiny_classifier(models_dir / "wm", labels=("Man", "Woman")))
+    assert torch.allclose(c(images), 1 - a(images), atol=1e-6)
+
+
+def test_classifier_without_gender_labels_is_refused(models_dir):
+    path = make_tiny_classifier(models_dir / "catdog", labels=("cat", "dog"))
+    with pytest.raises(ValueError, match="cat, dog"):
+        GenderClassifier(path)
