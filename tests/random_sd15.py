@@ -1,0 +1,54 @@
+"""Write a pipeline folder with Stable Diffusion v1.5's architecture and random weights, for benchmarks.
+
+    python -m tests.random_sd15 OUT_DIR          SD 1.5 shapes (UNet 860M, CLIP ViT-L/14 text, SD VAE) and a
+                                                 ViT-base classifier in OUT_DIR/classifier: the real FLOPs and
+                                                 memory of `ddpo_debias.py`, without the 4 GB download
+    python -m tests.random_sd15 OUT_DIR --tiny   the tests' tiny models instead, for a CPU smoke run
+
+Then: python ddpo_debias.py --model OUT_DIR --classifier OUT_DIR/classifier ...
+The images are noise, so the rewards mean nothing: use it for speed and memory only.
+"""
+import os
+import sys
+
+import torch
+
+
+def make_sd15(path, seed=0):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from tests.fixtures import SD_SCHEDULER, make_tokenizer
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.5's config
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=512)
+    tokenizer = make_tokenizer(os.path.join(path, "_tokenizer_src"))  # a small vocabulary: same sequence length
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu",
+                                                vocab_size=49408, max_position_embeddings=77))
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    classifier = os.path.join(path, "classifier")  # ViT-base/16 at 224, as rizvandwiki/gender-classification-2
+    ViTForImageClassification(ViTConfig(num_labels=2, id2label={0: "female", 1: "male"},
+                                        label2id={"female": 0, "male": 1})).save_pretrained(classifier)
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(classifier)
+
+
+def main(argv):
+    if not argv or argv[0].startswith("-"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    if "--tiny" in argv:
+        from tests.fixtures import make_tiny_classifier, make_tiny_sd
+        make_tiny_sd(argv[0]), make_tiny_classifier(os.path.join(argv[0], "classifier"))
+    else:
+        make_sd15(argv[0])
+    print(f"wrote {argv[0]} and {argv[0]}/classifier")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
