@@ -47,3 +47,12 @@ def test_non_finite_gradient_skips_that_step_only(tiny_sd, tiny_classifier, tmp_
     assert all(torch.isfinite(p).all() for p in unet.parameters())
     before = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
     assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())  # later steps were taken
+
+
+def test_out_of_memory_is_one_line_naming_the_memory_flags(tiny_sd, tmp_path, capsys, monkeypatch):
+    def out_of_memory(config, classifier=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(dd, "train", out_of_memory)
+    code = dd.main(["--model", tiny_sd, "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "--low-memory" in err and "--train-batch-size" in err
