@@ -221,6 +221,11 @@ def load_models(config, device):
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
+def micro_batch(config):
+    """b: images per training micro-batch (and per VAE decode chunk); one with --low-memory."""
+    return 1 if config.low_memory else min(config.train_batch_size, config.batch_size // config.updates_per_epoch)
+
+
 def trainable_parameters(unet):
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
@@ -286,7 +291,7 @@ def sample(unet, vae, scheduler, prompt_embeds, config, device, generator):
 def decode(vae, latents, config, device):
     """x_0 (B, C, H, W) -> images (B, 3, 8H, 8W) in [0, 1], in chunks of b to bound the VAE's memory."""
     images = []
-    for chunk in latents.split(1 if config.low_memory else config.train_batch_size):
+    for chunk in latents.split(micro_batch(config)):
         with autocast(config, device):
             images.append(vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample.float())
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
@@ -317,7 +322,7 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
     """
     B, T = samples["log_probs"].shape
     per_update = B // config.updates_per_epoch
-    micro = 1 if config.low_memory else config.train_batch_size
+    micro = micro_batch(config)
     params = list(trainable_parameters(unet).values())
     order = torch.randperm(B, generator=shuffle_gen).to(device)  # shuffle samples ...
     step_order = torch.stack([torch.randperm(T, generator=shuffle_gen) for _ in range(B)]).to(device)  # ... and steps
@@ -575,8 +580,8 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
 def warm_up_compile(unet, prompt_embeds, config, device):
     """torch.compile happens at the first call of each shape: do it now, to report its seconds apart."""
     start, g = time.perf_counter(), torch.Generator(device).manual_seed(0)  # its own generator: the run's stays
-    c, s, b = unet.config.in_channels, unet.config.sample_size, 1 if config.low_memory else config.train_batch_size
-    for n, grad in ((config.batch_size, False), (min(b, config.batch_size // config.updates_per_epoch), True)):
+    c, s = unet.config.in_channels, unet.config.sample_size
+    for n, grad in ((config.batch_size, False), (micro_batch(config), True)):
         x = torch.randn(n, c, s, s, generator=g, device=device)
         with torch.set_grad_enabled(grad), autocast(config, device):
             t = torch.full((n,), 500, device=device) if grad else torch.tensor(500, device=device)  # as in use
@@ -610,7 +615,7 @@ def train(config, classifier=None):
     c, s = unet.config.in_channels, unet.config.sample_size
     print(f"device {device}, {config.mixed_precision}; B={config.batch_size} images x T={config.num_steps} steps, "
           f"latent {c}x{s}x{s}; {config.updates_per_epoch} updates/epoch of {config.batch_size // config.updates_per_epoch}"
-          f" images in micro-batches of {1 if config.low_memory else min(config.train_batch_size, config.batch_size // config.updates_per_epoch)}; "
+          f" images in micro-batches of {micro_batch(config)}; "
           f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights")
     if config.compile:
         unet.compile()  # in place: parameter names (and so checkpoints) stay the same
