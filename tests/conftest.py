@@ -20,10 +20,5 @@ def tiny_sd(models_dir):
 
 
 @pytest.fixture(scope="session")
-def tiny_sd_linear(models_dir):
-    return str(make_tiny_sd(models_dir / "tiny-sd-linear", linear_vae=True))
-
-
-@pytest.fixture(scope="session")
 def tiny_classifier(models_dir):
     return str(make_tiny_classifier(models_dir / "tiny-classifier"))
