@@ -174,10 +174,12 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
     is α·√(2δ) times that of r·A for |A| = 1. So α = 1/√(2δ) makes the rollback cancel the push exactly at
     the border and pull back beyond it. δ was then chosen on the tests' learning run (tests/test_learning.py,
     2 updates per epoch, so the second is off-policy), where clipped PPO learns: with α = 1/√(2δ), δ = 1e-4,
-    1e-3 and 1e-2 stopped learning altogether (those steps have KL ≈ 6e-3, so the rollback fought every push),
-    while δ = 0.03, α = 4 rolls back about 2% of the steps and learns at least as fast as clipped PPO on three
-    seeds, for both rewards. It is a looser region than DDPO's clip range of 1e-4, which is a KL of about
-    1e-4 · 1e-4 · C·H·W / 2 ≈ 8e-5 on SD. Not yet calibrated on SD itself: a GPU run should check it.
+    1e-3 and 1e-2 stopped learning altogether (B = 16, seed 0: the off-policy steps have a KL near 1e-2, so
+    the rollback fought every push),
+    while δ = 0.03, α = 4 rolls back about 2% of the steps and keeps pace with clipped PPO. Truly minus clip
+    over seeds 0-4: mean shift reward +0.11, +0.05, +0.04, -0.00, -0.01; mean balance q (capped at 0.5)
+    +0.01, +0.01, +0.01, -0.02, -0.03. It is a looser region than DDPO's clip range of 1e-4, which is a KL
+    of about 1e-4 · 1e-4 · C·H·W / 2 ≈ 8e-5 on SD. Not yet calibrated on SD itself: a GPU run should check it.
     """
     ratio = torch.exp(log_prob - log_prob_old)
     surrogate = ratio * advantages  # r·A
@@ -386,6 +388,8 @@ def save_plot(metrics, path, width=480, height=150):
         low, high = (0.0, 1.0) if key == "female_ratio" else (min(v for _, v in points), max(v for _, v in points))
         x0, y0, x1, y1 = 40, panel * height + 16, width - 10, (panel + 1) * height - 14  # the panel's frame
         draw.rectangle((x0, y0, x1, y1), outline="gray")
+        if key == "female_ratio":  # the balance target q = 0.5
+            draw.line((x0, (y0 + y1) / 2, x1, (y0 + y1) / 2), fill="lightgray")
         draw.text((x0, y0 - 14), f"{key}: last {points[-1][1]:.3f}, range {low:.2f} to {high:.2f}", fill="black")
         last = max(metrics[-1]["epoch"] if metrics else 1, 1)
         xy = [(x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / max(high - low, 1e-6)) for e, v in points]
