@@ -14,7 +14,7 @@ Settings, and why:
 - clip range 1e-2: the noise part of log r is a mean over C·H·W elements and shrinks as 1/√(C·H·W), so
   DDPO's 1e-4 over SD's 16384 elements is about 1e-4·√(16384/2) ≈ 1e-2 over these 2.
 - lr 1e-3: the exact KL per step is then about 6e-3 per element. At 2e-3 a balance run did not learn at
-  all (B = 16, seed 1: q stayed at 0.21); at 3e-4 neither reward moved by more than 0.03 (B = 16, seed 0).
+  all (B = 16, seed 1: q stayed at 0.21); at 3e-4 neither moved by more than about 0.03 (B = 16, seed 0).
 - Truly PPO runs with the Config defaults of δ and α, which were chosen on this run (see truly_ppo_loss).
 """
 import statistics
