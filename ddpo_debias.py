@@ -108,6 +108,7 @@ class Config:
 
 CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"),
            "underrepresented": ("female", "male", "auto"), "mixed_precision": ("no", "fp16", "bf16")}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
 
 
@@ -172,14 +173,11 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
     here is exact and per sample (gaussian_kl). Both δ and α are per-element quantities, the same for any
     latent size: KL = δ means the step mean moved by √(2δ)·σ_t (RMS over elements), and the gradient of α·KL
     is α·√(2δ) times that of r·A for |A| = 1. So α = 1/√(2δ) makes the rollback cancel the push exactly at
-    the border and pull back beyond it. δ was then chosen on the tests' learning run (tests/test_learning.py,
-    2 updates per epoch, so the second is off-policy), where clipped PPO learns: with α = 1/√(2δ), δ = 1e-4,
-    1e-3 and 1e-2 stopped learning altogether (B = 16, seed 0: the off-policy steps have a KL near 1e-2, so
-    the rollback fought every push),
-    while δ = 0.03, α = 4 rolls back about 2% of the steps and keeps pace with clipped PPO. Truly minus clip
-    over seeds 0-4: mean shift reward +0.11, +0.05, +0.04, -0.00, -0.01; mean balance q (capped at 0.5)
-    +0.01, +0.01, +0.01, -0.02, -0.03. It is a looser region than DDPO's clip range of 1e-4, which is a KL
-    of about 1e-4 · 1e-4 · C·H·W / 2 ≈ 8e-5 on SD. Not yet calibrated on SD itself: a GPU run should check it.
+    the border and pull back beyond it. δ was chosen on the tests' learning run (2 updates per epoch, so the
+    second is off-policy): δ = 1e-4, 1e-3 and 1e-2 stopped learning there (B = 16, seed 0: off-policy steps
+    have a KL near 1e-2, so the rollback fought every push); δ = 0.03 rolls back ~2% of the steps and keeps
+    pace with clipped PPO (per-seed figures in tests/test_learning.py). That is looser than DDPO's clip range
+    (a KL of about ε²·C·H·W/2 ≈ 8e-5 on SD) and not yet checked on SD itself.
     """
     ratio = torch.exp(log_prob - log_prob_old)
     surrogate = ratio * advantages  # r·A
@@ -203,7 +201,7 @@ def load_models(config, device):
         raise UsageError(f"--model: {path} is not a Stable Diffusion pipeline folder (no unet/config.json)")
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise UsageError(f"--model: folder {path} does not exist")
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[config.mixed_precision]
+    dtype = DTYPES[config.mixed_precision]
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
@@ -236,6 +234,14 @@ def trainable_parameters(unet):
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
+def trained_weights(unet):
+    """The trained attention weights as fp32 CPU tensors; refuses non-finite ones, which must never be saved."""
+    weights = {name: p.detach().float().cpu() for name, p in trainable_parameters(unet).items()}
+    if not all(torch.isfinite(w).all() for w in weights.values()):
+        raise RuntimeError("refusing to save non-finite weights")
+    return weights
+
+
 def load_classifier(config, device):
     try:
         return rewards.GenderClassifier(config.classifier, device=device)
@@ -257,8 +263,8 @@ def encode_prompt(text_encoder, tokenizer, prompt, device):
 
 
 def autocast(config, device):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision)
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[config.mixed_precision],
+                          enabled=config.mixed_precision != "no")
 
 
 # ----------------------------------------------------------------------------------------- 5. sampling
@@ -400,10 +406,7 @@ def save_plot(metrics, path, width=480, height=150):
 
 def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, underrepresented, metrics):
     """Everything needed to continue bit-for-bit on the CPU, written atomically (temp file, then rename)."""
-    weights = {name: p.detach().cpu() for name, p in trainable_parameters(unet).items()}
-    if not all(torch.isfinite(w).all() for w in weights.values()):
-        raise RuntimeError("refusing to save a checkpoint with non-finite weights")
-    state = {"weights": weights, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+    state = {"weights": trained_weights(unet), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
              "rng_cpu": torch.get_rng_state(), "generators": [g.get_state() for g in generators],
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              "underrepresented": underrepresented, "metrics": metrics}
@@ -431,10 +434,7 @@ def save_unet(unet, config, path):
     copy) with the trained attention weights copied in, so no frozen weight is rounded."""
     from diffusers import UNet2DConditionModel
     full = UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
-    trained = {name: p.detach().float().cpu() for name, p in trainable_parameters(unet).items()}
-    if not all(torch.isfinite(w).all() for w in trained.values()):
-        raise RuntimeError("refusing to save a UNet with non-finite weights")
-    full.load_state_dict(trained, strict=False)
+    full.load_state_dict(trained_weights(unet), strict=False)
     full.save_pretrained(path)
 
 
@@ -548,7 +548,7 @@ def finite_or_none(x):
 
 def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, config, device, gens, underrepresented,
               flops):
-    """Sample, score, update. -> the epoch's metrics record (one host sync for all its statistics)."""
+    """Sample, score, update. -> the epoch's metrics record (host syncs here, once per epoch, never per step)."""
     unet, vae, scheduler = models
     start = time.perf_counter()
     samples = sample(unet, vae, scheduler, prompt_embeds, config, device, gens[0])
@@ -560,7 +560,7 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
     if torch.isfinite(advantages).all():
         stats, skipped = update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embeds, config,
                                 device, gens[1])
-        loss, approx_kl, clipfrac, kl, rollback_frac = stats.mean(dim=0).tolist()
+        loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.mean(dim=0).tolist())
     else:  # a non-finite reward would poison every weight: skip this epoch's update
         skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = config.updates_per_epoch, [None] * 5
     sync(device), (t_train := time.perf_counter())
@@ -569,7 +569,7 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
               "reward_std": finite_or_none(reward_values.std().item()), "female_ratio": rewards.female_ratio(labels),
               "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
               "underrepresented": underrepresented if config.reward == "shift" else None,
-              "loss": finite_or_none(loss), "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
+              "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
               "rollback_frac": rollback_frac, "skipped_steps": skipped,
               "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
               "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start)}
