@@ -66,8 +66,9 @@ class Config:
     """Images sampled per epoch (B); the female ratio q of eq. (2) is taken over them."""
     updates_per_epoch: int = 2
     """Optimizer steps per epoch, each over B / updates_per_epoch images and all their T steps (DDPO: 2)."""
-    train_batch_size: int = 8
-    """Images per training micro-batch (b): a memory knob only; gradients accumulate to the same update."""
+    train_batch_size: int = 4
+    """Images per training micro-batch (b): a memory knob only, gradients accumulate to the same update. 4 fits a
+    24 GB card (about 12 GiB at the defaults, README "Speed and memory"); 8 is faster on 40 GB cards (20.3 GiB)."""
     num_steps: int = 50
     """DDIM steps per image (T), as DDPO."""
     guidance_scale: float = 5.0
@@ -78,10 +79,11 @@ class Config:
     """AdamW learning rate: full attention weights, not LoRA, so 30x below DDPO's LoRA rate 3e-4."""
     clip_range: float = 1e-4
     """PPO ε: tiny because log-probs are means over C·H·W elements, so log r is that much smaller (DDPO)."""
-    kl_threshold: float = 0.03
-    """Truly PPO δ: exact KL per latent element beyond which a step is rolled back; calibrated (truly_ppo_loss)."""
-    truly_alpha: float = 4.0
-    """Truly PPO α = 1/√(2δ): at KL = δ the rollback's pull equals the surrogate's push for |A| = 1."""
+    kl_threshold: float = 0.0
+    """Truly PPO δ, exact KL per latent element where the rollback starts; 0: ε²·C·H·W/2 from the clip range, so both
+    trust regions bound the same move (8.2e-5 on SD; derivation in truly_ppo_loss)."""
+    truly_alpha: float = 5.0
+    """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss)."""
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
     max_grad_norm: float = 1.0
@@ -95,11 +97,13 @@ class Config:
     compile: bool = False
     """torch.compile the UNet (slow first epoch, faster after)."""
     low_memory: bool = False
-    """Gradient checkpointing and micro-batches of one image: slower, for 8-16 GB cards."""
+    """Gradient checkpointing: recompute the UNet's activations in backward (a second forward: slower), 0.6 GiB per
+    image of the micro-batch instead of 2.2 (README "Speed and memory"); with --train-batch-size, for 8-16 GB cards."""
     profile: bool = False
     """Also log the UNet's achieved TFLOP/s and the peak GPU memory per epoch."""
-    save_every: int = 1
-    """Epochs between checkpoints (and after the last one)."""
+    save_every: int = 10
+    """Epochs between checkpoints (and after the last, and on Ctrl-C): a checkpoint of SD is 1 GiB (weights
+    and AdamW state), so a kill -9 loses at most 9 epochs. DDPO saves every 20."""
     output_dir: str = ""
     """Where the run goes; empty: runs/<date-time>. A folder that holds a run is never overwritten."""
     resume: str = ""
@@ -132,10 +136,10 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     noise_pred, latents = noise_pred.float(), latents.float()  # the density is computed in fp32 always
     t = torch.as_tensor(timestep, device=latents.device).long().reshape(-1)  # (B,) or (1,)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alphas_cumprod = scheduler.alphas_cumprod.to(latents.device)
+    alphas_cumprod = scheduler.alphas_cumprod  # ᾱ for t = 0..999, already on the latents' device (schedule_to)
     alpha_prod_t = alphas_cumprod[t].view(-1, 1, 1, 1)
-    alpha_prod_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)],
-                                  torch.as_tensor(scheduler.final_alpha_cumprod)).view(-1, 1, 1, 1)
+    alpha_prod_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)],  # ᾱ_{t-1}; past the last
+                                  scheduler.final_alpha_cumprod).view(-1, 1, 1, 1)   # step, SD's final ᾱ
     pred_original_sample = (latents - (1 - alpha_prod_t).sqrt() * noise_pred) / alpha_prod_t.sqrt()  # x̂₀, eq. (12)
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)  # eq. (16) / η²
     std_dev = eta * variance.sqrt()
@@ -151,6 +155,14 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     return prev_latents, log_prob.mean(dim=(1, 2, 3)), prev_mean, std_dev
 
 
+def schedule_to(scheduler, device):
+    """Move the noise schedule (ᾱ_t and the final ᾱ) to the device once. Left on the CPU, every DDIM step would
+    copy it to the GPU (two blocking copies per step, 300 per epoch), and no step could be captured in a graph."""
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
+    return scheduler
+
+
 def gaussian_kl(mean_old, mean_new, std):
     """Exact KL(π_old || π_new) of two step policies sharing σ_t: ‖μ_new - μ_old‖² / (2σ_t²), mean over C·H·W -> (B,)."""
     return ((mean_new - mean_old) ** 2 / (2 * std**2)).mean(dim=(1, 2, 3))
@@ -162,7 +174,8 @@ def ppo_clip_loss(log_prob, log_prob_old, advantages, clip_range):
     ratio = torch.exp(log_prob - log_prob_old)  # r
     loss = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
     stats = {"clipfrac": ((ratio - 1).abs() > clip_range).float().mean(),
-             "approx_kl": 0.5 * ((log_prob - log_prob_old) ** 2).mean(), "rollback_frac": torch.zeros(())}
+             "approx_kl": 0.5 * ((log_prob - log_prob_old) ** 2).mean(),
+             "rollback_frac": log_prob.new_zeros(())}  # on log_prob's device: update() stacks it with the loss
     return loss, stats
 
 
@@ -170,21 +183,27 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
     """Truly PPO (TR-PPO-RB, arXiv 1903.07940): objective r·A - α·KL where KL ≥ δ and r·A > A, else r·A.
 
     Unlike the debiasing paper's failed version (one approximate KL per batch, triggered on r > 1), the KL
-    here is exact and per sample (gaussian_kl). Both δ and α are per-element quantities, the same for any
-    latent size: KL = δ means the step mean moved by √(2δ)·σ_t (RMS over elements), and the gradient of α·KL
-    is α·√(2δ) times that of r·A for |A| = 1. So α = 1/√(2δ) makes the rollback cancel the push exactly at
-    the border and pull back beyond it. δ was chosen on the tests' learning run (2 updates per epoch, so the
-    second is off-policy): δ = 1e-4, 1e-3 and 1e-2 stopped learning there (B = 16, seed 0: off-policy steps
-    have a KL near 1e-2, so the rollback fought every push); δ = 0.03 rolls back ~2% of the steps and keeps
-    pace with clipped PPO (per-seed figures in tests/test_learning.py). That is looser than DDPO's clip range
-    (a KL of about ε²·C·H·W/2 ≈ 8e-5 on SD) and not yet checked on SD itself.
+    here is exact and per sample (gaussian_kl). Both trust regions bound the same move of the step mean:
+    - δ (derived_sizes, from the rule the clip range follows). Moving the mean of N(μ, σ²) over N = C·H·W elements
+      by Δ costs the per-element KL k = mean(Δ²)/(2σ²), and the stored sample x = μ_old + σz then has
+      log r = mean(z·Δ)/σ - k, whose typical size is √(2k/N). The clip range stops r at |r - 1| = ε, that is at
+      k = ε²·N/2; so δ = ε²·C·H·W/2: 8.2e-5 on SD (ε = 1e-4, N = 16384), 1e-4 on the tests' 1x1x2 latent (ε = 1e-2,
+      which is DDPO's 1e-4 rescaled by √(16384/2) so that ε²·N/2 stays put). The old δ = 0.03 let the mean move
+      19x further per step than the clip does, so on SD the rollback would hardly ever have fired.
+    - α. Beyond δ, a rolled-back sample's objective along its own push is A·(1 + a) - α·a²/2 with a = √(2k),
+      which peaks at k = A²/(2α²); α = 1/√(2δ) (70.7 on the tests) would pin a sample of |A| = 1 to the border.
+      That counts one sample, but the pulls of all rolled-back samples add up coherently while their pushes are
+      partly noise: on the tests' learning run (δ = 1e-4, seeds 0-2) α = 70.7 trailed clipped PPO's mean R_shift
+      of the last 10 epochs by 0.05-0.19; α = 5 led it by 0.03-0.06 and matched its balance (capped mean q within
+      0.013; tests/test_learning.py).
+      α weighs two gradients of the same units (both are means over elements), so it does not depend on N.
     """
     ratio = torch.exp(log_prob - log_prob_old)
     surrogate = ratio * advantages  # r·A
     rollback = (kl >= kl_threshold) & (surrogate > advantages)  # outside the trust region, still "improving"
     objective = torch.where(rollback, surrogate - alpha * kl, surrogate)
-    stats = {"clipfrac": torch.zeros(()), "approx_kl": 0.5 * ((log_prob - log_prob_old) ** 2).mean(),
-             "rollback_frac": rollback.float().mean()}
+    stats = {"clipfrac": log_prob.new_zeros(()),  # on log_prob's device: update() stacks it with the loss
+             "approx_kl": 0.5 * ((log_prob - log_prob_old) ** 2).mean(), "rollback_frac": rollback.float().mean()}
     return -objective.mean(), stats
 
 
@@ -203,14 +222,16 @@ def load_models(config, device):
         raise UsageError(f"--model: folder {path} does not exist")
     dtype = DTYPES[config.mixed_precision]
     try:
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        check_scheduler(scheduler.config, path)  # before the large downloads
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
     except OSError as error:
         raise UsageError(f"--model: cannot load {path!r} ({str(error).splitlines()[0]}); a hub id needs network "
                          "access once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)") from None
+    schedule_to(scheduler, device)
     vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
     text_encoder.to(device).requires_grad_(False).eval()
     unet.requires_grad_(False).eval()  # eval: SD has no dropout, and it keeps sampling and training identical
@@ -225,9 +246,29 @@ def load_models(config, device):
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
+def check_scheduler(scheduler_config, path):
+    """Refuse a scheduler that ddim_step_with_logprob does not implement: it would train on a wrong log-prob."""
+    problems = [f"prediction_type={scheduler_config.prediction_type!r}"] if scheduler_config.prediction_type != "epsilon" else []
+    problems += [name for name in ("clip_sample", "thresholding") if scheduler_config.get(name)]
+    if problems:
+        raise UsageError(f"--model: the scheduler of {path} has {', '.join(problems)}; the DDIM log-probability here "
+                         "needs epsilon prediction without clip_sample or thresholding (SD v1.5's scheduler)")
+
+
 def micro_batch(config):
-    """b: images per training micro-batch (and per VAE decode chunk); one with --low-memory."""
-    return 1 if config.low_memory else min(config.train_batch_size, config.batch_size // config.updates_per_epoch)
+    """b: images per training micro-batch (and per VAE decode chunk). It divides the B / updates_per_epoch images
+    of an update (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
+    return min(config.train_batch_size, config.batch_size // config.updates_per_epoch)
+
+
+def make_scaler(config, device):
+    """fp16 only: the loss is scaled by S before backward so that small gradients do not underflow. The gradient at
+    the UNet output is about 1.3e-3·|A|·|z| per element (|A| ≤ 5, |z| ≲ 4): S = 2^12 puts it between ~5e-2 and
+    ~100, well inside fp16's normal range (6e-5 to 65504) with ~600x headroom for growth through backward. An
+    overflow halves S and skips that step; S doubles after 20 clean steps, so a halving is undone within 10 epochs
+    (torch's default of 2000 steps never comes in a 200-step default run: S could only ever shrink)."""
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12, growth_interval=20,
+                                enabled=config.mixed_precision == "fp16")
 
 
 def trainable_parameters(unet):
@@ -236,10 +277,17 @@ def trainable_parameters(unet):
 
 def trained_weights(unet):
     """The trained attention weights as fp32 CPU tensors; refuses non-finite ones, which must never be saved."""
-    weights = {name: p.detach().float().cpu() for name, p in trainable_parameters(unet).items()}
-    if not all(torch.isfinite(w).all() for w in weights.values()):
+    params = trainable_parameters(unet)
+    if not torch.stack([p.isfinite().all() for p in params.values()]).all():  # on the device, one host sync
         raise RuntimeError("refusing to save non-finite weights")
-    return weights
+    return {name: p.detach().float().cpu() for name, p in params.items()}
+
+
+def derived_sizes(config, unet):
+    """The sizes that follow from the config and the model, computed once and printed before the loop."""
+    c, s = unet.config.in_channels, unet.config.sample_size
+    return {"latent": (c, s, s), "micro_batch": micro_batch(config),
+            "kl_threshold": config.kl_threshold or config.clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
 
 
 def load_classifier(config, device):
@@ -486,16 +534,24 @@ def validate(config):
     for name in ("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch", "save_every"):
         if getattr(config, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
-    for name in ("eta", "lr", "clip_range", "kl_threshold", "max_grad_norm"):
+    for name in ("eta", "lr", "clip_range", "truly_alpha", "max_grad_norm"):
         if not getattr(config, name) > 0:
             raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(config, name)}")
+    if not config.kl_threshold >= 0:
+        raise UsageError(f"--kl-threshold: must be > 0, or 0 to derive it from --clip-range; got {config.kl_threshold}")
     if config.batch_size % config.updates_per_epoch:
         raise UsageError(f"--batch-size: {config.batch_size} images do not split into "
                          f"--updates-per-epoch {config.updates_per_epoch} equal updates")
+    per_update = config.batch_size // config.updates_per_epoch
+    if per_update % micro_batch(config):
+        raise UsageError(f"--train-batch-size: {config.train_batch_size} does not divide the {per_update} images of "
+                         "each update into equal micro-batches")
     if config.batch_size < 2:
         raise UsageError("--batch-size: needs at least 2 images (advantages are standardised over the batch)")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device: {config.device} asked for, but this machine has no CUDA GPU")
+    if config.device.startswith("cuda:") and not int(config.device[5:] or 0) < torch.cuda.device_count():
+        raise UsageError(f"--device: {config.device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def resolve_config(given):
@@ -539,7 +595,14 @@ class RunError(Exception):
 
 def sync(device):
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()  # only at phase boundaries, so the seconds below are the GPU's real time
+        torch.cuda.synchronize(device)  # only at phase boundaries, so the seconds below are the GPU's real time
+
+
+def peak_memory_gb(device):
+    """The peak memory allocated on this GPU since the last call, in GiB (of `device`: cuda:1 is not cuda:0)."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def finite_or_none(x):
@@ -556,13 +619,15 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
     reward_values, labels, underrepresented = compute_rewards(classifier, samples["images"], config.reward,
                                                               underrepresented)
     advantages = compute_advantages(reward_values, config.adv_clip)
+    spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
     sync(device), (t_reward := time.perf_counter())
-    if torch.isfinite(advantages).all():
-        stats, skipped = update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embeds, config,
-                                device, gens[1])
+    skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = 0, [None] * 5
+    if not math.isfinite(spread):  # a non-finite reward would poison every weight: skip this epoch's update
+        skipped = config.updates_per_epoch
+    elif spread > 0:  # equal rewards (q = 0.5 exactly, no minority image, all "none") mean A = 0: no signal, and
+        stats, skipped = update(unet, optimizer, scaler, scheduler, samples, advantages,  # AdamW's momentum and
+                                prompt_embeds, config, device, gens[1])                  # decay would still move θ
         loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.mean(dim=0).tolist())
-    else:  # a non-finite reward would poison every weight: skip this epoch's update
-        skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = config.updates_per_epoch, [None] * 5
     sync(device), (t_train := time.perf_counter())
     B, T = config.batch_size, config.num_steps
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
@@ -570,15 +635,14 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
               "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
               "underrepresented": underrepresented if config.reward == "shift" else None,
               "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
-              "rollback_frac": rollback_frac, "skipped_steps": skipped,
+              "rollback_frac": rollback_frac, "skipped_steps": skipped, "equal_rewards": spread == 0,
               "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
               "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start)}
     if flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = flops[0] * B * T / (t_sample - start) / 1e12
         record["train_tflops"] = flops[1] * B * T / (t_train - t_reward) / 1e12
         if torch.device(device).type == "cuda":
-            record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            torch.cuda.reset_peak_memory_stats()
+            record["peak_memory_gb"] = peak_memory_gb(device)
     return record, samples["images"], labels, underrepresented
 
 
@@ -591,8 +655,7 @@ def train(config, classifier=None):
     prompt_embeds = encode_prompt(text_encoder, tokenizer, config.prompt, device)  # (2, L, D), once per run
     params = trainable_parameters(unet)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4)  # DDPO's weight decay
-    scaler = torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12,  # fp16 only: gradient scaling
-                                  enabled=config.mixed_precision == "fp16")
+    scaler = make_scaler(config, device)
     gens = [torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)]
     out = config.output_dir
     metrics, first, underrepresented = [], 0, None if config.underrepresented == "auto" else config.underrepresented
@@ -600,16 +663,18 @@ def train(config, classifier=None):
         state = load_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, gens)
         metrics, first, underrepresented = state["metrics"], state["epoch"] + 1, state["underrepresented"]
         print(f"resuming {out} after epoch {state['epoch']}")
+    sizes = derived_sizes(config, unet)
+    config = dataclasses.replace(config, kl_threshold=sizes["kl_threshold"])  # δ as used, saved in config.json
     write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
     write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
-    c, s = unet.config.in_channels, unet.config.sample_size
     print(f"device {device}, {config.mixed_precision}; B={config.batch_size} images x T={config.num_steps} steps, "
-          f"latent {c}x{s}x{s}; {config.updates_per_epoch} updates/epoch of {config.batch_size // config.updates_per_epoch}"
-          f" images in micro-batches of {micro_batch(config)}; "
-          f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights")
-    if config.compile:
-        unet.compile()  # in place, so parameter names (and checkpoints) stay; epoch 0's seconds include compiling
-    flops = count_flops(unet, prompt_embeds, config, device) if config.profile else None
+          f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
+          f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}; "
+          f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights"
+          + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}" if config.trust_region == "truly" else ""))
+    flops = count_flops(unet, prompt_embeds, config, device) if config.profile else None  # before compiling: its
+    if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
+        unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same
     interrupted = []
     def on_sigint(signum, frame):  # first Ctrl-C: finish the epoch and save; second: quit now
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -631,12 +696,13 @@ def train(config, classifier=None):
         save_plot(metrics, os.path.join(out, "plot.png"))
         bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
         streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
-        if streak >= MAX_NONFINITE:
-            raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
-                           "losses or gradients; try a lower --lr or --mixed-precision bf16 (last checkpoint kept)")
-        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted:
+        stop = streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
+        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted or stop:
             save_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, epoch, gens,
                             underrepresented, metrics)
+        if stop:
+            raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
+                           "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
         if interrupted:
             raise KeyboardInterrupt
     save_unet(unet, config, os.path.join(out, "unet"))

@@ -85,26 +85,26 @@ def r_shift(p_female: torch.Tensor, underrepresented: str) -> torch.Tensor:
     return p_female if underrepresented == "female" else 1.0 - p_female
 
 
-def r_balance(labels: list) -> torch.Tensor:
+def r_balance(labels: list, device="cpu") -> torch.Tensor:
     """R_balance, eq. (2)-(3): a reward per image that peaks, in the batch total, at q = 0.5.
 
     q = F / (F + M) over the batch, d = |q - 0.5|, the minority is female if q < 0.5 else male.
     An image of the minority class gets +d; every other image, None images included, gets -d.
     With no None images the batch total is d·(n_min - n_maj) = -2·n·(q - 0.5)², zero only at q = 0.5.
     If F + M = 0, q is undefined and every reward is 0: there is no balance to reward.
-    Returns float32 (B,) on the CPU; the caller moves it next to the advantages.
+    Returns float32 (B,) on `device` (the images' device, so that nothing is copied there later).
     """
     q = female_ratio(labels)
     if q is None:
-        return torch.zeros(len(labels))
+        return torch.zeros(len(labels), device=device)
     d = abs(q - 0.5)
     minority = "female" if q < 0.5 else "male"  # at q = 0.5, d = 0 and the choice does not matter
-    return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32)
+    return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32, device=device)
 
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
-# Every reward takes (p_female (B,), labels [B], underrepresented) and returns (B,).
+# Every reward takes (p_female (B,), labels [B], underrepresented) and returns (B,) on p_female's device.
 REWARDS = {
     "shift": lambda p_female, labels, underrepresented: r_shift(p_female, underrepresented),
-    "balance": lambda p_female, labels, underrepresented: r_balance(labels),
+    "balance": lambda p_female, labels, underrepresented: r_balance(labels, p_female.device),
 }

@@ -14,27 +14,35 @@ import sys
 import torch
 
 
-def make_sd15(path, seed=0):
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, ViTConfig, ViTForImageClassification, ViTImageProcessor
-    from tests.fixtures import SD_SCHEDULER, make_tokenizer
-    torch.manual_seed(seed)
+def sd15_models(tokenizer_vocab_size=49408):
+    """SD v1.5's UNet, VAE and text encoder, and a ViT-base/16 classifier at 224 (as rizvandwiki's), random."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, ViTConfig, ViTForImageClassification
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.5's config
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
                         sample_size=512)
-    tokenizer = make_tokenizer(os.path.join(path, "_tokenizer_src"))  # a small vocabulary: same sequence length
     text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                                 num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu",
-                                                vocab_size=49408, max_position_embeddings=77))
+                                                vocab_size=tokenizer_vocab_size, max_position_embeddings=77))
+    classifier = ViTForImageClassification(ViTConfig(num_labels=2, id2label={0: "female", 1: "male"},
+                                                     label2id={"female": 0, "male": 1}))
+    return unet, vae, text_encoder, classifier
+
+
+def make_sd15(path, seed=0):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import ViTImageProcessor
+    from tests.fixtures import SD_SCHEDULER, make_tokenizer
+    torch.manual_seed(seed)
+    unet, vae, text_encoder, classifier = sd15_models()
+    tokenizer = make_tokenizer(os.path.join(path, "_tokenizer_src"))  # a small vocabulary: same sequence length
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                             scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(path)
-    classifier = os.path.join(path, "classifier")  # ViT-base/16 at 224, as rizvandwiki/gender-classification-2
-    ViTForImageClassification(ViTConfig(num_labels=2, id2label={0: "female", 1: "male"},
-                                        label2id={"female": 0, "male": 1})).save_pretrained(classifier)
+    classifier.save_pretrained(os.path.join(path, "classifier"))
     ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
-                      image_std=[0.5] * 3).save_pretrained(classifier)
+                      image_std=[0.5] * 3).save_pretrained(os.path.join(path, "classifier"))
 
 
 def main(argv):

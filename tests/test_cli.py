@@ -75,6 +75,9 @@ def test_cli_end_to_end(tiny_sd, tiny_classifier, tmp_path, reward, trust_region
     (["--epochs", "two"], "--epochs"),
     (["--model", "/nonexistent/sd"], "--model"),
     (["--device", "cuda"], "--device"),
+    (["--batch-size", "12", "--train-batch-size", "4"], "--train-batch-size"),  # 6 images per update: unequal
+    (["--kl-threshold", "-1"], "--kl-threshold"),
+    (["--truly-alpha", "0"], "--truly-alpha"),
 ])
 def test_bad_input_one_line_exit_2(tiny_sd, tiny_classifier, tmp_path, capsys, args, flag):
     """In-process through main() (the CLI's own entry point), to keep the suite fast; one subprocess below."""
@@ -132,7 +135,7 @@ def test_long_prompt_is_truncated_with_a_warning(tiny_sd, tiny_classifier, tmp_p
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny_sd, tiny_classifier, tmp_path):
     args = ["--model", tiny_sd, "--classifier", tiny_classifier, "--epochs", "4", "--batch-size", "4",
-            "--num-steps", "3", "--mixed-precision", "no", "--lr", "1e-3", "--reward", "shift"]
+            "--num-steps", "3", "--mixed-precision", "no", "--lr", "1e-3", "--reward", "shift", "--save-every", "1"]
     full = tmp_path / "full"
     assert run_cli(*args, "--output-dir", full).returncode == 0
     killed = tmp_path / "killed"

@@ -28,7 +28,8 @@ def test_non_finite_rewards_skip_updates_then_stop(tiny_sd, tmp_path):
 
 
 def test_non_finite_gradient_skips_that_step_only(tiny_sd, tiny_classifier, tmp_path, monkeypatch):
-    config = make_run(tiny_sd, tmp_path, epochs=2, updates_per_epoch=2, classifier=tiny_classifier)
+    config = make_run(tiny_sd, tmp_path, epochs=2, updates_per_epoch=2, classifier=tiny_classifier,
+                      reward="shift", underrepresented="female")  # P(female) differs per image: never equal rewards
     calls = []
     real_clip = torch.nn.utils.clip_grad_norm_
 

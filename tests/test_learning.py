@@ -15,9 +15,12 @@ Settings, and why:
   DDPO's 1e-4 over SD's 16384 elements is about 1e-4·√(16384/2) ≈ 1e-2 over these 2.
 - lr 1e-3: the exact KL per step is then about 6e-3 per element. At 2e-3 a balance run did not learn at
   all (B = 16, seed 1: q stayed at 0.21); at 3e-4 neither moved by more than about 0.03 (B = 16, seed 0).
-- Truly PPO runs with the Config defaults of δ and α, which were chosen on this run (see truly_ppo_loss).
-  Truly minus clip over seeds 0-4: mean shift reward +0.11, +0.05, +0.04, -0.00, -0.01; mean balance q
-  (capped at 0.5) +0.01, +0.01, +0.01, -0.02, -0.03.
+- Truly PPO runs with the Config defaults: δ derived from the clip range, ε²·C·H·W/2 = (1e-2)²·2/2 = 1e-4, the
+  same rule that gives 8.2e-5 on SD, and α = 5 (truly_ppo_loss says why). Truly minus clip over seeds 0-4, means
+  over the whole run: shift reward +0.02, +0.02, +0.01, -0.02, -0.02; balance q (capped at 0.5) +0.01, +0.01,
+  -0.01, -0.02, -0.04 (seed 4 would fail the 0.03 tolerance). About 20% of all steps are rolled back, all of them
+  in the second, off-policy update: the first update of an epoch is on-policy (KL = 0), and its step at lr 1e-3
+  takes the policy far past δ (the logged kl, averaged over both updates, is about 6e-3 per element: 60 δ).
 """
 import statistics
 
@@ -101,7 +104,7 @@ def test_r_balance_moves_female_ratio_toward_half(run, trust_region):
 
 @pytest.mark.parametrize("reward", ["shift", "balance"])
 def test_truly_ppo_learns_at_least_as_fast_as_clip(run, reward):
-    """The calibration target for δ and α: over the whole run, Truly PPO is no slower than clipped PPO."""
+    """With the same trust region as the clip (δ from the clip range), Truly PPO is no slower than clipped PPO."""
     kwargs = dict(reward=reward, underrepresented="female") if reward == "shift" else dict(reward=reward)
     truly, clip = run(trust_region="truly", **kwargs), run(trust_region="clip", **kwargs)
     if reward == "shift":
@@ -109,4 +112,5 @@ def test_truly_ppo_learns_at_least_as_fast_as_clip(run, reward):
     else:  # progress toward 0.5, capped there so that overshooting is no credit
         progress = lambda metrics: mean(min(q, 0.5) for q in ratios_of(metrics))
         assert progress(truly) >= progress(clip) - 0.03
-    assert 0 < mean(m["rollback_frac"] for m in truly) < 0.2  # the rollback acts, on a few steps only
+    # the rollback acts, and only in the off-policy half of the steps (the first update has KL = 0 < δ)
+    assert 0 < mean(m["rollback_frac"] for m in truly) < 0.5

@@ -1,0 +1,137 @@
+"""Count the GPU memory of ddpo_debias.py on SD v1.5 without a GPU: every tensor is a FakeTensor (shapes and
+dtypes, no data), so the real model's memory is counted in seconds on a CPU.
+
+    python -m tests.count_memory [--micro-batches 1 2 4 8] > docs/memory/sd15-count.txt
+
+Method. The SD v1.5 UNet is built from its config under FakeTensorMode and prepared as load_models does
+(attention projections fp32 and trainable, every other weight bf16). A TorchDispatchMode then adds up the bytes
+of every storage created while one training micro-step runs (guided forward over 2b rows with per-sample
+timesteps, the DDIM log-prob, the loss and its backward), removes them when the storage is freed, and keeps the
+peak: activations saved for backward, the backward's temporaries and the fp32 gradients of the trained weights.
+CUDA's autocast runs group_norm and layer_norm in fp32 (its fp32 list), the CPU's does not, so both are wrapped
+to run in fp32 here as they would on the GPU. Attention uses SDPA, whose CPU kernel saves O(n) like the GPU's
+flash/memory-efficient kernels. Not counted: the CUDA caching allocator's rounding and fragmentation, and cuDNN
+or cuBLAS workspaces (a few hundred MB), so a GPU's max_memory_allocated will read somewhat higher.
+"""
+import argparse
+import math
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+GIB = 2**30
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages created inside this mode that are still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.sizes = 0, 0, {}
+
+    def _free(self, key):
+        self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata  # one StorageImpl, however many views of it exist
+                if key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.live += self.sizes[key]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def fp32_norms():
+    """Run group_norm and layer_norm in fp32, as CUDA autocast does (the CPU's keeps them in bf16)."""
+    group_norm, layer_norm = F.group_norm, F.layer_norm
+    up = lambda t: None if t is None else t.float()
+    F.group_norm = lambda x, g, w=None, b=None, eps=1e-5: group_norm(x.float(), g, up(w), up(b), eps)
+    F.layer_norm = lambda x, shape, w=None, b=None, eps=1e-5: layer_norm(x.float(), shape, up(w), up(b), eps)
+    return lambda: (setattr(F, "group_norm", group_norm), setattr(F, "layer_norm", layer_norm))
+
+
+def count(micro_batches, checkpointing_options=(False, True)):
+    import ddpo_debias as dd
+    from diffusers import DDIMScheduler
+    from tests.fixtures import SD_SCHEDULER
+    from tests.random_sd15 import sd15_models
+    restore = fp32_norms()
+    rows = []
+    with torch.device("meta"):  # for their sizes only
+        unet, vae, text_encoder, classifier = sd15_models()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet = type(unet).from_config(unet.config)  # the same UNet, with fake weights that can run
+        unet.requires_grad_(False).eval()
+        for name, param in unet.named_parameters():
+            if any(key in f".{name}" for key in dd.TRAINABLE):
+                param.requires_grad_(True)
+            else:
+                param.data = param.data.to(torch.bfloat16)
+        numel = lambda model: sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        weights = {"UNet trained attention weights, fp32": 4 * trained,
+                   "UNet frozen weights, bf16": 2 * (numel(unet) - trained),
+                   "AdamW state (two fp32 moments)": 8 * trained,
+                   "VAE, bf16": 2 * numel(vae), "CLIP text encoder, bf16": 2 * numel(text_encoder),
+                   "ViT-base classifier, fp32": 4 * numel(classifier)}
+        scheduler = DDIMScheduler(**SD_SCHEDULER)
+        scheduler.set_timesteps(50)
+        embeds = torch.randn(2, 77, 768, dtype=torch.bfloat16)
+        config = dd.Config(mixed_precision="bf16")
+        for checkpointing in checkpointing_options:
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            for b in micro_batches:
+                x_t, x_prev = torch.randn(b, 4, 64, 64), torch.randn(b, 4, 64, 64)
+                t = scheduler.timesteps[:b]
+                tracker = LiveBytes()
+                with tracker:
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        noise_pred = dd.guided_noise_pred(unet, x_t, t, embeds, 5.0)
+                    _, log_prob, mean, std = dd.ddim_step_with_logprob(scheduler, noise_pred, t, x_t, 1.0, x_prev)
+                    loss, _ = dd.ppo_clip_loss(log_prob, log_prob.detach(), torch.ones(b), 1e-4)
+                    loss.backward()
+                    del noise_pred, log_prob, mean, std, loss
+                unet.zero_grad(set_to_none=True)
+                rows.append((checkpointing, b, tracker.peak))
+        # sampling: one guided forward over 2B = 32 rows without gradients (B = 16, the default)
+        tracker = LiveBytes()
+        with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            dd.guided_noise_pred(unet, torch.randn(16, 4, 64, 64), scheduler.timesteps[0], embeds, 5.0)
+        sampling = tracker.peak
+    restore()
+    return weights, rows, sampling
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    args = parser.parse_args(argv)
+    weights, rows, sampling = count(args.micro_batches)
+    B, T = 16, 50  # the defaults
+    fixed = {**weights, f"trajectories of B={B}, T={T}: latents and means, fp32": B * (2 * T + 1) * 4 * 64 * 64 * 4}
+    print(f"torch {torch.__version__}; SD v1.5 UNet under FakeTensorMode, bf16 autocast with CUDA's fp32 norms\n")
+    print("Resident through the run:")
+    for name, n in fixed.items():
+        print(f"  {name:50s} {n / GIB:6.2f} GiB")
+    total_fixed = sum(fixed.values())
+    print(f"  {'total':50s} {total_fixed / GIB:6.2f} GiB\n")
+    print(f"Sampling step, 32 rows (B = 16 with CFG), no grad: peak {sampling / GIB:.2f} GiB\n")
+    print("Training micro-step (forward + backward of b images with CFG, incl. fp32 gradients of trained weights):")
+    print(f"  {'checkpointing':14s} {'b':>3s} {'peak GiB':>9s} {'per image':>10s} {'+ resident':>11s}")
+    for checkpointing, b, peak in rows:
+        print(f"  {'yes' if checkpointing else 'no':14s} {b:3d} {peak / GIB:9.2f} {peak / b / GIB:10.2f} "
+              f"{(peak + total_fixed) / GIB:11.2f}")
+
+
+if __name__ == "__main__":
+    main()
