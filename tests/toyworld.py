@@ -1,0 +1,257 @@
+"""A miniature, biased Stable Diffusion: cartoon faces in two classes, 85% "male", learnt from generated data.
+
+    python -m tests.toyworld build OUT [--female-share 0.15] [--seed 0] [--quick]
+    python -m tests.toyworld demo OUT_RUN [--world DIR]     fine-tune the shipped world with --reward balance
+
+The world is SD in miniature, every part a real diffusers/transformers class saved with save_pretrained, so
+ddpo_debias.py loads it as it loads SD v1.5 (`--model DIR --classifier DIR/classifier`):
+    faces      32x32 RGB cartoons drawn by `draw_face`: a head, eyes, mouth, shoulders, hair. The class is the
+               hair: "female" faces have long hair that falls beside the face below the chin, "male" faces a
+               short cap on top. That trait is a shape the diffusion model must really draw, in several pixels,
+               at any position, and the classifier must find it among nuisances: skin tone, hair colour, head
+               size and position, clothes and background colour all vary independently of the class, so the
+               model learns a distribution rather than two templates.
+    vae        AutoencoderKL 32x32x3 -> 4x8x8, trained as an autoencoder (L1 + a small KL); scaling_factor makes
+               the scaled latents unit-std, as SD's 0.18215 does.
+    text       a tiny random CLIP text encoder and the tests' byte-level tokenizer, frozen (as in SD).
+    unet       UNet2DConditionModel with cross-attention, trained with the DDPM ε-loss on SD v1.5's noise
+               schedule, conditioned on PROMPT, with 10% empty prompts so that classifier-free guidance works.
+    scheduler  SD v1.5's DDIM config.
+    classifier ViTForImageClassification (female, male) trained on balanced faces; non-faces (noise, blobs,
+               faces without hair cues cut in pieces) are trained toward (0.5, 0.5), so that it says "none"
+               (max probability <= 0.7) where there is no face to read, as the real classifier should.
+The bias is in the data only: FEMALE_SHARE of the UNet's training faces are "female".
+
+Status (issue 11, not finished): the faces and the builder run (`build OUT --quick`, 45 s), but no world is
+shipped yet. A full build does not fit the 15-minute budget at these sizes: on the 2-core development machine a
+VAE step (64 images) took 0.5 s, mostly conv backward, and a UNet step (128 latents) 0.6 s. Next: 16x16 images
+or a lighter VAE, fewer UNet steps, then the learning tests on the shipped world.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+PROMPT = "photo of the face of a computer scientist"
+SIZE = 32  # image side in pixels; the latent is SIZE/4 = 8
+FEMALE_SHARE = 0.15
+SKIN = [(255, 224, 196), (241, 194, 155), (224, 172, 105), (198, 134, 66), (141, 85, 36), (95, 60, 35)]
+HAIR = [(20, 20, 20), (70, 45, 25), (120, 80, 40), (200, 170, 90), (150, 60, 30), (150, 150, 150)]
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHIPPED = os.path.join(HERE, "toyworld_model")  # the committed world
+
+
+# --------------------------------------------------------------------------------------------- the faces
+def draw_face(rng, female):
+    """One 32x32 face as a PIL image, drawn at 4x and downsampled (antialiased). rng: np.random.Generator."""
+    s = 4 * SIZE
+    jitter = lambda c, d=25: tuple(int(np.clip(v + rng.integers(-d, d + 1), 0, 255)) for v in c)
+    background = tuple(int(v) for v in rng.integers(40, 230, 3))
+    image = Image.new("RGB", (s, s), background)
+    draw = ImageDraw.Draw(image)
+    cx, cy = s / 2 + rng.uniform(-10, 10), s * 0.45 + rng.uniform(-8, 8)
+    r = rng.uniform(0.2, 0.26) * s  # head half-height
+    w = r * rng.uniform(0.78, 0.9)  # head half-width
+    skin, hair = jitter(SKIN[rng.integers(len(SKIN))], 12), jitter(HAIR[rng.integers(len(HAIR))], 15)
+    clothes = tuple(int(v) for v in rng.integers(0, 256, 3))
+    draw.ellipse((cx - 2.2 * w, cy + 1.5 * r, cx + 2.2 * w, cy + 3.6 * r), fill=clothes)  # shoulders
+    if female:  # long hair: behind the head, falling beside the face to below the chin
+        length = rng.uniform(1.45, 1.8) * r
+        draw.rounded_rectangle((cx - 1.35 * w, cy - 1.15 * r, cx + 1.35 * w, cy + length), radius=w * 0.9, fill=hair)
+    draw.rectangle((cx - 0.35 * w, cy + 0.7 * r, cx + 0.35 * w, cy + 1.7 * r), fill=skin)  # neck
+    draw.ellipse((cx - w, cy - r, cx + w, cy + r), fill=skin)  # head
+    top = rng.uniform(0.25, 0.45)  # the cap (both classes): hair over the top of the head
+    draw.chord((cx - 1.08 * w, cy - 1.12 * r, cx + 1.08 * w, cy + (1 - 2 * top) * r * 1.1), 180, 360, fill=hair)
+    eye_y, eye_dx, eye_r = cy - rng.uniform(0.0, 0.15) * r, w * rng.uniform(0.33, 0.45), r * 0.11
+    for ex in (cx - eye_dx, cx + eye_dx):
+        draw.ellipse((ex - eye_r, eye_y - eye_r, ex + eye_r, eye_y + eye_r), fill=(25, 25, 35))
+    mouth_y, mouth_w = cy + rng.uniform(0.4, 0.55) * r, w * rng.uniform(0.3, 0.5)
+    draw.arc((cx - mouth_w, mouth_y - 0.2 * r, cx + mouth_w, mouth_y + 0.15 * r), 20, 160, fill=(150, 40, 50),
+             width=max(2, int(r * 0.08)))
+    return image.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def draw_non_face(rng):
+    """Something that is not a face: smooth noise, coloured blobs, or a face's pieces shuffled into tiles."""
+    kind = rng.integers(3)
+    if kind == 0:
+        noise = torch.from_numpy(rng.random((1, 3, rng.integers(2, 9), rng.integers(2, 9)))).float()
+        pixels = F.interpolate(noise, size=SIZE, mode="bilinear")[0]
+        return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+    if kind == 1:
+        image = Image.new("RGB", (SIZE, SIZE), tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.integers(1, 6)):
+            x, y, a, b = rng.uniform(0, SIZE, 4)
+            draw.ellipse((min(x, a), min(y, b), max(x, a), max(y, b)), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        return image
+    tiles = to_tensor(draw_face(rng, rng.random() < 0.5)).reshape(3, 4, 8, 4, 8).permute(1, 3, 0, 2, 4).reshape(16, 3, 8, 8)
+    tiles = tiles[torch.from_numpy(rng.permutation(16))].reshape(4, 4, 3, 8, 8).permute(2, 0, 3, 1, 4).reshape(3, SIZE, SIZE)
+    return Image.fromarray((tiles.permute(1, 2, 0).numpy() * 255).astype(np.uint8))
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+
+
+def make_faces(n, female_share, seed):
+    """-> images (n, 3, 32, 32) in [0, 1], is_female (n,) bool; exactly round(n·share) female, shuffled."""
+    rng = np.random.default_rng(seed)
+    female = np.zeros(n, dtype=bool)
+    female[:round(n * female_share)] = True
+    rng.shuffle(female)
+    return torch.stack([to_tensor(draw_face(rng, f)) for f in female]), torch.from_numpy(female)
+
+
+# ------------------------------------------------------------------------------------------ the training
+def _cosine(optimizer, steps):
+    """Linear warm-up over 5% of the steps, then a cosine decay to 0."""
+    warm = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * t / steps)))
+
+
+def _batches(n, batch, steps, generator):
+    for _ in range(steps):
+        yield torch.randint(0, n, (batch,), generator=generator)
+
+
+def train_vae(images, steps, seed):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=SIZE)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = _cosine(optimizer, steps)
+    g = torch.Generator().manual_seed(seed)
+    for idx in _batches(len(images), 64, steps, g):
+        x = images[idx] * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=g)).sample
+        loss = (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()  # L1 + a small KL, as SD's VAE (no GAN)
+        optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mode() for i in range(0, min(len(images), 2048), 256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))  # scaled latents of unit std, as SD
+    return vae, loss.item()
+
+
+def text_encoder_and_tokenizer(path, seed):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from tests.fixtures import make_tokenizer
+    import tempfile
+    torch.manual_seed(seed)
+    tokenizer = make_tokenizer(tempfile.mkdtemp())
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    return text_encoder, tokenizer
+
+
+def train_unet(latents, embeds, steps, seed):
+    """DDPM ε-loss on SD's schedule; embeds (2, 77, 32): row 0 the empty prompt, row 1 PROMPT (10% dropout)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from tests.fixtures import SD_SCHEDULER
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=32)
+    noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+    schedule = _cosine(optimizer, steps)
+    g = torch.Generator().manual_seed(seed)
+    for idx in _batches(len(latents), 128, steps, g):
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (len(idx),), generator=g)
+        cond = (torch.rand(len(idx), generator=g) > 0.1).long()  # 10% empty prompts: CFG needs ε(x, ∅)
+        pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[cond]).sample
+        loss = F.mse_loss(pred, noise)
+        optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
+    return unet.eval(), loss.item()
+
+
+def train_classifier(steps, seed, n=6000):
+    """A ViT on balanced faces (labels female/male) and non-faces (target 0.5/0.5)."""
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(seed)
+    faces, female = make_faces(n, 0.5, seed + 100)
+    rng = np.random.default_rng(seed + 200)
+    others = torch.stack([to_tensor(draw_non_face(rng)) for _ in range(n // 3)])
+    images = torch.cat([faces, others])
+    targets = torch.cat([F.one_hot((~female).long(), 2).float(), torch.full((len(others), 2), 0.5)])
+    model = ViTForImageClassification(ViTConfig(
+        image_size=SIZE, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=128, num_labels=2, id2label={0: "female", 1: "male"}, label2id={"female": 0, "male": 1}))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = _cosine(optimizer, steps)
+    g = torch.Generator().manual_seed(seed)
+    for idx in _batches(len(images), 128, steps, g):
+        x = (images[idx] - 0.5) / 0.5
+        flip = torch.rand(len(idx), generator=g) < 0.5  # mirror images: the class does not depend on side
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        loss = -(targets[idx] * model(pixel_values=x).logits.log_softmax(-1)).sum(-1).mean()
+        optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
+    return model.eval(), loss.item()
+
+
+def build(out, female_share=FEMALE_SHARE, seed=0, quick=False):
+    """Train every part and save the pipeline in `out` and the classifier in `out/classifier`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import ViTImageProcessor
+    from tests.fixtures import SD_SCHEDULER
+    steps = dict(vae=20, unet=20, classifier=20) if quick else dict(vae=1500, unet=4000, classifier=1500)
+    n = 512 if quick else 12000
+    log = {"female_share": female_share, "seed": seed, "steps": steps, "images": n}
+    start = time.time()
+    torch.set_num_threads(os.cpu_count() or 1)
+    images, female = make_faces(n, female_share, seed)
+    vae, log["vae_loss"] = train_vae(images, steps["vae"], seed)
+    log["vae_seconds"] = time.time() - start
+    text_encoder, tokenizer = text_encoder_and_tokenizer(out, seed)
+    ids = tokenizer(["", PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        embeds = text_encoder(ids)[0]
+        latents = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mode() for i in range(0, n, 256)])
+        latents = latents * vae.config.scaling_factor
+    unet, log["unet_loss"] = train_unet(latents, embeds, steps["unet"], seed)
+    log["unet_seconds"] = time.time() - start - log["vae_seconds"]
+    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
+    classifier, log["classifier_loss"] = train_classifier(steps["classifier"], seed, n=600 if quick else 6000)
+    classifier.save_pretrained(os.path.join(out, "classifier"))
+    ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      do_resize=True).save_pretrained(os.path.join(out, "classifier"))
+    log["seconds"] = time.time() - start
+    with open(os.path.join(out, "build.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    return log
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="train the world from scratch (about 15 minutes on 2 cores)")
+    b.add_argument("out")
+    b.add_argument("--female-share", type=float, default=FEMALE_SHARE)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="a few steps of each stage: checks that the build runs")
+    args = parser.parse_args(argv)
+    if args.command == "build":
+        print(json.dumps(build(args.out, args.female_share, args.seed, args.quick), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
