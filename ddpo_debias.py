@@ -24,16 +24,22 @@ Sections, in the order of the algorithm:
     1 config   2 DDIM step with log-prob   3 losses   4 models   5 sampling   6 rewards and advantages
     7 update   8 logging and checkpoints   9 command line   10 the loop and main()
 """
+import signal
+
+if __name__ == "__main__":  # Ctrl-C while torch imports: quit at once, without a traceback (main() restores it)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
 import argparse
 import ast
 import contextlib
 import dataclasses
 import datetime
+import fcntl
 import inspect
 import json
 import math
 import os
-import signal
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -74,7 +80,8 @@ class Config:
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
-    """DDIM η; must be > 0, because at σ_t = 0 the step is deterministic and has no log-probability. 1.0 as DDPO."""
+    """DDIM η in (0, 1]: at σ_t = 0 the step is deterministic and has no log-probability; above 1 the variance of
+    eq. (16) exceeds what the step can carry (1 - ᾱ_{t-1} - σ_t² < 0) and samples are NaN. 1.0 as DDPO."""
     lr: float = 1e-5
     """AdamW learning rate: full attention weights, not LoRA, so 30x below DDPO's LoRA rate 3e-4."""
     clip_range: float = 1e-4
@@ -91,9 +98,10 @@ class Config:
     seed: int = 0
     """One seed for the sampling noise and the shuffles: a CPU run is exactly reproducible."""
     device: str = ""
-    """cuda or cpu; empty: cuda when there is one."""
-    mixed_precision: str = "bf16"
-    """no, fp16 or bf16: frozen weights and activations in that type, trained weights and AdamW state in fp32."""
+    """cpu, cuda or cuda:N; empty: cuda when there is one. config.json records the device used."""
+    mixed_precision: str = "auto"
+    """no, fp16 or bf16: frozen weights and activations in that type, trained weights and AdamW state in fp32.
+    auto: bf16 on a GPU that has it, else fp16 on a GPU; no on the CPU, where bf16 is about 3x slower."""
     compile: bool = False
     """torch.compile the UNet (slow first epoch, faster after)."""
     low_memory: bool = False
@@ -111,13 +119,17 @@ class Config:
 
 
 CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"),
-           "underrepresented": ("female", "male", "auto"), "mixed_precision": ("no", "fp16", "bf16")}
+           "underrepresented": ("female", "male", "auto"), "mixed_precision": ("auto", "no", "fp16", "bf16")}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
 
 
 class UsageError(Exception):
     """Bad input: printed as one line naming the flag, exit code 2."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the epoch was finished and a checkpoint saved; the exit code is 128 + the signal."""
 
 
 # --------------------------------------------------------------------------- 2. DDIM step with log-prob
@@ -216,21 +228,15 @@ def load_models(config, device):
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
     path = config.model
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "unet", "config.json")):
-        raise UsageError(f"--model: {path} is not a Stable Diffusion pipeline folder (no unet/config.json)")
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise UsageError(f"--model: folder {path} does not exist")
+    check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
     dtype = DTYPES[config.mixed_precision]
-    try:
+    with loading("--model", path):
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        check_scheduler(scheduler.config, path)  # before the large downloads
+        check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    except OSError as error:
-        raise UsageError(f"--model: cannot load {path!r} ({str(error).splitlines()[0]}); a hub id needs network "
-                         "access once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)") from None
     schedule_to(scheduler, device)
     vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
     text_encoder.to(device).requires_grad_(False).eval()
@@ -246,8 +252,33 @@ def load_models(config, device):
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
-def check_scheduler(scheduler_config, path):
+def check_source(flag, path, kind, marker):
+    """A local folder must exist and hold `marker`; anything else is taken for a hub id."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, marker)):
+        raise UsageError(f"{flag}: {path} is not {kind} folder (no {marker})")
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UsageError(f"{flag}: folder {path} does not exist")
+
+
+@contextlib.contextmanager
+def loading(flag, path):
+    """Turn a failed from_pretrained into one line naming the flag: a damaged folder, or a hub id not reached."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:  # OSError, safetensors' SafetensorError, a JSON error: all mean "cannot load"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        hint = ("the folder is damaged or incomplete" if os.path.isdir(path) else "a hub id needs network access "
+                "once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)")
+        raise UsageError(f"{flag}: cannot load {path!r} ({reason}); {hint}") from None
+
+
+def check_scheduler(scheduler_config, path, num_steps):
     """Refuse a scheduler that ddim_step_with_logprob does not implement: it would train on a wrong log-prob."""
+    if num_steps > scheduler_config.num_train_timesteps:
+        raise UsageError(f"--num-steps: {num_steps} is more than the scheduler's {scheduler_config.num_train_timesteps} "
+                         "training steps")
     problems = [f"prediction_type={scheduler_config.prediction_type!r}"] if scheduler_config.prediction_type != "epsilon" else []
     problems += [name for name in ("clip_sample", "thresholding") if scheduler_config.get(name)]
     if problems:
@@ -291,13 +322,12 @@ def derived_sizes(config, unet):
 
 
 def load_classifier(config, device):
-    try:
-        return rewards.GenderClassifier(config.classifier, device=device)
-    except ValueError as error:
-        raise UsageError(f"--classifier: {error}") from None
-    except OSError as error:
-        raise UsageError(f"--classifier: cannot load {config.classifier!r} ({str(error).splitlines()[0]}); "
-                         "a hub id needs network access once, or pass a local folder") from None
+    check_source("--classifier", config.classifier, "an image-classification model", "config.json")
+    with loading("--classifier", config.classifier):
+        try:
+            return rewards.GenderClassifier(config.classifier, device=device)
+        except rewards.LabelError as error:
+            raise UsageError(f"--classifier: {error}") from None
 
 
 @torch.no_grad()  # the text encoder is frozen: embeddings are computed once per prompt, never trained
@@ -359,13 +389,13 @@ def decode(vae, latents, config, device):
 
 # ---------------------------------------------------------------------------- 6. rewards and advantages
 def compute_rewards(classifier, images, reward, underrepresented=None):
-    """-> rewards (B,) on the images' device, labels [B], U. With U None (auto) it is the rarer gender here."""
+    """-> rewards (B,) on the images' device, P(female) (B,), labels [B], U. With U None (auto): the rarer here."""
     p_female = classifier(images)  # (B,)
     labels = rewards.label_images(p_female)  # one host sync per epoch
     if underrepresented is None:  # the paper's step 1: U is the gender the model draws less often
         underrepresented = "female" if labels.count("female") <= labels.count("male") else "male"
     values = rewards.REWARDS[reward](p_female, labels, underrepresented)
-    return values.to(images.device, torch.float32), labels, underrepresented
+    return values.to(images.device, torch.float32), p_female, labels, underrepresented
 
 
 def compute_advantages(reward_values, adv_clip):
@@ -420,35 +450,50 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
 
 
 # ---------------------------------------------------------------------------- 8. logging and checkpoints
-def save_grid(images, labels, path, thumb=128, columns=4):
-    """A PNG of the epoch's images (B, 3, H, W) in [0, 1], each captioned with its classifier label."""
+def save_grid(images, p_female, labels, epoch, path, thumb=128, columns=4):
+    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"."""
     pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
-    rows = math.ceil(len(pixels) / columns)
-    grid = Image.new("RGB", (columns * thumb, rows * (thumb + 14)), "white")
+    rows, top = math.ceil(len(pixels) / columns), 16
+    grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (pix, label) in enumerate(zip(pixels, labels)):
-        x, y = (i % columns) * thumb, (i // columns) * (thumb + 14)
+    draw.text((3, 2), f"epoch {epoch}: label at P > {rewards.THRESHOLD}, and P(female)", fill="black")
+    for i, (pix, p, label) in enumerate(zip(pixels, p_female.tolist(), labels)):
+        x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
         grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
-        draw.text((x + 3, y + thumb + 1), label or "none", fill="black")
+        draw.text((x + 3, y + thumb + 1), f"{label or 'none'} {p:.2f}", fill="black")
     grid.save(path)
 
 
-def save_plot(metrics, path, width=480, height=150):
-    """reward_mean and female_ratio over epochs as a PNG, one panel each (pillow: no plotting package)."""
+def save_plot(metrics, path, width=520, height=170):
+    """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line."""
     image = Image.new("RGB", (width, 2 * height), "white")
     draw = ImageDraw.Draw(image)
+    last = max(metrics[-1]["epoch"] if metrics else 1, 1)
     for panel, key in enumerate(("reward_mean", "female_ratio")):
-        points = [(m["epoch"], m[key]) for m in metrics if m[key] is not None] or [(0, 0.0)]
-        low, high = (0.0, 1.0) if key == "female_ratio" else (min(v for _, v in points), max(v for _, v in points))
-        x0, y0, x1, y1 = 40, panel * height + 16, width - 10, (panel + 1) * height - 14  # the panel's frame
+        points = [(m["epoch"], m[key]) for m in metrics if m[key] is not None]
+        values = [v for _, v in points] or [0.0]
+        low, high = (0.0, 1.0) if key == "female_ratio" else (min(values), max(values))
+        high = high if high > low else low + 1e-6
+        x0, y0, x1, y1 = 52, panel * height + 18, width - 12, (panel + 1) * height - 30  # the panel's frame
+        to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
         draw.rectangle((x0, y0, x1, y1), outline="gray")
-        if key == "female_ratio":  # the balance target q = 0.5
-            draw.line((x0, (y0 + y1) / 2, x1, (y0 + y1) / 2), fill="lightgray")
-        draw.text((x0, y0 - 14), f"{key}: last {points[-1][1]:.3f}, range {low:.2f} to {high:.2f}", fill="black")
-        last = max(metrics[-1]["epoch"] if metrics else 1, 1)
-        xy = [(x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / max(high - low, 1e-6)) for e, v in points]
+        now = f"last {points[-1][1]:.3f}" if points else "no value yet"
+        draw.text((x0, y0 - 15), f"{key} ({now})", fill="black")
+        for v in (low, (low + high) / 2, high):  # y ticks
+            y = to_xy(0, v)[1]
+            draw.line((x0 - 4, y, x0, y), fill="gray"), draw.text((4, y - 6), f"{v:.2f}", fill="black")
+        for e in sorted({0, last // 2, last}):  # x ticks
+            x = to_xy(e, low)[0]
+            draw.line((x, y1, x, y1 + 4), fill="gray"), draw.text((x - 6, y1 + 5), str(e), fill="black")
+        draw.text(((x0 + x1) / 2 - 14, y1 + 16), "epoch", fill="black")
+        if key == "female_ratio":  # the balance target
+            y = to_xy(0, 0.5)[1]
+            draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x1 - 48, y - 13), "q = 0.5", fill="gray")
+        xy = [to_xy(e, v) for e, v in points]
         if len(xy) > 1:
             draw.line(xy, fill="blue", width=2)
+        elif xy:
+            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill="blue")
     image.save(path)
 
 
@@ -458,20 +503,32 @@ def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, underrepre
              "rng_cpu": torch.get_rng_state(), "generators": [g.get_state() for g in generators],
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              "underrepresented": underrepresented, "metrics": metrics}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a kill during the save leaves the previous checkpoint intact
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a kill during the save leaves the previous checkpoint intact
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        size = sum(w.numel() * 4 for w in state["weights"].values()) * 3  # weights and AdamW's two moments
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < size
+        reason = "no space left on device" if full else getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise RunError(f"{reason} while writing {path}; the previous checkpoint, if any, is intact") from None
 
 
 def load_checkpoint(path, unet, optimizer, scaler, generators):
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
-    params = trainable_parameters(unet)
-    with torch.no_grad():
-        for name, weight in state["weights"].items():
-            params[name].copy_(weight)
-    optimizer.load_state_dict(state["optimizer"]), scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    for g, g_state in zip(generators, state["generators"]):
-        g.set_state(g_state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
+        params = trainable_parameters(unet)
+        with torch.no_grad():
+            for name, weight in state["weights"].items():
+                params[name].copy_(weight)
+        optimizer.load_state_dict(state["optimizer"]), scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        for g, g_state in zip(generators, state["generators"]):
+            g.set_state(g_state)
+    except Exception as error:  # truncated, empty, garbage, or from another model: it cannot be continued
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise UsageError(f"--resume: {path} is damaged ({reason}); it cannot be continued") from None
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state
@@ -529,16 +586,30 @@ def parse_args(argv=None):
 
 def validate(config):
     """Raise UsageError for the first bad value, naming its flag."""
+    flag = lambda name: "--" + name.replace("_", "-")
     if not config.prompt.strip():
         raise UsageError("--prompt: must not be empty")
+    for f in dataclasses.fields(Config):
+        if isinstance(f.default, float) and not math.isfinite(getattr(config, f.name)):
+            raise UsageError(f"{flag(f.name)}: must be a finite number, got {getattr(config, f.name)}")
     for name in ("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch", "save_every"):
         if getattr(config, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(config, name)}")
-    for name in ("eta", "lr", "clip_range", "truly_alpha", "max_grad_norm"):
+            raise UsageError(f"{flag(name)}: must be at least 1, got {getattr(config, name)}")
+    for name in ("lr", "clip_range", "truly_alpha", "adv_clip", "max_grad_norm"):
         if not getattr(config, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')}: must be > 0, got {getattr(config, name)}")
+            raise UsageError(f"{flag(name)}: must be > 0, got {getattr(config, name)}")
+    if not 0 < config.eta <= 1:
+        raise UsageError(f"--eta: must be in (0, 1] (DDIM's η; above 1 the step's variance is impossible), got {config.eta}")
+    if not config.clip_range < 1:
+        raise UsageError(f"--clip-range: must be < 1 (r is clipped to [1 - ε, 1 + ε]), got {config.clip_range}")
+    if not config.guidance_scale >= 1:
+        raise UsageError(f"--guidance-scale: must be at least 1 (1 is no guidance; below, the prompt is pushed "
+                         f"away), got {config.guidance_scale}")
     if not config.kl_threshold >= 0:
         raise UsageError(f"--kl-threshold: must be > 0, or 0 to derive it from --clip-range; got {config.kl_threshold}")
+    if config.underrepresented != "auto" and config.reward != "shift":
+        raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
+                         f"batch), got it with --reward {config.reward}")
     if config.batch_size % config.updates_per_epoch:
         raise UsageError(f"--batch-size: {config.batch_size} images do not split into "
                          f"--updates-per-epoch {config.updates_per_epoch} equal updates")
@@ -548,37 +619,74 @@ def validate(config):
                          "each update into equal micro-batches")
     if config.batch_size < 2:
         raise UsageError("--batch-size: needs at least 2 images (advantages are standardised over the batch)")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
+    kind, _, index = config.device.partition(":")
+    if config.device and (kind not in ("cpu", "cuda") or (index and (kind != "cuda" or not index.isdigit()))):
+        raise UsageError(f"--device: must be cpu, cuda or cuda:N, got {config.device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device: {config.device} asked for, but this machine has no CUDA GPU")
-    if config.device.startswith("cuda:") and not int(config.device[5:] or 0) < torch.cuda.device_count():
+    if kind == "cuda" and not int(index or 0) < torch.cuda.device_count():
         raise UsageError(f"--device: {config.device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
 def resolve_config(given):
     """Config from the flags given; with --resume, the run's saved config.json updated by those flags."""
-    if given.get("resume"):
-        path = os.path.join(given["resume"], "config.json")
-        if not os.path.exists(os.path.join(given["resume"], "checkpoint.pt")) or not os.path.exists(path):
-            raise UsageError(f"--resume: {given['resume']} holds no checkpoint.pt and config.json to resume")
+    folder = given.get("resume")
+    if not folder:
+        return Config(**given)
+    if given.get("output_dir") and os.path.abspath(given["output_dir"]) != os.path.abspath(folder):
+        raise UsageError("--output-dir: cannot be combined with --resume, which continues the run in its own folder")
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise UsageError(f"--resume: folder {folder} does not exist")
+    if not os.path.exists(path):
+        raise UsageError(f"--resume: {folder} has no config.json, so it holds no run to resume")
+    try:
         with open(path) as f:
-            return Config(**{**json.load(f), **given, "output_dir": given["resume"]})
-    return Config(**given)
+            saved = json.load(f)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"--resume: {path} is damaged ({error})") from None
+    unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)}) if isinstance(saved, dict) else ["?"]
+    if unknown:
+        raise UsageError(f"--resume: {path} is damaged or from another version (unknown keys: {', '.join(unknown)})")
+    return Config(**{**saved, **given, "output_dir": folder})
+
+
+def run_state(folder):
+    """What a run folder holds: 'empty' (nothing, or a run that died before finishing an epoch: nothing to lose),
+    'epochs' (finished epochs but no checkpoint yet) or 'checkpoint'."""
+    if os.path.exists(os.path.join(folder, "checkpoint.pt")):
+        return "checkpoint"
+    metrics = os.path.join(folder, "metrics.jsonl")
+    return "epochs" if os.path.exists(metrics) and os.path.getsize(metrics) else "empty"
 
 
 def prepare_run_dir(config):
-    """Create the run folder, check that it is writable, and refuse one that already holds another run."""
+    """Create the run folder, lock it for this run's life, and refuse one that holds another run's results.
+
+    Returns the lock's open file: keep it. The lock is an flock, which the kernel drops when the process ends,
+    however it ends, so a lock left by a killed run is never stale. A second run on the same folder is refused.
+    """
     if not config.output_dir:
         config.output_dir = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    held = [n for n in ("config.json", "metrics.jsonl", "checkpoint.pt") if os.path.exists(os.path.join(config.output_dir, n))]
-    if held and not config.resume:
-        raise UsageError(f"--output-dir: {config.output_dir} already holds a run ({held[0]}); choose another "
-                         "folder, or continue it with --resume")
+    folder = config.output_dir
     try:
-        os.makedirs(config.output_dir, exist_ok=True)
-        probe = os.path.join(config.output_dir, ".write-test")
-        open(probe, "w").close(), os.remove(probe)
+        os.makedirs(folder, exist_ok=True)
+        lock = open(os.path.join(folder, ".lock"), "a+")
     except OSError as error:
-        raise UsageError(f"--output-dir: cannot write to {config.output_dir} ({error.strerror})") from None
+        raise UsageError(f"--output-dir: cannot write to {folder} ({error.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        raise UsageError(f"--output-dir: {folder} is in use by another run (pid {lock.read().strip() or '?'}); "
+                         "wait for it to end or choose another folder") from None
+    lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
+    state = run_state(folder)
+    if state != "empty" and not config.resume:
+        what = "a checkpoint" if state == "checkpoint" else "finished epochs (metrics.jsonl)"
+        raise UsageError(f"--output-dir: {folder} already holds a run with {what}; choose another folder, or "
+                         "continue it with --resume")
+    return lock
 
 
 def write_json(path, obj, lines=False):
@@ -616,7 +724,7 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
     start = time.perf_counter()
     samples = sample(unet, vae, scheduler, prompt_embeds, config, device, gens[0])
     sync(device), (t_sample := time.perf_counter())
-    reward_values, labels, underrepresented = compute_rewards(classifier, samples["images"], config.reward,
+    reward_values, p_female, labels, underrepresented = compute_rewards(classifier, samples["images"], config.reward,
                                                               underrepresented)
     advantages = compute_advantages(reward_values, config.adv_clip)
     spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
@@ -643,12 +751,43 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
         record["train_tflops"] = flops[1] * B * T / (t_train - t_reward) / 1e12
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)
-    return record, samples["images"], labels, underrepresented
+    return record, (samples["images"], p_female, labels), underrepresented
+
+
+def resolve_device(config):
+    """The device and precision the run uses, in place of '' and 'auto' (config.json records these)."""
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = config.mixed_precision
+    if precision == "auto":  # bf16 where the GPU has it; fp16 on older GPUs; fp32 on the CPU (bf16 is 3x slower)
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "no"
+    return dataclasses.replace(config, device=device, mixed_precision=precision)
+
+
+@contextlib.contextmanager
+def graceful_stop():
+    """The first Ctrl-C or SIGTERM (timeout, Slurm, preemption) asks the loop to finish its epoch and save; a
+    second quits at once. Yields the list where the first signal's number lands; restores the handlers after."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this epoch and saving a checkpoint (Ctrl-C again to quit "
+              "now)", file=sys.stderr)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def train(config, classifier=None):
     """The whole run into config.output_dir; `classifier` (images -> P(female)) replaces --classifier in tests."""
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    auto = config.mixed_precision == "auto"
+    config = resolve_device(config)
+    device = config.device
     torch.manual_seed(config.seed)
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
     classifier = classifier or load_classifier(config, device)
@@ -659,15 +798,24 @@ def train(config, classifier=None):
     gens = [torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)]
     out = config.output_dir
     metrics, first, underrepresented = [], 0, None if config.underrepresented == "auto" else config.underrepresented
-    if config.resume:
+    if config.resume and run_state(out) == "checkpoint":
         state = load_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, gens)
         metrics, first, underrepresented = state["metrics"], state["epoch"] + 1, state["underrepresented"]
+        if config.epochs < first:
+            raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for at least {first}")
         print(f"resuming {out} after epoch {state['epoch']}")
+    elif config.resume:  # the run died before its first checkpoint: start it again, keeping what it logged
+        if run_state(out) == "epochs":
+            kept = os.path.join(out, f"metrics-unsaved-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+            os.replace(os.path.join(out, "metrics.jsonl"), kept)
+            print(f"{out} has no checkpoint: starting again from epoch 0 (its earlier metrics are in {kept})")
+        else:
+            print(f"{out} has no checkpoint: starting again from epoch 0")
     sizes = derived_sizes(config, unet)
     config = dataclasses.replace(config, kl_threshold=sizes["kl_threshold"])  # δ as used, saved in config.json
     write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
     write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
-    print(f"device {device}, {config.mixed_precision}; B={config.batch_size} images x T={config.num_steps} steps, "
+    print(f"device {device}, {config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps, "
           f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
           f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}; "
           f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights"
@@ -675,46 +823,43 @@ def train(config, classifier=None):
     flops = count_flops(unet, prompt_embeds, config, device) if config.profile else None  # before compiling: its
     if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
         unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same
-    interrupted = []
-    def on_sigint(signum, frame):  # first Ctrl-C: finish the epoch and save; second: quit now
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        interrupted.append(signum)
-        print("\ninterrupted: finishing this epoch and saving a checkpoint (Ctrl-C again to quit now)", file=sys.stderr)
-    signal.signal(signal.SIGINT, on_sigint)
     streak, announced = 0, underrepresented is not None
-    bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs)
-    for epoch in bar:
-        record, images, labels, underrepresented = run_epoch(
-            epoch, (unet, vae, scheduler), classifier, optimizer, scaler, prompt_embeds, config, device, gens,
-            underrepresented, flops)
-        metrics.append(record)
-        if config.reward == "shift" and not announced:
-            tqdm.write(f"under-represented gender U = {underrepresented} (auto: the rarer in epoch {epoch}'s samples)")
-            announced = True
-        write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
-        save_grid(images, labels, os.path.join(out, f"samples_{epoch:04d}.png"))
-        save_plot(metrics, os.path.join(out, "plot.png"))
-        bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
-        streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
-        stop = streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
-        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted or stop:
-            save_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, epoch, gens,
-                            underrepresented, metrics)
-        if stop:
-            raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
-                           "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
-        if interrupted:
-            raise KeyboardInterrupt
+    with graceful_stop() as interrupted:
+        bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs)
+        for epoch in bar:
+            record, scored, underrepresented = run_epoch(
+                epoch, (unet, vae, scheduler), classifier, optimizer, scaler, prompt_embeds, config, device, gens,
+                underrepresented, flops)
+            metrics.append(record)
+            if config.reward == "shift" and not announced:
+                tqdm.write(f"under-represented gender U = {underrepresented} (auto: the rarer in epoch {epoch}'s samples)")
+                announced = True
+            write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
+            save_grid(*scored, epoch, os.path.join(out, f"samples_{epoch:04d}.png"))
+            save_plot(metrics, os.path.join(out, "plot.png"))
+            bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
+            streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
+            stop = streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
+            if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted or stop:
+                save_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, epoch, gens,
+                                underrepresented, metrics)
+            if stop:
+                raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
+                               "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
+            if interrupted:
+                raise Interrupted(interrupted[0])
     save_unet(unet, config, os.path.join(out, "unet"))
     print(f"done: {out}/unet, metrics in {out}/metrics.jsonl")
     return metrics
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
+    config = None
     try:
         config = resolve_config(parse_args(argv))
         validate(config)
-        prepare_run_dir(config)
+        lock = prepare_run_dir(config)  # held until main returns
         train(config)
     except UsageError as error:
         print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
@@ -726,8 +871,14 @@ def main(argv=None):
     except RunError as error:
         print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
         return 1
+    except Interrupted as stop:
+        print(f"ddpo_debias.py: stopped by {signal.Signals(stop.args[0]).name} after saving a checkpoint; continue "
+              f"with --resume {config.output_dir}", file=sys.stderr)
+        return 128 + stop.args[0]
     except KeyboardInterrupt:
-        print("ddpo_debias.py: interrupted; continue with --resume", file=sys.stderr)
+        saved = config is not None and config.output_dir and run_state(config.output_dir) == "checkpoint"
+        print("ddpo_debias.py: interrupted; " + (f"continue from its last checkpoint with --resume {config.output_dir}"
+              if saved else "no checkpoint was saved, so there is nothing to resume"), file=sys.stderr)
         return 130
     return 0
 

@@ -13,7 +13,6 @@ Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
 import torch
 import torch.nn.functional as F
-from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 THRESHOLD = 0.7  # the paper's confidence level: a label counts only where its probability is above it
 FEMALE_NAMES = ("female", "woman", "women")
@@ -28,6 +27,10 @@ def _find_label(id2label: dict, names: tuple) -> int | None:
     return None
 
 
+class LabelError(ValueError):
+    """The classifier has no female or no male label."""
+
+
 class GenderClassifier:
     """P(female) for a batch of images, from a transformers image-classification model.
 
@@ -37,6 +40,7 @@ class GenderClassifier:
 
     def __init__(self, model_name_or_path: str = "rizvandwiki/gender-classification-2", device="cpu",
                  dtype: torch.dtype = torch.float32):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification  # here: 3 s, only when used
         self.model = AutoModelForImageClassification.from_pretrained(model_name_or_path)
         self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # feedback, never trained
         id2label = self.model.config.id2label
@@ -44,7 +48,7 @@ class GenderClassifier:
         self.male_index = _find_label(id2label, MALE_NAMES)
         if self.female_index is None or self.male_index is None:
             labels = ", ".join(str(label) for label in id2label.values())
-            raise ValueError(f"classifier {model_name_or_path!r} needs a female and a male label; it has: {labels}")
+            raise LabelError(f"classifier {model_name_or_path!r} needs a female and a male label; it has: {labels}")
         processor = AutoImageProcessor.from_pretrained(model_name_or_path)
         size = processor.size  # {"height", "width"} for ViT; {"shortest_edge"} for some others
         side = size.get("shortest_edge")

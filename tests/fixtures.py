@@ -11,6 +11,7 @@ colour is one the policy can move: a random tiny VAE maps all latents to nearly 
 """
 import json
 import os
+import tempfile
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -93,7 +94,8 @@ def _save_pipeline(path, unet, linear_vae):
         norm_num_groups=1 if linear_vae else 32, sample_size=16, scaling_factor=1.0 if linear_vae else 0.18215)
     if linear_vae:
         _make_linear_decoder_(vae)
-    tokenizer = make_tokenizer(os.path.join(path, "_tokenizer_src"))
+    with tempfile.TemporaryDirectory() as vocab:  # the vocabulary files; save_pretrained writes its own copy
+        tokenizer = make_tokenizer(vocab)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
         vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,

@@ -4,14 +4,19 @@
                                                  ViT-base classifier in OUT_DIR/classifier: the real FLOPs and
                                                  memory of `ddpo_debias.py`, without the 4 GB download
     python -m tests.random_sd15 OUT_DIR --tiny   the tests' tiny models instead, for a CPU smoke run
+    (or python path/to/tests/random_sd15.py ... from any folder)
 
 Then: python ddpo_debias.py --model OUT_DIR --classifier OUT_DIR/classifier ...
 The images are noise, so the rewards mean nothing: use it for speed and memory only.
 """
+import argparse
 import os
 import sys
+import tempfile
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` from any folder
 
 
 def sd15_models(tokenizer_vocab_size=49408):
@@ -36,7 +41,8 @@ def make_sd15(path, seed=0):
     from tests.fixtures import SD_SCHEDULER, make_tokenizer
     torch.manual_seed(seed)
     unet, vae, text_encoder, classifier = sd15_models()
-    tokenizer = make_tokenizer(os.path.join(path, "_tokenizer_src"))  # a small vocabulary: same sequence length
+    with tempfile.TemporaryDirectory() as vocab:  # a small vocabulary: the same sequence length
+        tokenizer = make_tokenizer(vocab)
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                             scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(path)
@@ -45,18 +51,19 @@ def make_sd15(path, seed=0):
                       image_std=[0.5] * 3).save_pretrained(os.path.join(path, "classifier"))
 
 
-def main(argv):
-    if not argv or argv[0].startswith("-"):
-        print(__doc__, file=sys.stderr)
-        return 2
-    if "--tiny" in argv:
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])  # unknown flags are refused
+    parser.add_argument("out_dir", help="the pipeline folder to write (the classifier goes in OUT_DIR/classifier)")
+    parser.add_argument("--tiny", action="store_true", help="the tests' tiny models instead of SD 1.5's shapes")
+    args = parser.parse_args(argv)
+    if args.tiny:
         from tests.fixtures import make_tiny_classifier, make_tiny_sd
-        make_tiny_sd(argv[0]), make_tiny_classifier(os.path.join(argv[0], "classifier"))
+        make_tiny_sd(args.out_dir), make_tiny_classifier(os.path.join(args.out_dir, "classifier"))
     else:
-        make_sd15(argv[0])
-    print(f"wrote {argv[0]} and {argv[0]}/classifier")
+        make_sd15(args.out_dir)
+    print(f"wrote {args.out_dir} and {args.out_dir}/classifier")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())
