@@ -78,6 +78,20 @@ def test_cli_end_to_end(tiny_sd, tiny_classifier, tmp_path, reward, trust_region
     (["--batch-size", "12", "--train-batch-size", "4"], "--train-batch-size"),  # 6 images per update: unequal
     (["--kl-threshold", "-1"], "--kl-threshold"),
     (["--truly-alpha", "0"], "--truly-alpha"),
+    (["--truly-alpha", "-2"], "--truly-alpha"),
+    (["--eta", "1.5"], "--eta"),
+    (["--guidance-scale", "0"], "--guidance-scale"),
+    (["--guidance-scale", "-3"], "--guidance-scale"),
+    (["--clip-range", "1"], "--clip-range"),
+    (["--adv-clip", "0"], "--adv-clip"),
+    (["--lr", "inf"], "--lr"),
+    (["--guidance-scale", "nan"], "--guidance-scale"),
+    (["--underrepresented", "female", "--reward", "balance"], "--underrepresented"),
+    (["--device", "banana"], "--device"),
+    (["--device", "mps"], "--device"),
+    (["--device", "cpu:1"], "--device"),
+    (["--num-steps", "2000"], "--num-steps"),
+    (["--mixed-precision", "fp8"], "--mixed-precision"),
 ])
 def test_bad_input_one_line_exit_2(tiny_sd, tiny_classifier, tmp_path, capsys, args, flag):
     """In-process through main() (the CLI's own entry point), to keep the suite fast; one subprocess below."""
