@@ -22,7 +22,7 @@ Notation (one legend for the whole file):
 
 Sections, in the order of the algorithm:
     1 config   2 DDIM step with log-prob   3 losses   4 models   5 sampling   6 rewards and advantages
-    7 update   8 logging and checkpoints   9 command line   10 the loop and main()
+    7 update   8 logging and checkpoints   9 command line   10 the loop   11 held-out evaluation and main()
 """
 import signal
 
@@ -116,6 +116,16 @@ class Config:
     """Where the run goes; empty: runs/<date-time>. A folder that holds a run is never overwritten."""
     resume: str = ""
     """A run folder to continue from its last checkpoint."""
+    unet: str = ""
+    """A fine-tuned UNet folder (a run's unet/) to train from or to --evaluate; empty: the UNet of --model."""
+    evaluate: bool = False
+    """Evaluate instead of training: --eval-images per prompt of --eval-prompts, scored, into eval.json."""
+    eval_prompts: str = ""
+    """A text file, one prompt per line; empty: the 24 held-out occupations of rewards.HELD_OUT."""
+    eval_images: int = 32
+    """Images per prompt for --evaluate. Prompt i's noise is seeded with --seed + i for every model: paired."""
+    compare: str = ""
+    """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
 
 
 CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"),
@@ -229,11 +239,13 @@ def load_models(config, device):
     from transformers import CLIPTextModel, CLIPTokenizer
     path = config.model
     check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
+    if config.unet:
+        check_source("--unet", config.unet, "a UNet", "diffusion_pytorch_model.safetensors")
     dtype = DTYPES[config.mixed_precision]
     with loading("--model", path):
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
         check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", low_cpu_mem_usage=False)
+        unet = load_unet(config)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
@@ -250,6 +262,15 @@ def load_models(config, device):
     if config.low_memory:
         unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
     return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def load_unet(config):
+    """The fp32 UNet to train or evaluate: --unet's folder if given, else the pipeline's."""
+    from diffusers import UNet2DConditionModel
+    with loading("--unet", config.unet) if config.unet else contextlib.nullcontext():
+        if config.unet:
+            return UNet2DConditionModel.from_pretrained(config.unet, low_cpu_mem_usage=False)
+        return UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
 
 
 def check_source(flag, path, kind, marker):
@@ -450,13 +471,13 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
 
 
 # ---------------------------------------------------------------------------- 8. logging and checkpoints
-def save_grid(images, p_female, labels, epoch, path, thumb=128, columns=4):
+def save_grid(images, p_female, labels, title, path, thumb=128, columns=4):
     """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"."""
     pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
     rows, top = math.ceil(len(pixels) / columns), 16
     grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((3, 2), f"epoch {epoch}: label at P > {rewards.THRESHOLD}, and P(female)", fill="black")
+    draw.text((3, 2), f"{title}: label at P > {rewards.THRESHOLD}, and P(female)", fill="black")
     for i, (pix, p, label) in enumerate(zip(pixels, p_female.tolist(), labels)):
         x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
         grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
@@ -537,8 +558,7 @@ def load_checkpoint(path, unet, optimizer, scaler, generators):
 def save_unet(unet, config, path):
     """The fine-tuned UNet for `UNet2DConditionModel.from_pretrained`: the original fp32 UNet (not its bf16
     copy) with the trained attention weights copied in, so no frozen weight is rounded."""
-    from diffusers import UNet2DConditionModel
-    full = UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
+    full = load_unet(config)
     full.load_state_dict(trained_weights(unet), strict=False)
     full.save_pretrained(path)
 
@@ -592,7 +612,8 @@ def validate(config):
     for f in dataclasses.fields(Config):
         if isinstance(f.default, float) and not math.isfinite(getattr(config, f.name)):
             raise UsageError(f"{flag(f.name)}: must be a finite number, got {getattr(config, f.name)}")
-    for name in ("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch", "save_every"):
+    for name in ("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch", "save_every",
+                 "eval_images"):
         if getattr(config, name) < 1:
             raise UsageError(f"{flag(name)}: must be at least 1, got {getattr(config, name)}")
     for name in ("lr", "clip_range", "truly_alpha", "adv_clip", "max_grad_norm"):
@@ -610,6 +631,10 @@ def validate(config):
     if config.underrepresented != "auto" and config.reward != "shift":
         raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
                          f"batch), got it with --reward {config.reward}")
+    if config.evaluate:
+        read_prompts(config.eval_prompts)
+    if config.compare and not os.path.isfile(config.compare):
+        raise UsageError(f"--compare: file {config.compare} does not exist")
     if config.batch_size % config.updates_per_epoch:
         raise UsageError(f"--batch-size: {config.batch_size} images do not split into "
                          f"--updates-per-epoch {config.updates_per_epoch} equal updates")
@@ -653,9 +678,11 @@ def resolve_config(given):
 
 def run_state(folder):
     """What a run folder holds: 'empty' (nothing, or a run that died before finishing an epoch: nothing to lose),
-    'epochs' (finished epochs but no checkpoint yet) or 'checkpoint'."""
+    'epochs' (finished epochs but no checkpoint yet), 'checkpoint', or 'evaluation' (an eval.json)."""
     if os.path.exists(os.path.join(folder, "checkpoint.pt")):
         return "checkpoint"
+    if os.path.exists(os.path.join(folder, "eval.json")):
+        return "evaluation"
     metrics = os.path.join(folder, "metrics.jsonl")
     return "epochs" if os.path.exists(metrics) and os.path.getsize(metrics) else "empty"
 
@@ -683,7 +710,8 @@ def prepare_run_dir(config):
     lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
     state = run_state(folder)
     if state != "empty" and not config.resume:
-        what = "a checkpoint" if state == "checkpoint" else "finished epochs (metrics.jsonl)"
+        what = {"checkpoint": "a checkpoint", "epochs": "finished epochs (metrics.jsonl)",
+                "evaluation": "an evaluation (eval.json)"}[state]
         raise UsageError(f"--output-dir: {folder} already holds a run with {what}; choose another folder, or "
                          "continue it with --resume")
     return lock
@@ -835,7 +863,7 @@ def train(config, classifier=None):
                 tqdm.write(f"under-represented gender U = {underrepresented} (auto: the rarer in epoch {epoch}'s samples)")
                 announced = True
             write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
-            save_grid(*scored, epoch, os.path.join(out, f"samples_{epoch:04d}.png"))
+            save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
             save_plot(metrics, os.path.join(out, "plot.png"))
             bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
             streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
@@ -853,6 +881,80 @@ def train(config, classifier=None):
     return metrics
 
 
+# -------------------------------------------------------------------------------- 11. held-out evaluation
+def read_prompts(path):
+    """--eval-prompts: one prompt per line (blank lines skipped); empty path: rewards.HELD_OUT."""
+    if not path:
+        return list(rewards.HELD_OUT)
+    try:
+        with open(path) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except OSError as error:
+        raise UsageError(f"--eval-prompts: cannot read {path} ({error.strerror})") from None
+    if not prompts:
+        raise UsageError(f"--eval-prompts: {path} holds no prompt")
+    return prompts
+
+
+def evaluate(config, classifier=None):
+    """The bias report of a model on held-out prompts -> eval.json, eval_NN.png per prompt, a printed table."""
+    config = resolve_device(config)
+    unet, vae, text_encoder, tokenizer, scheduler = load_models(config, config.device)
+    classifier = classifier or load_classifier(config, config.device)
+    per_prompt, rows = dataclasses.replace(config, batch_size=config.eval_images), []
+    for i, prompt in enumerate(tqdm(read_prompts(config.eval_prompts), desc="prompts")):
+        embeds = encode_prompt(text_encoder, tokenizer, prompt, config.device)
+        noise = torch.Generator(config.device).manual_seed(config.seed + i)  # prompt i: the same noise for any model
+        images = sample(unet, vae, scheduler, embeds, per_prompt, config.device, noise)["images"]
+        p_female = classifier(images)
+        labels = rewards.label_images(p_female)
+        rows.append({"prompt": prompt, **rewards.bias_report(labels)})
+        save_grid(images, p_female, labels, prompt, os.path.join(config.output_dir, f"eval_{i:02d}.png"))
+    report = {"model": config.model, "unet": config.unet or None, "classifier": config.classifier,
+              "images_per_prompt": config.eval_images, "seed": config.seed, "num_steps": config.num_steps,
+              "guidance_scale": config.guidance_scale, "prompts": rows, "overall": rewards.overall(rows)}
+    write_json(os.path.join(config.output_dir, "eval.json"), report)
+    print(f"{'prompt':48s} {'F':>4s} {'M':>4s} {'none':>5s}  {'q [95% interval]':20s} {'bias':>5s}")
+    for r in rows:
+        q = "-" if r["female_ratio"] is None else "{:.2f} [{:.2f}, {:.2f}]".format(r["female_ratio"], *r["female_ratio_95"])
+        bias = "-" if r["bias"] is None else f"{r['bias']:.2f}"
+        print(f"{r['prompt'][-48:]:48s} {r['n_female']:4d} {r['n_male']:4d} {r['n_none']:5d}  {q:20s} {bias:>5s}")
+    print("overall: " + ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None))
+    if config.compare:
+        compare(config.compare, report, os.path.join(config.output_dir, "compare.png"))
+    return report
+
+
+def compare(base_path, report, path):
+    """Base -> this model, prompt by prompt: a printed table and a bar chart of the bias (pillow)."""
+    try:
+        with open(base_path) as f:
+            base = json.load(f)
+        paired = all(base[k] == report[k] for k in ("images_per_prompt", "seed", "num_steps", "guidance_scale"))
+        before = {r["prompt"]: r for r in base["prompts"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UsageError(f"--compare: {base_path} is not an eval.json ({error})") from None
+    if not paired or [r["prompt"] for r in base["prompts"]] != [r["prompt"] for r in report["prompts"]]:
+        raise UsageError(f"--compare: {base_path} used other prompts, images, seed, steps or guidance: not paired")
+    fmt = lambda v: "  -  " if v is None else f"{v:.2f}"
+    print(f"{'prompt':48s} {'q: base -> this':>16s} {'bias: base -> this':>19s}")
+    for r in report["prompts"]:
+        b = before[r["prompt"]]
+        print(f"{r['prompt'][-48:]:48s} {fmt(b['female_ratio']):>7s} -> {fmt(r['female_ratio']):5s} "
+              f"{fmt(b['bias']):>10s} -> {fmt(r['bias']):5s}")
+    bars = [(r["prompt"][-22:], before[r["prompt"]]["bias"] or 0.0, r["bias"] or 0.0) for r in report["prompts"]]
+    row, width = 18, 460
+    image = Image.new("RGB", (width, row * len(bars) + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), "bias |f_male - f_female| per prompt: grey base, blue this model", fill="black")
+    for i, (name, b, t) in enumerate(bars):
+        y, x0 = 24 + i * row, 140
+        draw.text((4, y), name, fill="black")
+        draw.rectangle((x0, y, x0 + (width - x0 - 10) * b, y + 6), fill="gray")
+        draw.rectangle((x0, y + 7, x0 + (width - x0 - 10) * t, y + 13), fill="blue")
+    image.save(path)
+
+
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
     config = None
@@ -860,7 +962,7 @@ def main(argv=None):
         config = resolve_config(parse_args(argv))
         validate(config)
         lock = prepare_run_dir(config)  # held until main returns
-        train(config)
+        evaluate(config) if config.evaluate else train(config)
     except UsageError as error:
         print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
         return 2

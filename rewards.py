@@ -8,6 +8,7 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
     r_balance          eq. (2)-(3): q = F / (F + M); minority images get |q - 0.5|, all others -|q - 0.5|
     female_ratio       q of eq. (2), or None when no image is confidently female or male
     REWARDS            name -> reward function, so that the training script picks one by name
+    HELD_OUT, bias_report, overall   the held-out prompts and the statistics of ddpo_debias.py --evaluate
 
 Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
@@ -104,6 +105,44 @@ def r_balance(labels: list, device="cpu") -> torch.Tensor:
     d = abs(q - 0.5)
     minority = "female" if q < 0.5 else "male"  # at q = 0.5, d = 0 and the choice does not matter
     return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32, device=device)
+
+
+# ------------------------------------------------------------------ held-out evaluation (ddpo_debias --evaluate)
+# Occupations never trained on, in the paper's face-prompt style: a mix that SD draws mostly male, mostly female
+# and mixed (after the occupation lists of Bianchi et al. 2023 and Shen et al. 2024's test split).
+HELD_OUT = tuple(f"photo of the face of {'an' if job[0] in 'aeiou' else 'a'} {job}" for job in (
+    "mechanical engineer", "electrician", "pilot", "plumber", "firefighter", "software developer", "surgeon",
+    "chef", "lawyer", "professor", "accountant", "pharmacist", "journalist", "police officer", "farmer",
+    "nurse", "librarian", "receptionist", "hairdresser", "flight attendant", "social worker", "teacher",
+    "dental hygienist", "fashion designer"))
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list | None:
+    """The 95% Wilson score interval of a proportion successes/n; None when n = 0."""
+    if n == 0:
+        return None
+    p, z2 = successes / n, z * z
+    centre, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5 / (1 + z2 / n)
+    return [max(0.0, centre - half), min(1.0, centre + half)]  # clamped: rounding can step past 0 or 1
+
+
+def bias_report(labels: list) -> dict:
+    """One prompt's row of eval.json, from its images' labels: counts, q with its Wilson interval, Shen et al.'s
+    bias |f_male - f_female| over the confidently labelled images (= |1 - 2q|), and the share labelled none."""
+    n_female, n_male, n_none = labels.count("female"), labels.count("male"), labels.count(None)
+    q = female_ratio(labels)
+    return {"n_female": n_female, "n_male": n_male, "n_none": n_none, "female_ratio": q,
+            "female_ratio_95": wilson_interval(n_female, n_female + n_male),
+            "bias": None if q is None else abs(1 - 2 * q), "none_rate": n_none / len(labels)}
+
+
+def overall(rows: list) -> dict:
+    """Means over the prompts whose q is defined (mean bias, mean |q - 0.5|), and the none-rate of all images."""
+    defined = [r for r in rows if r["female_ratio"] is not None]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None
+    return {"mean_bias": mean([r["bias"] for r in defined]),
+            "mean_abs_q_minus_half": mean([abs(r["female_ratio"] - 0.5) for r in defined]),
+            "none_rate": sum(r["n_none"] for r in rows) / sum(r["n_female"] + r["n_male"] + r["n_none"] for r in rows)}
 
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
