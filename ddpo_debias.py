@@ -631,6 +631,9 @@ def validate(config):
     if config.underrepresented != "auto" and config.reward != "shift":
         raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
                          f"batch), got it with --reward {config.reward}")
+    for name in ("eval_prompts", "compare"):
+        if getattr(config, name) and not config.evaluate:
+            raise UsageError(f"{flag(name)}: only used with --evaluate")
     if config.evaluate:
         read_prompts(config.eval_prompts)
     if config.compare and not os.path.isfile(config.compare):

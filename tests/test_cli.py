@@ -92,6 +92,7 @@ def test_cli_end_to_end(tiny_sd, tiny_classifier, tmp_path, reward, trust_region
     (["--device", "cpu:1"], "--device"),
     (["--num-steps", "2000"], "--num-steps"),
     (["--mixed-precision", "fp8"], "--mixed-precision"),
+    (["--compare", "eval.json"], "--compare"),  # only with --evaluate
 ])
 def test_bad_input_one_line_exit_2(tiny_sd, tiny_classifier, tmp_path, capsys, args, flag):
     """In-process through main() (the CLI's own entry point), to keep the suite fast; one subprocess below."""
