@@ -836,12 +836,11 @@ def train(config, classifier=None):
             raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for at least {first}")
         print(f"resuming {out} after epoch {state['epoch']}")
     elif config.resume:  # the run died before its first checkpoint: start it again, keeping what it logged
+        kept = os.path.join(out, f"metrics-unsaved-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         if run_state(out) == "epochs":
-            kept = os.path.join(out, f"metrics-unsaved-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
             os.replace(os.path.join(out, "metrics.jsonl"), kept)
-            print(f"{out} has no checkpoint: starting again from epoch 0 (its earlier metrics are in {kept})")
-        else:
-            print(f"{out} has no checkpoint: starting again from epoch 0")
+        print(f"{out} has no checkpoint: starting again from epoch 0"
+              + (f" (its metrics so far are in {kept})" if os.path.exists(kept) else ""))
     sizes = derived_sizes(config, unet)
     config = dataclasses.replace(config, kl_threshold=sizes["kl_threshold"])  # δ as used, saved in config.json
     write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
@@ -917,45 +916,13 @@ def evaluate(config, classifier=None):
               "images_per_prompt": config.eval_images, "seed": config.seed, "num_steps": config.num_steps,
               "guidance_scale": config.guidance_scale, "prompts": rows, "overall": rewards.overall(rows)}
     write_json(os.path.join(config.output_dir, "eval.json"), report)
-    print(f"{'prompt':48s} {'F':>4s} {'M':>4s} {'none':>5s}  {'q [95% interval]':20s} {'bias':>5s}")
-    for r in rows:
-        q = "-" if r["female_ratio"] is None else "{:.2f} [{:.2f}, {:.2f}]".format(r["female_ratio"], *r["female_ratio_95"])
-        bias = "-" if r["bias"] is None else f"{r['bias']:.2f}"
-        print(f"{r['prompt'][-48:]:48s} {r['n_female']:4d} {r['n_male']:4d} {r['n_none']:5d}  {q:20s} {bias:>5s}")
-    print("overall: " + ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None))
+    print(rewards.report_table(report))
     if config.compare:
-        compare(config.compare, report, os.path.join(config.output_dir, "compare.png"))
+        try:
+            print(rewards.compare_reports(config.compare, report, os.path.join(config.output_dir, "compare.png")))
+        except ValueError as error:
+            raise UsageError(f"--compare: {error}") from None
     return report
-
-
-def compare(base_path, report, path):
-    """Base -> this model, prompt by prompt: a printed table and a bar chart of the bias (pillow)."""
-    try:
-        with open(base_path) as f:
-            base = json.load(f)
-        paired = all(base[k] == report[k] for k in ("images_per_prompt", "seed", "num_steps", "guidance_scale"))
-        before = {r["prompt"]: r for r in base["prompts"]}
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UsageError(f"--compare: {base_path} is not an eval.json ({error})") from None
-    if not paired or [r["prompt"] for r in base["prompts"]] != [r["prompt"] for r in report["prompts"]]:
-        raise UsageError(f"--compare: {base_path} used other prompts, images, seed, steps or guidance: not paired")
-    fmt = lambda v: "  -  " if v is None else f"{v:.2f}"
-    print(f"{'prompt':48s} {'q: base -> this':>16s} {'bias: base -> this':>19s}")
-    for r in report["prompts"]:
-        b = before[r["prompt"]]
-        print(f"{r['prompt'][-48:]:48s} {fmt(b['female_ratio']):>7s} -> {fmt(r['female_ratio']):5s} "
-              f"{fmt(b['bias']):>10s} -> {fmt(r['bias']):5s}")
-    bars = [(r["prompt"][-22:], before[r["prompt"]]["bias"] or 0.0, r["bias"] or 0.0) for r in report["prompts"]]
-    row, width = 18, 460
-    image = Image.new("RGB", (width, row * len(bars) + 30), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((4, 4), "bias |f_male - f_female| per prompt: grey base, blue this model", fill="black")
-    for i, (name, b, t) in enumerate(bars):
-        y, x0 = 24 + i * row, 140
-        draw.text((4, y), name, fill="black")
-        draw.rectangle((x0, y, x0 + (width - x0 - 10) * b, y + 6), fill="gray")
-        draw.rectangle((x0, y + 7, x0 + (width - x0 - 10) * t, y + 13), fill="blue")
-    image.save(path)
 
 
 def main(argv=None):

@@ -8,10 +8,13 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
     r_balance          eq. (2)-(3): q = F / (F + M); minority images get |q - 0.5|, all others -|q - 0.5|
     female_ratio       q of eq. (2), or None when no image is confidently female or male
     REWARDS            name -> reward function, so that the training script picks one by name
-    HELD_OUT, bias_report, overall   the held-out prompts and the statistics of ddpo_debias.py --evaluate
+    HELD_OUT, bias_report, overall, report_table, compare_reports
+                       the held-out prompts, statistics and comparison of ddpo_debias.py --evaluate
 
 Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
+import json
+
 import torch
 import torch.nn.functional as F
 
@@ -143,6 +146,50 @@ def overall(rows: list) -> dict:
     return {"mean_bias": mean([r["bias"] for r in defined]),
             "mean_abs_q_minus_half": mean([abs(r["female_ratio"] - 0.5) for r in defined]),
             "none_rate": sum(r["n_none"] for r in rows) / sum(r["n_female"] + r["n_male"] + r["n_none"] for r in rows)}
+
+
+def report_table(report: dict) -> str:
+    """eval.json as a table: a row per prompt (counts, q with its interval, bias), then the overall means."""
+    lines = [f"{'prompt':48s} {'F':>4s} {'M':>4s} {'none':>5s}  {'q [95% interval]':20s} {'bias':>5s}"]
+    for r in report["prompts"]:
+        q = "-" if r["female_ratio"] is None else "{:.2f} [{:.2f}, {:.2f}]".format(r["female_ratio"], *r["female_ratio_95"])
+        bias = "-" if r["bias"] is None else f"{r['bias']:.2f}"
+        lines.append(f"{r['prompt'][-48:]:48s} {r['n_female']:4d} {r['n_male']:4d} {r['n_none']:5d}  {q:20s} {bias:>5s}")
+    return "\n".join(lines + ["overall: " + ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None)])
+
+
+def compare_reports(base_path: str, report: dict, png_path: str) -> str:
+    """Base -> this model, prompt by prompt: a bar chart of the bias in png_path, and the table it returns.
+    Raises ValueError for a file that is not an eval.json or not paired with this report (other prompts, images,
+    seed, steps or guidance)."""
+    from PIL import Image, ImageDraw
+    try:
+        with open(base_path) as f:
+            base = json.load(f)
+        paired = all(base[k] == report[k] for k in ("images_per_prompt", "seed", "num_steps", "guidance_scale"))
+        before = {r["prompt"]: r for r in base["prompts"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{base_path} is not an eval.json ({error})") from None
+    if not paired or [r["prompt"] for r in base["prompts"]] != [r["prompt"] for r in report["prompts"]]:
+        raise ValueError(f"{base_path} used other prompts, images, seed, steps or guidance: not paired")
+    fmt = lambda v: "  -  " if v is None else f"{v:.2f}"
+    lines = [f"{'prompt':48s} {'q: base -> this':>16s} {'bias: base -> this':>19s}"]
+    for r in report["prompts"]:
+        b = before[r["prompt"]]
+        lines.append(f"{r['prompt'][-48:]:48s} {fmt(b['female_ratio']):>7s} -> {fmt(r['female_ratio']):5s} "
+                     f"{fmt(b['bias']):>10s} -> {fmt(r['bias']):5s}")
+    bars = [(r["prompt"][-22:], before[r["prompt"]]["bias"] or 0.0, r["bias"] or 0.0) for r in report["prompts"]]
+    row, width, x0 = 18, 460, 140
+    image = Image.new("RGB", (width, row * len(bars) + 30), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), "bias |f_male - f_female| per prompt: grey base, blue this model", fill="black")
+    for i, (name, b, t) in enumerate(bars):
+        y = 24 + i * row
+        draw.text((4, y), name, fill="black")
+        draw.rectangle((x0, y, x0 + (width - x0 - 10) * b, y + 6), fill="gray")
+        draw.rectangle((x0, y + 7, x0 + (width - x0 - 10) * t, y + 13), fill="blue")
+    image.save(png_path)
+    return "\n".join(lines)
 
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
