@@ -14,6 +14,8 @@ Run it (one GPU; downloads SD v1.5 and the classifier on first use):
 A CPU smoke run on tiny random models (see README "A tiny CPU run"):
     python -m tests.random_sd15 /tmp/tiny --tiny && python ddpo_debias.py --model /tmp/tiny \
         --classifier /tmp/tiny/classifier --epochs 2 --batch-size 4 --num-steps 4 --mixed-precision no
+The held-out bias of a fine-tuned UNet, paired with the base model's (README "Evaluate"):
+    python ddpo_debias.py --evaluate --unet runs/<date-time>/unet --compare runs/eval-base/eval.json --output-dir DIR
 
 Notation (one legend for the whole file):
     B images per epoch, b images in a training micro-batch, T denoising steps, C×H×W the latent (4×64×64 for
