@@ -636,6 +636,8 @@ def validate(config):
     for name in ("eval_prompts", "compare"):
         if getattr(config, name) and not config.evaluate:
             raise UsageError(f"{flag(name)}: only used with --evaluate")
+    if config.evaluate and config.resume:
+        raise UsageError("--evaluate: cannot be combined with --resume; evaluate a run's unet/ with --unet")
     if config.evaluate:
         read_prompts(config.eval_prompts)
     if config.compare and not os.path.isfile(config.compare):

@@ -68,7 +68,8 @@ def test_held_out_prompts_exclude_the_training_prompt():
 @pytest.mark.parametrize("case, flag", [("missing-prompts", "--eval-prompts"), ("empty-prompts", "--eval-prompts"),
                                         ("zero-images", "--eval-images"), ("not-a-unet", "--unet"),
                                         ("missing-compare", "--compare"), ("unpaired-compare", "--compare"),
-                                        ("evaluation-folder-reused", "--output-dir")])
+                                        ("evaluation-folder-reused", "--output-dir"),
+                                        ("with-resume", "--evaluate")])
 def test_bad_evaluation_input_is_one_line(tiny_sd, tiny_classifier, tmp_path, capsys, case, flag):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
@@ -79,6 +80,10 @@ def test_bad_evaluation_input_is_one_line(tiny_sd, tiny_classifier, tmp_path, ca
     extra = {"missing-prompts": ["--eval-prompts", tmp_path / "nope.txt"], "empty-prompts": ["--eval-prompts", empty],
              "zero-images": ["--eval-images", "0"], "not-a-unet": ["--unet", tiny_classifier],
              "missing-compare": ["--compare", tmp_path / "nope.json"]}.get(case, [])
+    if case == "with-resume":
+        assert run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--epochs", "1", "--batch-size",
+                        "2", "--num-steps", "2", "--output-dir", tmp_path / "trained").returncode == 0
+        base, extra = ["--evaluate", "--resume", tmp_path / "trained"], []
     if case in ("unpaired-compare", "evaluation-folder-reused"):
         assert run_main(capsys, *base[:-1], tmp_path / "earlier").returncode == 0
         extra = (["--compare", tmp_path / "earlier" / "eval.json", "--seed", "7"] if case == "unpaired-compare"
