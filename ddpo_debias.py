@@ -208,19 +208,14 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
 
     Unlike the debiasing paper's failed version (one approximate KL per batch, triggered on r > 1), the KL
     here is exact and per sample (gaussian_kl). Both trust regions bound the same move of the step mean:
-    - δ (derived_sizes, from the rule the clip range follows). Moving the mean of N(μ, σ²) over N = C·H·W elements
-      by Δ costs the per-element KL k = mean(Δ²)/(2σ²), and the stored sample x = μ_old + σz then has
-      log r = mean(z·Δ)/σ - k, whose typical size is √(2k/N). The clip range stops r at |r - 1| = ε, that is at
-      k = ε²·N/2; so δ = ε²·C·H·W/2: 8.2e-5 on SD (ε = 1e-4, N = 16384), 1e-4 on the tests' 1x1x2 latent (ε = 1e-2,
-      which is DDPO's 1e-4 rescaled by √(16384/2) so that ε²·N/2 stays put). The old δ = 0.03 let the mean move
-      19x further per step than the clip does, so on SD the rollback would hardly ever have fired.
-    - α. Beyond δ, a rolled-back sample's objective along its own push is A·(1 + a) - α·a²/2 with a = √(2k),
-      which peaks at k = A²/(2α²); α = 1/√(2δ) (70.7 on the tests) would pin a sample of |A| = 1 to the border.
-      That counts one sample, but the pulls of all rolled-back samples add up coherently while their pushes are
-      partly noise: on the tests' learning run (δ = 1e-4, seeds 0-2) α = 70.7 trailed clipped PPO's mean R_shift
-      of the last 10 epochs by 0.05-0.19; α = 5 led it by 0.03-0.06 and matched its balance (capped mean q within
-      0.013; tests/test_learning.py).
-      α weighs two gradients of the same units (both are means over elements), so it does not depend on N.
+    - δ = ε²·C·H·W/2 (derived_sizes). Moving the mean of N(μ, σ²) by Δ over N = C·H·W elements costs the
+      per-element KL k = mean(Δ²)/(2σ²), and the stored x = μ_old + σz then has log r = mean(z·Δ)/σ - k, of typical
+      size √(2k/N). The clip stops r at |r - 1| = ε, i.e. at k = ε²·N/2: 8.2e-5 on SD (ε = 1e-4, N = 16384), 1e-4
+      on the tests' 1x1x2 latent (ε = 1e-2, DDPO's ε rescaled by √(16384/2)). The old δ = 0.03 allowed 19x the move.
+    - α. A rolled-back sample's objective along its push, A·(1 + a) - α·a²/2 with a = √(2k), peaks at
+      k = A²/(2α²), so α = 1/√(2δ) would pin |A| = 1 to the border. But the pulls of all rolled-back samples add up
+      coherently while their pushes are partly noise: on the tests' learning run α = 70.7 trailed clipped PPO and
+      α = 5 kept pace (figures in tests/test_learning.py). α weighs two means over elements, so it is N-free.
     """
     ratio = torch.exp(log_prob - log_prob_old)
     surrogate = ratio * advantages  # r·A
@@ -254,25 +249,30 @@ def load_models(config, device):
     schedule_to(scheduler, device)
     vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
     text_encoder.to(device).requires_grad_(False).eval()
+    train_attention_only(unet, dtype).to(device)
+    if config.low_memory:
+        unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def train_attention_only(unet, dtype):
+    """Freeze the UNet in `dtype` except its attention projections, which stay fp32 and trainable."""
     unet.requires_grad_(False).eval()  # eval: SD has no dropout, and it keeps sampling and training identical
     for name, param in unet.named_parameters():
         if any(key in f".{name}" for key in TRAINABLE):
             param.requires_grad_(True)  # stays fp32: AdamW on bf16 weights would lose small updates
         else:
             param.data = param.data.to(dtype)
-    unet.to(device)
-    if config.low_memory:
-        unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
-    return unet, vae, text_encoder, tokenizer, scheduler
+    return unet
 
 
 def load_unet(config):
     """The fp32 UNet to train or evaluate: --unet's folder if given, else the pipeline's."""
     from diffusers import UNet2DConditionModel
-    with loading("--unet", config.unet) if config.unet else contextlib.nullcontext():
-        if config.unet:
-            return UNet2DConditionModel.from_pretrained(config.unet, low_cpu_mem_usage=False)
+    if not config.unet:
         return UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
+    with loading("--unet", config.unet):
+        return UNet2DConditionModel.from_pretrained(config.unet, low_cpu_mem_usage=False)
 
 
 def check_source(flag, path, kind, marker):
@@ -418,7 +418,7 @@ def compute_rewards(classifier, images, reward, underrepresented=None):
     if underrepresented is None:  # the paper's step 1: U is the gender the model draws less often
         underrepresented = "female" if labels.count("female") <= labels.count("male") else "male"
     values = rewards.REWARDS[reward](p_female, labels, underrepresented)
-    return values.to(images.device, torch.float32), p_female, labels, underrepresented
+    return values.float(), p_female, labels, underrepresented  # every reward is on P(female)'s device already
 
 
 def compute_advantages(reward_values, adv_clip):
@@ -598,7 +598,7 @@ def parse_args(argv=None):
     parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
     docs = field_docs()
     for f in dataclasses.fields(Config):
-        flag, doc = "--" + f.name.replace("_", "-"), docs.get(f.name, "")
+        flag, doc = flag_of(f.name), docs.get(f.name, "")
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=doc)
         else:
@@ -606,36 +606,37 @@ def parse_args(argv=None):
     return vars(parser.parse_args(argv))
 
 
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+POSITIVE = (lambda v: v > 0, "> 0")
+BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
+                           "save_every", "eval_images"), AT_LEAST_1),
+          **dict.fromkeys(("lr", "truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
+          "clip_range": (lambda v: 0 < v < 1, "in (0, 1): r is clipped to [1 - ε, 1 + ε]"),
+          "eta": (lambda v: 0 < v <= 1, "in (0, 1]: DDIM's η, above 1 the step's variance is impossible"),
+          "guidance_scale": (lambda v: v >= 1, "at least 1: 1 is no guidance, below it the prompt is pushed away"),
+          "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range")}  # flag: (test, rule)
+
+
+def flag_of(name):
+    return "--" + name.replace("_", "-")
+
+
 def validate(config):
     """Raise UsageError for the first bad value, naming its flag."""
-    flag = lambda name: "--" + name.replace("_", "-")
     if not config.prompt.strip():
         raise UsageError("--prompt: must not be empty")
     for f in dataclasses.fields(Config):
-        if isinstance(f.default, float) and not math.isfinite(getattr(config, f.name)):
-            raise UsageError(f"{flag(f.name)}: must be a finite number, got {getattr(config, f.name)}")
-    for name in ("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch", "save_every",
-                 "eval_images"):
-        if getattr(config, name) < 1:
-            raise UsageError(f"{flag(name)}: must be at least 1, got {getattr(config, name)}")
-    for name in ("lr", "clip_range", "truly_alpha", "adv_clip", "max_grad_norm"):
-        if not getattr(config, name) > 0:
-            raise UsageError(f"{flag(name)}: must be > 0, got {getattr(config, name)}")
-    if not 0 < config.eta <= 1:
-        raise UsageError(f"--eta: must be in (0, 1] (DDIM's η; above 1 the step's variance is impossible), got {config.eta}")
-    if not config.clip_range < 1:
-        raise UsageError(f"--clip-range: must be < 1 (r is clipped to [1 - ε, 1 + ε]), got {config.clip_range}")
-    if not config.guidance_scale >= 1:
-        raise UsageError(f"--guidance-scale: must be at least 1 (1 is no guidance; below, the prompt is pushed "
-                         f"away), got {config.guidance_scale}")
-    if not config.kl_threshold >= 0:
-        raise UsageError(f"--kl-threshold: must be > 0, or 0 to derive it from --clip-range; got {config.kl_threshold}")
+        value = getattr(config, f.name)
+        if isinstance(f.default, float) and not math.isfinite(value):
+            raise UsageError(f"{flag_of(f.name)}: must be a finite number, got {value}")
+        if f.name in BOUNDS and not BOUNDS[f.name][0](value):
+            raise UsageError(f"{flag_of(f.name)}: must be {BOUNDS[f.name][1]}, got {value}")
     if config.underrepresented != "auto" and config.reward != "shift":
         raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
                          f"batch), got it with --reward {config.reward}")
     for name in ("eval_prompts", "compare"):
         if getattr(config, name) and not config.evaluate:
-            raise UsageError(f"{flag(name)}: only used with --evaluate")
+            raise UsageError(f"{flag_of(name)}: only used with --evaluate")
     if config.evaluate and config.resume:
         raise UsageError("--evaluate: cannot be combined with --resume; evaluate a run's unet/ with --unet")
     if config.evaluate:

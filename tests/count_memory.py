@@ -70,12 +70,7 @@ def count(micro_batches, checkpointing_options=(False, True)):
         unet, vae, text_encoder, classifier = sd15_models()
     with FakeTensorMode(allow_non_fake_inputs=True):
         unet = type(unet).from_config(unet.config)  # the same UNet, with fake weights that can run
-        unet.requires_grad_(False).eval()
-        for name, param in unet.named_parameters():
-            if any(key in f".{name}" for key in dd.TRAINABLE):
-                param.requires_grad_(True)
-            else:
-                param.data = param.data.to(torch.bfloat16)
+        dd.train_attention_only(unet, torch.bfloat16)  # as load_models prepares it
         numel = lambda model: sum(p.numel() for p in model.parameters())
         trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
         weights = {"UNet trained attention weights, fp32": 4 * trained,

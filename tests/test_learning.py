@@ -16,7 +16,9 @@ Settings, and why:
 - lr 1e-3: the exact KL per step is then about 6e-3 per element. At 2e-3 a balance run did not learn at
   all (B = 16, seed 1: q stayed at 0.21); at 3e-4 neither moved by more than about 0.03 (B = 16, seed 0).
 - Truly PPO runs with the Config defaults: δ derived from the clip range, ε²·C·H·W/2 = (1e-2)²·2/2 = 1e-4, the
-  same rule that gives 8.2e-5 on SD, and α = 5 (truly_ppo_loss says why). Truly minus clip over seeds 0-4, means
+  same rule that gives 8.2e-5 on SD, and α = 5 (truly_ppo_loss says why). At δ = 1e-4, mean R_shift of the
+  last 10 epochs minus clip's, seeds 0-2: α = 70.7 (= 1/√(2δ)) -0.05, -0.19, -0.08; α = 5 +0.04, +0.03, +0.06, with a
+  capped balance q within 0.013 of clip's. With α = 5, Truly minus clip over seeds 0-4, means
   over the whole run: shift reward +0.02, +0.02, +0.01, -0.02, -0.02; balance q (capped at 0.5) +0.01, +0.01,
   -0.01, -0.02, -0.04 (seed 4 would fail the 0.03 tolerance). About 20% of all steps are rolled back, all of them
   in the second, off-policy update: the first update of an epoch is on-policy (KL = 0), and its step at lr 1e-3
