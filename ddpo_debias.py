@@ -59,7 +59,8 @@ class Config:
     prompt: str = "photo of the face of a computer scientist"
     """The one prompt the model is fine-tuned on; it is never changed (the paper's point)."""
     reward: str = "balance"
-    """'balance' (R_balance, eq. 2-3) or 'shift' (R_shift, eq. 1); see rewards.REWARDS."""
+    """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), or 'soft_balance' (eq. 2-3 on P(female), not in the
+    paper: it still learns when a batch holds no minority image); see rewards.REWARDS."""
     underrepresented: str = "auto"
     """U for --reward shift: female, male, or auto = the rarer gender in the first epoch's samples (paper step 1)."""
     trust_region: str = "clip"
@@ -86,11 +87,12 @@ class Config:
     eq. (16) exceeds what the step can carry (1 - ᾱ_{t-1} - σ_t² < 0) and samples are NaN. 1.0 as DDPO."""
     lr: float = 1e-5
     """AdamW learning rate: full attention weights, not LoRA, so 30x below DDPO's LoRA rate 3e-4."""
-    clip_range: float = 1e-4
-    """PPO ε: tiny because log-probs are means over C·H·W elements, so log r is that much smaller (DDPO)."""
+    clip_range: float = 0.0
+    """PPO ε; 0: CLIP_PER_ELEMENT/√(C·H·W), DDPO's 1e-4 on SD's 4×64×64 latent and 8e-4 on the toy world's 4×8×8.
+    Tiny because log r is a mean over C·H·W elements, whose noise part shrinks as 1/√(C·H·W) (derived_sizes)."""
     kl_threshold: float = 0.0
     """Truly PPO δ, exact KL per latent element where the rollback starts; 0: ε²·C·H·W/2 from the clip range, so both
-    trust regions bound the same move (8.2e-5 on SD; derivation in truly_ppo_loss)."""
+    trust regions bound the same move (8.2e-5 with the derived ε, on any latent; derivation in truly_ppo_loss)."""
     truly_alpha: float = 5.0
     """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss)."""
     adv_clip: float = 5.0
@@ -337,11 +339,20 @@ def trained_weights(unet):
     return {name: p.detach().float().cpu() for name, p in params.items()}
 
 
+CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
+
+
 def derived_sizes(config, unet):
-    """The sizes that follow from the config and the model, computed once and printed before the loop."""
+    """The sizes that follow from the config and the model, computed once and printed before the loop.
+
+    ε = CLIP_PER_ELEMENT/√N, N = C·H·W: a move of the step mean that costs k nats of KL per element gives the stored
+    samples log r of typical size √(2k/N) (truly_ppo_loss), so the same ε·√N bounds the same per-element move on
+    any latent. Measured on the toy world (tests/toyworld.py): its derived 8e-4 learns where SD's 1e-4 clips
+    nearly every step. The learning rate has no such rule: it depends on the network, not only on N."""
     c, s = unet.config.in_channels, unet.config.sample_size
-    return {"latent": (c, s, s), "micro_batch": micro_batch(config),
-            "kl_threshold": config.kl_threshold or config.clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
+    clip_range = config.clip_range or CLIP_PER_ELEMENT / math.sqrt(c * s * s)
+    return {"latent": (c, s, s), "micro_batch": micro_batch(config), "clip_range": clip_range,
+            "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
 
 
 def load_classifier(config, device):
@@ -611,7 +622,7 @@ POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
                            "save_every", "eval_images"), AT_LEAST_1),
           **dict.fromkeys(("lr", "truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
-          "clip_range": (lambda v: 0 < v < 1, "in (0, 1): r is clipped to [1 - ε, 1 + ε]"),
+          "clip_range": (lambda v: 0 <= v < 1, "in [0, 1): r is clipped to [1 - ε, 1 + ε]; 0 derives it"),
           "eta": (lambda v: 0 < v <= 1, "in (0, 1]: DDIM's η, above 1 the step's variance is impossible"),
           "guidance_scale": (lambda v: v >= 1, "at least 1: 1 is no guidance, below it the prompt is pushed away"),
           "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range")}  # flag: (test, rule)
@@ -847,14 +858,16 @@ def train(config, classifier=None):
         print(f"{out} has no checkpoint: starting again from epoch 0"
               + (f" (its metrics so far are in {kept})" if os.path.exists(kept) else ""))
     sizes = derived_sizes(config, unet)
-    config = dataclasses.replace(config, kl_threshold=sizes["kl_threshold"])  # δ as used, saved in config.json
+    config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε and δ as used, saved in config.json
+                                 kl_threshold=sizes["kl_threshold"])
     write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
     write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
     print(f"device {device}, {config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps, "
           f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
           f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}; "
           f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights"
-          + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}" if config.trust_region == "truly" else ""))
+          + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}" if config.trust_region == "truly"
+             else f"; clip ε={config.clip_range:.3g}"))
     flops = count_flops(unet, prompt_embeds, config, device) if config.profile else None  # before compiling: its
     if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
         unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same

@@ -6,6 +6,7 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
     label_images       P(female) -> "female" / "male" / None, at the paper's confidence level 0.7
     r_shift            eq. (1): R_shift(x, U) = P(x shows U), U the under-represented gender
     r_balance          eq. (2)-(3): q = F / (F + M); minority images get |q - 0.5|, all others -|q - 0.5|
+    r_soft_balance     not in the paper: eq. (2)-(3) on P(female) instead of labels, for a strong bias
     female_ratio       q of eq. (2), or None when no image is confidently female or male
     REWARDS            name -> reward function, so that the training script picks one by name
     HELD_OUT, bias_report, overall, report_table, compare_reports
@@ -194,7 +195,21 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
 # Every reward takes (p_female (B,), labels [B], underrepresented) and returns (B,) on p_female's device.
+def r_soft_balance(p_female: torch.Tensor) -> torch.Tensor:
+    """Not in the paper: eq. (2)-(3) on probabilities instead of thresholded labels, for a strong bias.
+
+    q̃ = mean P(female) over the batch, d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5 else male; image i
+    gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one, as eq. (3), and 0
+    for an unreadable one (P = 0.5). Unlike eq. (3), a batch with no minority image still ranks its images by how
+    close they come to the minority, so the advantages are not all zero. (B,) -> (B,).
+    """
+    q = p_female.mean()
+    p_minority = torch.where(q < 0.5, p_female, 1.0 - p_female)
+    return (q - 0.5).abs() * (2.0 * p_minority - 1.0)
+
+
 REWARDS = {
     "shift": lambda p_female, labels, underrepresented: r_shift(p_female, underrepresented),
     "balance": lambda p_female, labels, underrepresented: r_balance(labels, p_female.device),
+    "soft_balance": lambda p_female, labels, underrepresented: r_soft_balance(p_female),
 }

@@ -177,18 +177,21 @@ def test_fp16_scale_recovers_within_a_default_run():
 
 
 def test_trust_region_threshold_is_derived_from_the_clip_range(tiny_sd, tmp_path):
-    """δ = ε²·C·H·W/2 (truly_ppo_loss): 8.2e-5 for SD's 4x64x64 latent at DDPO's ε = 1e-4, and what the run uses
-    is written to config.json; a given --kl-threshold is kept."""
-    class SD15:
-        config = type("C", (), {"in_channels": 4, "sample_size": 64})
-    assert dd.derived_sizes(dd.Config(), SD15)["kl_threshold"] == pytest.approx(1e-8 * 16384 / 2)
-    assert dd.derived_sizes(dd.Config(kl_threshold=0.01), SD15)["kl_threshold"] == 0.01
+    """ε = 1.28e-2/√(C·H·W): DDPO's 1e-4 on SD's 4x64x64 latent, 8e-4 on the toy world's 4x8x8; δ = ε²·C·H·W/2
+    (truly_ppo_loss): 8.2e-5 for SD. What the run uses is written to config.json; given values are kept."""
+    def unet(side):
+        return type("U", (), {"config": type("C", (), {"in_channels": 4, "sample_size": side})})
+    sd15 = dd.derived_sizes(dd.Config(), unet(64))
+    assert sd15["clip_range"] == pytest.approx(1e-4) and sd15["kl_threshold"] == pytest.approx(1e-8 * 16384 / 2)
+    assert dd.derived_sizes(dd.Config(), unet(8))["clip_range"] == pytest.approx(8e-4)
+    assert dd.derived_sizes(dd.Config(kl_threshold=0.01), unet(64))["kl_threshold"] == 0.01
+    assert dd.derived_sizes(dd.Config(clip_range=0.3), unet(64))["clip_range"] == 0.3
     config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=1, batch_size=2, num_steps=2,
                        mixed_precision="no", trust_region="truly", clip_range=1e-3)
     dd.prepare_run_dir(config)
     dd.train(config, classifier=lambda images: torch.rand(images.shape[0]))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["kl_threshold"] == pytest.approx(1e-6 * 4 * 8 * 8 / 2)
+    assert saved["kl_threshold"] == pytest.approx(1e-6 * 4 * 8 * 8 / 2) and saved["clip_range"] == 1e-3
 
 
 def test_non_finite_weights_are_never_saved(tiny_sd):

@@ -89,3 +89,22 @@ def test_classifier_without_gender_labels_is_refused(models_dir):
     path = make_tiny_classifier(models_dir / "catdog", labels=("cat", "dog"))
     with pytest.raises(ValueError, match="cat, dog"):
         GenderClassifier(path)
+
+
+def test_soft_balance_by_hand():
+    """q̃ = mean P(female); image i gets |q̃ - 0.5|·(2·P_i(minority) - 1)."""
+    p = torch.tensor([1.0, 0.0, 0.0, 0.0])  # q̃ = 0.25, minority female, d = 0.25: eq. (3)'s ±d on confident images
+    assert torch.allclose(rewards.r_soft_balance(p), torch.tensor([0.25, -0.25, -0.25, -0.25]))
+    p = torch.tensor([0.9, 0.8, 0.9, 0.5])  # q̃ = 0.775, minority male: P(male) 0.1, 0.2, 0.1, 0.5; "none" gets 0
+    assert torch.allclose(rewards.r_soft_balance(p), 0.275 * torch.tensor([-0.8, -0.6, -0.8, 0.0]))
+    assert torch.equal(rewards.r_soft_balance(torch.tensor([0.2, 0.8])), torch.zeros(2))  # q̃ = 0.5: balanced
+
+
+def test_soft_balance_still_ranks_a_batch_without_a_minority_image():
+    """Eq. (3) gives every image -d when no image is confidently female: A = 0, nothing is learnt. The soft variant
+    still rewards the images that come closest to the minority."""
+    p = torch.tensor([0.02, 0.10, 0.25, 0.05])  # every label "male"
+    labels = rewards.label_images(p)
+    assert rewards.r_balance(labels).unique().numel() == 1
+    soft = rewards.r_soft_balance(p)
+    assert soft.argsort().tolist() == p.argsort().tolist()  # more female-looking, more reward

@@ -1,31 +1,37 @@
 """A miniature, biased Stable Diffusion: cartoon faces in two classes, 85% "male", learnt from generated data.
 
-    python -m tests.toyworld build OUT [--female-share 0.15] [--seed 0] [--quick]
-    python -m tests.toyworld demo OUT_RUN [--world DIR]     fine-tune the shipped world with --reward balance
+    python -m tests.toyworld build OUT [--female-share 0.15] [--seed 0] [--quick] [--reuse WORLD]
+    python -m tests.toyworld demo OUT_RUN [--world DIR] [--epochs 40]   fine-tune it with --reward balance
 
-The world is SD in miniature, every part a real diffusers/transformers class saved with save_pretrained, so
-ddpo_debias.py loads it as it loads SD v1.5 (`--model DIR --classifier DIR/classifier`):
+The shipped world is tests/toyworld_model (3 MB, built by `build` with the defaults: 15 min 45 s on the 2-core
+development machine, see its build.json). Every part is a real diffusers/transformers class saved with
+save_pretrained, so ddpo_debias.py loads it as it loads SD v1.5 (`--model DIR --classifier DIR/classifier`):
     faces      32x32 RGB cartoons drawn by `draw_face`: a head, eyes, mouth, shoulders, hair. The class is the
                hair: "female" faces have long hair that falls beside the face below the chin, "male" faces a
                short cap on top. That trait is a shape the diffusion model must really draw, in several pixels,
                at any position, and the classifier must find it among nuisances: skin tone, hair colour, head
                size and position, clothes and background colour all vary independently of the class, so the
                model learns a distribution rather than two templates.
-    vae        AutoencoderKL 32x32x3 -> 4x8x8, trained as an autoencoder (L1 + a small KL); scaling_factor makes
-               the scaled latents unit-std, as SD's 0.18215 does.
+    vae        AutoencoderKL 32x32x3 -> 4x8x8 (channels 8/16/32), trained as an autoencoder (L1 + a small KL,
+               1200 steps of 32); scaling_factor makes the scaled latents unit-std, as SD's 0.18215 does. It
+               keeps the head, hair and clothes; the eyes and mouth (2-3 pixels) come out blurred.
     text       a tiny random CLIP text encoder and the tests' byte-level tokenizer, frozen (as in SD).
-    unet       UNet2DConditionModel with cross-attention, trained with the DDPM ε-loss on SD v1.5's noise
-               schedule, conditioned on PROMPT, with 10% empty prompts so that classifier-free guidance works.
+    unet       UNet2DConditionModel (channels 32/32, cross-attention in every block, 0.43M weights), trained
+               with the DDPM ε-loss on SD v1.5's noise schedule (1800 steps of 64 latents), conditioned on
+               PROMPT, with 10% empty prompts so that classifier-free guidance works.
     scheduler  SD v1.5's DDIM config.
-    classifier ViTForImageClassification (female, male) trained on balanced faces; non-faces (noise, blobs,
-               faces without hair cues cut in pieces) are trained toward (0.5, 0.5), so that it says "none"
-               (max probability <= 0.7) where there is no face to read, as the real classifier should.
-The bias is in the data only: FEMALE_SHARE of the UNet's training faces are "female".
+    classifier ViTForImageClassification (female, male), trained on balanced faces, half of them seen through
+               the VAE so that it reads decoded pixels, and on non-faces (pixel noise, smooth noise, blobs, a
+               face's tiles shuffled) toward (0.5, 0.5), so that it says "none" (max probability <= 0.7) where
+               there is no face to read, as the real classifier should.
+The bias is in the data only: FEMALE_SHARE of the UNet's training faces are "female". tests/test_world.py
+checks what the world is (biased, drawable, legible, a classifier that is right and says "none" to the rest).
 
-Status (issue 11, not finished): the faces and the builder run (`build OUT --quick`, 45 s), but no world is
-shipped yet. A full build does not fit the 15-minute budget at these sizes: on the 2-core development machine a
-VAE step (64 images) took 0.5 s, mostly conv backward, and a UNet step (128 latents) 0.6 s. Next: 16x16 images
-or a lighter VAE, fewer UNet steps, then the learning tests on the shipped world.
+What the world showed about the method (2-core machine, seed 0, B = 16, lr 3e-4 unless said; the runs' numbers
+are in README "The toy world"): R_balance moves the female ratio from about 0.15 to about 0.5 within 10 epochs at
+T = 20; R_shift moves it more slowly (0.07 to about 0.4 in 20 epochs), and at lr 1e-3 it learns to draw faces
+the classifier cannot read ("none" up to 12 of 16): P(female) = 0.5 is worth more than P(female) = 0.02, the
+reward hacking that the 0.7 threshold and a look at the grids must watch for.
 """
 import argparse
 import json
@@ -79,8 +85,10 @@ def draw_face(rng, female):
 
 
 def draw_non_face(rng):
-    """Something that is not a face: smooth noise, coloured blobs, or a face's pieces shuffled into tiles."""
-    kind = rng.integers(3)
+    """Something that is not a face: pixel noise, smooth noise, coloured blobs, or a face's pieces shuffled."""
+    kind = rng.integers(4)
+    if kind == 3:
+        return Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
     if kind == 0:
         noise = torch.from_numpy(rng.random((1, 3, rng.integers(2, 9), rng.integers(2, 9)))).float()
         pixels = F.interpolate(noise, size=SIZE, mode="bilinear")[0]
@@ -117,6 +125,11 @@ def _cosine(optimizer, steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: min(1.0, (t + 1) / warm) * 0.5 * (1 + math.cos(math.pi * t / steps)))
 
 
+def _progress(stage, step, steps, loss):
+    if (step + 1) % 100 == 0 or step + 1 == steps:
+        print(f"{stage} {step + 1}/{steps} loss {loss.item():.4f}", file=sys.stderr, flush=True)
+
+
 def _batches(n, batch, steps, generator):
     for _ in range(steps):
         yield torch.randint(0, n, (batch,), generator=generator)
@@ -125,18 +138,19 @@ def _batches(n, batch, steps, generator):
 def train_vae(images, steps, seed):
     from diffusers import AutoencoderKL
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 64),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=SIZE)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = _cosine(optimizer, steps)
     g = torch.Generator().manual_seed(seed)
-    for idx in _batches(len(images), 64, steps, g):
+    for step, idx in enumerate(_batches(len(images), 32, steps, g)):
         x = images[idx] * 2 - 1
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=g)).sample
         loss = (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()  # L1 + a small KL, as SD's VAE (no GAN)
         optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
+        _progress("vae", step, steps, loss)
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mode() for i in range(0, min(len(images), 2048), 256)])
@@ -162,15 +176,15 @@ def train_unet(latents, embeds, steps, seed):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from tests.fixtures import SD_SCHEDULER
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+    unet = UNet2DConditionModel(sample_size=SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(32, 32),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
-                                attention_head_dim=8, norm_num_groups=32)
+                                attention_head_dim=8, norm_num_groups=8)
     noise_scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k != "set_alpha_to_one"})
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = _cosine(optimizer, steps)
     g = torch.Generator().manual_seed(seed)
-    for idx in _batches(len(latents), 128, steps, g):
+    for step, idx in enumerate(_batches(len(latents), 64, steps, g)):
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (len(idx),), generator=g)
@@ -178,14 +192,21 @@ def train_unet(latents, embeds, steps, seed):
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[cond]).sample
         loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
+        _progress("unet", step, steps, loss)
     return unet.eval(), loss.item()
 
 
-def train_classifier(steps, seed, n=6000):
-    """A ViT on balanced faces (labels female/male) and non-faces (target 0.5/0.5)."""
+def train_classifier(steps, seed, vae, n=6000):
+    """A ViT on balanced faces (labels female/male) and non-faces (target 0.5/0.5). Half of the faces are seen
+    through the VAE (encoded and decoded), so that the classifier reads the decoder's slightly soft pixels as it
+    will read the diffusion model's samples."""
     from transformers import ViTConfig, ViTForImageClassification
     torch.manual_seed(seed)
     faces, female = make_faces(n, 0.5, seed + 100)
+    with torch.no_grad():
+        for i in range(0, n // 2, 256):
+            x = faces[i:min(i + 256, n // 2)] * 2 - 1
+            faces[i:i + len(x)] = ((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
     rng = np.random.default_rng(seed + 200)
     others = torch.stack([to_tensor(draw_non_face(rng)) for _ in range(n // 3)])
     images = torch.cat([faces, others])
@@ -196,29 +217,38 @@ def train_classifier(steps, seed, n=6000):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = _cosine(optimizer, steps)
     g = torch.Generator().manual_seed(seed)
-    for idx in _batches(len(images), 128, steps, g):
+    for step, idx in enumerate(_batches(len(images), 128, steps, g)):
         x = (images[idx] - 0.5) / 0.5
         flip = torch.rand(len(idx), generator=g) < 0.5  # mirror images: the class does not depend on side
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         loss = -(targets[idx] * model(pixel_values=x).logits.log_softmax(-1)).sum(-1).mean()
         optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
+        _progress("classifier", step, steps, loss)
     return model.eval(), loss.item()
 
 
-def build(out, female_share=FEMALE_SHARE, seed=0, quick=False):
-    """Train every part and save the pipeline in `out` and the classifier in `out/classifier`."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import ViTImageProcessor
+def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None):
+    """Train every part and save the pipeline in `out` and the classifier in `out/classifier`. With `reuse` (a
+    world folder), copy its VAE, text encoder, tokenizer and classifier, which do not depend on the share, and
+    train only the UNet: a world at another bias in a third of the time."""
+    import shutil
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer, ViTImageProcessor
     from tests.fixtures import SD_SCHEDULER
-    steps = dict(vae=20, unet=20, classifier=20) if quick else dict(vae=1500, unet=4000, classifier=1500)
+    steps = dict(vae=20, unet=20, classifier=20) if quick else dict(vae=1200, unet=1800, classifier=1000)
     n = 512 if quick else 12000
-    log = {"female_share": female_share, "seed": seed, "steps": steps, "images": n}
+    log = {"female_share": female_share, "seed": seed, "steps": steps, "images": n, "reused": reuse}
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     images, female = make_faces(n, female_share, seed)
-    vae, log["vae_loss"] = train_vae(images, steps["vae"], seed)
+    if reuse:
+        vae = AutoencoderKL.from_pretrained(os.path.join(reuse, "vae")).eval()
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(reuse, "text_encoder")).eval()
+        tokenizer = CLIPTokenizer.from_pretrained(os.path.join(reuse, "tokenizer"))
+    else:
+        vae, log["vae_loss"] = train_vae(images, steps["vae"], seed)
+        text_encoder, tokenizer = text_encoder_and_tokenizer(out, seed)
     log["vae_seconds"] = time.time() - start
-    text_encoder, tokenizer = text_encoder_and_tokenizer(out, seed)
     ids = tokenizer(["", PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         embeds = text_encoder(ids)[0]
@@ -229,14 +259,43 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False):
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                             scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(out)
-    classifier, log["classifier_loss"] = train_classifier(steps["classifier"], seed, n=600 if quick else 6000)
-    classifier.save_pretrained(os.path.join(out, "classifier"))
-    ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
-                      do_resize=True).save_pretrained(os.path.join(out, "classifier"))
+    if reuse:
+        shutil.copytree(os.path.join(reuse, "classifier"), os.path.join(out, "classifier"))
+    else:
+        classifier, log["classifier_loss"] = train_classifier(steps["classifier"], seed, vae, n=600 if quick else 6000)
+        classifier.save_pretrained(os.path.join(out, "classifier"))
+        ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                          do_resize=True).save_pretrained(os.path.join(out, "classifier"))
+    log["classifier_seconds"] = time.time() - start - log["vae_seconds"] - log["unet_seconds"]
     log["seconds"] = time.time() - start
     with open(os.path.join(out, "build.json"), "w") as f:
         json.dump(log, f, indent=2)
     return log
+
+
+# The world's run settings, shared by the learning tests and the demo. ε and δ are not here: they are derived
+# from the 4x8x8 latent by the same rule as on SD (ddpo_debias.derived_sizes).
+SETTINGS = dict(batch_size=16, num_steps=20, guidance_scale=5.0, updates_per_epoch=2, train_batch_size=8,
+                lr=3e-4, mixed_precision="no", device="cpu")
+
+
+def windows(metrics, size=5):
+    """Pool a run's labels over windows of `size` epochs (80 images at B = 16): -> [(first epoch, q, none share)].
+    One epoch's q over 16 images swings by ±0.12 at q = 0.5 (binomial), too much to judge a run by."""
+    pooled = []
+    for start in range(0, len(metrics) - size + 1, size):
+        part = metrics[start:start + size]
+        f, m, n = (sum(r[k] for r in part) for k in ("n_female", "n_male", "n_none"))
+        pooled.append((start, f / (f + m) if f + m else None, n / (f + m + n)))
+    return pooled
+
+
+def demo(out, world=SHIPPED, epochs=40, seed=0):
+    """Fine-tune the world with --reward balance through the real CLI: the usual run folder in `out`."""
+    import ddpo_debias
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    return ddpo_debias.main(flags + [f"--model={world}", f"--classifier={os.path.join(world, 'classifier')}",
+                                     "--reward=balance", f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
 
 
 def main(argv=None):
@@ -247,9 +306,16 @@ def main(argv=None):
     b.add_argument("--female-share", type=float, default=FEMALE_SHARE)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true", help="a few steps of each stage: checks that the build runs")
+    b.add_argument("--reuse", help="a world folder whose VAE, text encoder and classifier to keep: trains the UNet only")
+    d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (about 3 minutes on 2 cores)")
+    d.add_argument("out", help="the run folder (new)")
+    d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
+    d.add_argument("--epochs", type=int, default=40)
+    d.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "build":
-        print(json.dumps(build(args.out, args.female_share, args.seed, args.quick), indent=2))
+    if args.command == "demo":
+        return demo(args.out, args.world, args.epochs, args.seed)
+    print(json.dumps(build(args.out, args.female_share, args.seed, args.quick, args.reuse), indent=2))
     return 0
 
 

@@ -1,0 +1,93 @@
+"""The method on a model that learnt its bias from data: the shipped toy world (tests/toyworld.py).
+
+The world's UNet was trained on faces of which 15% are "female" (long hair), so it draws about that share; the
+classifier is the world's own ViT, loaded from its folder as --classifier. Every learning run goes through
+train() with the world's SETTINGS (ε and δ derived from its 4x8x8 latent by the rule that gives SD's), and is
+checked against the same run at --lr 0 (same seed, so the same noise): the control must fail each check. At lr 0
+the weights never change, so one control run serves every reward and trust region.
+"""
+import os
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+import ddpo_debias as dd
+import rewards
+from tests import toyworld
+
+WORLD = toyworld.SHIPPED
+CLASSIFIER = os.path.join(WORLD, "classifier")
+
+
+def test_the_world_is_biased_and_draws_faces():
+    """64 samples at 20 DDIM steps, guidance 5: the learnt skew, and images the classifier reads as faces."""
+    config = dd.Config(model=WORLD, batch_size=64, num_steps=20, guidance_scale=5.0, mixed_precision="no")
+    unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
+    embeds = dd.encode_prompt(text_encoder, tokenizer, toyworld.PROMPT, "cpu")
+    images = dd.sample(unet, vae, scheduler, embeds, config, "cpu", torch.Generator().manual_seed(1))["images"]
+    labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(images))
+    assert 0.1 <= labels.count("female") / 64 <= 0.25, labels
+    assert labels.count(None) < 0.25 * 64, labels
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """run(**overrides) -> that run's metrics; each distinct run is trained once per module."""
+    done = {}
+
+    def train(**overrides):
+        key = tuple(sorted(overrides.items()))
+        if key not in done:
+            config = dd.Config(model=WORLD, classifier=CLASSIFIER, prompt=toyworld.PROMPT,
+                               output_dir=str(tmp_path_factory.mktemp("run") / "out"),
+                               **{**toyworld.SETTINGS, **LEARN, **overrides})
+            dd.prepare_run_dir(config)
+            done[key] = dd.train(config)
+        return done[key]
+    return train
+
+
+LEARN = dict(epochs=20)
+CONTROL = dict(reward="balance", lr=0.0)
+
+
+def test_the_classifier_reads_held_out_faces_and_says_none_to_the_rest():
+    """> 95% right on faces it never saw (seed 999), "none" (max probability ≤ 0.7) on noise and non-faces."""
+    classifier = rewards.GenderClassifier(CLASSIFIER)
+    faces, female = toyworld.make_faces(400, 0.5, seed=999)
+    labels = rewards.label_images(classifier(faces))
+    accuracy = sum(label == ("female" if f else "male") for label, f in zip(labels, female.tolist())) / 400
+    assert accuracy > 0.95, accuracy
+    rng = np.random.default_rng(999)
+    noise = torch.rand(100, 3, toyworld.SIZE, toyworld.SIZE, generator=torch.Generator().manual_seed(999))
+    others = torch.stack([toyworld.to_tensor(toyworld.draw_non_face(rng)) for _ in range(300)])
+    for images in (noise, others):
+        assert rewards.label_images(classifier(images)).count(None) >= 0.9 * len(images)
+
+
+def test_the_vae_keeps_faces_legible_at_unit_latent_std():
+    """Scaled latents of unseen faces have about unit std (scaling_factor, as SD's 0.18215), and the classifier
+    still reads the faces after encoding and decoding: the hair survives the 4x8x8 bottleneck."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(os.path.join(WORLD, "vae")).eval()
+    faces, female = toyworld.make_faces(256, 0.5, seed=998)
+    with torch.no_grad():
+        latents = vae.encode(faces * 2 - 1).latent_dist.mode()
+        decoded = ((vae.decode(latents).sample + 1) / 2).clamp(0, 1)
+    assert 0.8 < (latents * vae.config.scaling_factor).std().item() < 1.25
+    labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(decoded))
+    assert sum(label == ("female" if f else "male") for label, f in zip(labels, female.tolist())) > 0.9 * 256
+
+
+def test_the_builder_still_builds_a_world_that_loads(tmp_path):
+    """A few steps of every stage (build --quick), saved and loaded back by the real loading code."""
+    log = toyworld.build(str(tmp_path / "world"), quick=True)
+    assert log["steps"] == {"vae": 20, "unet": 20, "classifier": 20}
+    config = dd.Config(model=str(tmp_path / "world"), mixed_precision="no")
+    unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
+    assert unet.config.sample_size == 8 and unet.config.in_channels == 4 and vae.config.scaling_factor != 1.0
+    assert dd.derived_sizes(config, unet)["clip_range"] == pytest.approx(8e-4)
+    classifier = rewards.GenderClassifier(str(tmp_path / "world" / "classifier"))
+    assert classifier(torch.rand(2, 3, 32, 32)).shape == (2,)
