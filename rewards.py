@@ -9,12 +9,15 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
     r_soft_balance     not in the paper: eq. (2)-(3) on P(female) instead of labels, for a strong bias
     female_ratio       q of eq. (2), or None when no image is confidently female or male
     REWARDS            name -> reward function, so that the training script picks one by name
+    save_grid, save_plot
+                       pictures of the feedback: an epoch's images with their labels, a run's curves
     HELD_OUT, bias_report, overall, report_table, compare_reports
                        the held-out prompts, statistics and comparison of ddpo_debias.py --evaluate
 
 Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
 import json
+import math
 
 import torch
 import torch.nn.functional as F
@@ -111,6 +114,69 @@ def r_balance(labels: list, device="cpu") -> torch.Tensor:
     return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32, device=device)
 
 
+def r_soft_balance(p_female: torch.Tensor) -> torch.Tensor:
+    """Not in the paper: eq. (2)-(3) on probabilities instead of thresholded labels, for a strong bias.
+
+    q̃ = mean P(female) over the batch, d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5 else male; image i
+    gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one, as eq. (3), and 0
+    for an unreadable one (P = 0.5). Unlike eq. (3), a batch with no minority image still ranks its images by how
+    close they come to the minority, so the advantages are not all zero. (B,) -> (B,).
+    """
+    q = p_female.mean()
+    p_minority = torch.where(q < 0.5, p_female, 1.0 - p_female)
+    return (q - 0.5).abs() * (2.0 * p_minority - 1.0)
+
+
+# ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
+def save_grid(images, p_female, labels, title, path, thumb=128, columns=4):
+    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"."""
+    from PIL import Image, ImageDraw
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
+    rows, top = math.ceil(len(pixels) / columns), 16
+    grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((3, 2), f"{title}: label at P > {THRESHOLD}, and P(female)", fill="black")
+    for i, (pix, p, label) in enumerate(zip(pixels, p_female.tolist(), labels)):
+        x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
+        grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
+        draw.text((x + 3, y + thumb + 1), f"{label or 'none'} {p:.2f}", fill="black")
+    grid.save(path)
+
+
+def save_plot(metrics, path, width=520, height=170):
+    """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (width, 2 * height), "white")
+    draw = ImageDraw.Draw(image)
+    last = max(metrics[-1]["epoch"] if metrics else 1, 1)
+    for panel, key in enumerate(("reward_mean", "female_ratio")):
+        points = [(m["epoch"], m[key]) for m in metrics if m[key] is not None]
+        values = [v for _, v in points] or [0.0]
+        low, high = (0.0, 1.0) if key == "female_ratio" else (min(values), max(values))
+        high = high if high > low else low + 1e-6
+        x0, y0, x1, y1 = 52, panel * height + 18, width - 12, (panel + 1) * height - 30  # the panel's frame
+        to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
+        draw.rectangle((x0, y0, x1, y1), outline="gray")
+        now = f"last {points[-1][1]:.3f}" if points else "no value yet"
+        draw.text((x0, y0 - 15), f"{key} ({now})", fill="black")
+        for v in (low, (low + high) / 2, high):  # y ticks
+            y = to_xy(0, v)[1]
+            draw.line((x0 - 4, y, x0, y), fill="gray"), draw.text((4, y - 6), f"{v:.2f}", fill="black")
+        for e in sorted({0, last // 2, last}):  # x ticks
+            x = to_xy(e, low)[0]
+            draw.line((x, y1, x, y1 + 4), fill="gray"), draw.text((x - 6, y1 + 5), str(e), fill="black")
+        draw.text(((x0 + x1) / 2 - 14, y1 + 16), "epoch", fill="black")
+        if key == "female_ratio":  # the balance target
+            y = to_xy(0, 0.5)[1]
+            draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x1 - 48, y - 13), "q = 0.5", fill="gray")
+        xy = [to_xy(e, v) for e, v in points]
+        if len(xy) > 1:
+            draw.line(xy, fill="blue", width=2)
+        elif xy:
+            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill="blue")
+    image.save(path)
+
+
 # ------------------------------------------------------------------ held-out evaluation (ddpo_debias --evaluate)
 # Occupations never trained on, in the paper's face-prompt style: a mix that SD draws mostly male, mostly female
 # and mixed (after the occupation lists of Bianchi et al. 2023 and Shen et al. 2024's test split).
@@ -195,19 +261,6 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
 # Every reward takes (p_female (B,), labels [B], underrepresented) and returns (B,) on p_female's device.
-def r_soft_balance(p_female: torch.Tensor) -> torch.Tensor:
-    """Not in the paper: eq. (2)-(3) on probabilities instead of thresholded labels, for a strong bias.
-
-    q̃ = mean P(female) over the batch, d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5 else male; image i
-    gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one, as eq. (3), and 0
-    for an unreadable one (P = 0.5). Unlike eq. (3), a batch with no minority image still ranks its images by how
-    close they come to the minority, so the advantages are not all zero. (B,) -> (B,).
-    """
-    q = p_female.mean()
-    p_minority = torch.where(q < 0.5, p_female, 1.0 - p_female)
-    return (q - 0.5).abs() * (2.0 * p_minority - 1.0)
-
-
 REWARDS = {
     "shift": lambda p_female, labels, underrepresented: r_shift(p_female, underrepresented),
     "balance": lambda p_female, labels, underrepresented: r_balance(labels, p_female.device),
