@@ -1,13 +1,11 @@
-"""The method on a model that learnt its bias from data: the shipped toy world (tests/toyworld.py).
+"""The shipped toy world (tests/toyworld.py): a model that learnt its bias from data, as SD did.
 
-The world's UNet was trained on faces of which 15% are "female" (long hair), so it draws about that share; the
-classifier is the world's own ViT, loaded from its folder as --classifier. Every learning run goes through
-train() with the world's SETTINGS (ε and δ derived from its 4x8x8 latent by the rule that gives SD's), and is
-checked against the same run at --lr 0 (same seed, so the same noise): the control must fail each check. At lr 0
-the weights never change, so one control run serves every reward and trust region.
+These tests check what the world is: its UNet draws the skew it was trained on (15% "female") as faces its
+classifier can read; the classifier is right on unseen faces and says "none" to the rest; the VAE keeps the
+faces legible; and the builder still builds a world that loads. What the method does on it (learning runs of
+1.5-4 minutes each) is measured in README "The toy world", with the raw records in docs/toyworld/.
 """
 import os
-import statistics
 
 import numpy as np
 import pytest
@@ -30,27 +28,6 @@ def test_the_world_is_biased_and_draws_faces():
     labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(images))
     assert 0.1 <= labels.count("female") / 64 <= 0.25, labels
     assert labels.count(None) < 0.25 * 64, labels
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """run(**overrides) -> that run's metrics; each distinct run is trained once per module."""
-    done = {}
-
-    def train(**overrides):
-        key = tuple(sorted(overrides.items()))
-        if key not in done:
-            config = dd.Config(model=WORLD, classifier=CLASSIFIER, prompt=toyworld.PROMPT,
-                               output_dir=str(tmp_path_factory.mktemp("run") / "out"),
-                               **{**toyworld.SETTINGS, **LEARN, **overrides})
-            dd.prepare_run_dir(config)
-            done[key] = dd.train(config)
-        return done[key]
-    return train
-
-
-LEARN = dict(epochs=20)
-CONTROL = dict(reward="balance", lr=0.0)
 
 
 def test_the_classifier_reads_held_out_faces_and_says_none_to_the_rest():
