@@ -233,7 +233,7 @@ TRAINABLE = (".to_q.", ".to_k.", ".to_v.", ".to_out.0.")  # every attention proj
 
 def load_models(config, device):
     """The SD components from `config.model`, frozen weights in the mixed-precision type, attention in fp32."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
     path = config.model
     check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
