@@ -292,10 +292,15 @@ def loading(flag, path):
     except UsageError:
         raise
     except Exception as error:  # OSError, safetensors' SafetensorError, a JSON error: all mean "cannot load"
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error)
         hint = ("the folder is damaged or incomplete" if os.path.isdir(path) else "a hub id needs network access "
                 "once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)")
         raise UsageError(f"{flag}: cannot load {path!r} ({reason}); {hint}") from None
+
+
+def first_line(error):
+    """An exception as one short line for a one-line error: its first line, or its type when it has no text."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def check_scheduler(scheduler_config, path, num_steps):
@@ -513,7 +518,7 @@ def load_checkpoint(path, unet, optimizer, scaler, generators):
         for g, g_state in zip(generators, state["generators"]):
             g.set_state(g_state)
     except Exception as error:  # truncated, empty, garbage, or from another model: it cannot be continued
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        reason = first_line(error)
         raise UsageError(f"--resume: {path} is damaged ({reason}); it cannot be continued") from None
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])

@@ -157,12 +157,15 @@ def train_vae(images, steps, seed):
     return vae, loss.item()
 
 
-def text_encoder_and_tokenizer(path, seed):
+def text_encoder_and_tokenizer(seed):
+    """A tiny random CLIP text encoder and the tests' tokenizer (its vocabulary files are written to a scratch
+    folder, removed after loading; save_pretrained writes the tokenizer into the world)."""
+    import tempfile
     from transformers import CLIPTextConfig, CLIPTextModel
     from tests.fixtures import make_tokenizer
-    import tempfile
     torch.manual_seed(seed)
-    tokenizer = make_tokenizer(tempfile.mkdtemp())
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = make_tokenizer(scratch)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
         vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -239,14 +242,14 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None):
     log = {"female_share": female_share, "seed": seed, "steps": steps, "images": n, "reused": reuse}
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
-    images, female = make_faces(n, female_share, seed)
+    images, _ = make_faces(n, female_share, seed)
     if reuse:
         vae = AutoencoderKL.from_pretrained(os.path.join(reuse, "vae")).eval()
         text_encoder = CLIPTextModel.from_pretrained(os.path.join(reuse, "text_encoder")).eval()
         tokenizer = CLIPTokenizer.from_pretrained(os.path.join(reuse, "tokenizer"))
     else:
         vae, log["vae_loss"] = train_vae(images, steps["vae"], seed)
-        text_encoder, tokenizer = text_encoder_and_tokenizer(out, seed)
+        text_encoder, tokenizer = text_encoder_and_tokenizer(seed)
     log["vae_seconds"] = time.time() - start
     ids = tokenizer(["", PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -293,8 +296,13 @@ def demo(out, world=SHIPPED, epochs=40, seed=0):
     """Fine-tune the world with --reward balance through the real CLI: the usual run folder in `out`."""
     import ddpo_debias
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
-    return ddpo_debias.main(flags + [f"--model={world}", f"--classifier={os.path.join(world, 'classifier')}",
+    code = ddpo_debias.main(flags + [f"--model={world}", f"--classifier={os.path.join(world, 'classifier')}",
                                      "--reward=balance", f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
+    if code == 0:  # the female ratio as the README reports it: pooled over 5-epoch windows
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            for start, q, none in windows([json.loads(line) for line in f]):
+                print(f"epochs {start}-{start + 4}: female ratio {q:.2f}, none {none:.0%}")
+    return code
 
 
 def main(argv=None):
