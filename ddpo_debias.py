@@ -18,7 +18,7 @@ The held-out bias of a fine-tuned UNet, paired with the base model's (README "Ev
     python ddpo_debias.py --evaluate --unet runs/<date-time>/unet --compare runs/eval-base/eval.json --output-dir DIR
 
 Notation (one legend for the whole file):
-    B images per epoch, b images in a training micro-batch, T denoising steps, C×H×W the latent (4×64×64 for
+    B images per epoch, P prompts, b images in a training micro-batch, T denoising steps, C×H×W the latent (4×64×64 for
     SD 1.5), x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
     r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage.
 
@@ -57,6 +57,12 @@ import rewards
 class Config:
     prompt: str = "photo of the face of a computer scientist"
     """The one prompt the model is fine-tuned on; it is never changed (the paper's point)."""
+    prompts: str = ""
+    """A text file, one prompt per line, to fine-tune on all at once instead of --prompt (README "Many prompts"):
+    each epoch's B images go round-robin over the prompts, and each prompt is balanced on its own images."""
+    balance_window: int = 0
+    """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images (PromptHistory);
+    0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
     reward: str = "balance"
     """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), or 'soft_balance' (eq. 2-3 on P(female), not in the
     paper: its advantages are not all zero when a batch holds no minority image); see rewards.REWARDS."""
@@ -369,11 +375,13 @@ def load_classifier(config, device):
 
 
 @torch.no_grad()  # the text encoder is frozen: embeddings are computed once per prompt, never trained
-def encode_prompt(text_encoder, tokenizer, prompt, device):
-    """-> (2, L, D): row 0 the empty prompt (unconditional), row 1 the prompt. L = 77 tokens for SD."""
-    if len(tokenizer(prompt).input_ids) > tokenizer.model_max_length:
-        print(f"warning: --prompt is longer than {tokenizer.model_max_length} tokens and is truncated", file=sys.stderr)
-    ids = tokenizer(["", prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+def encode_prompts(text_encoder, tokenizer, prompts, device):
+    """-> (1+P, L, D): row 0 the empty prompt (unconditional), row 1+p prompt p. L = 77 tokens for SD."""
+    for prompt in prompts:
+        if len(tokenizer(prompt).input_ids) > tokenizer.model_max_length:
+            print(f"warning: prompt {prompt[:40]!r}... is longer than {tokenizer.model_max_length} tokens and is "
+                  "truncated", file=sys.stderr)
+    ids = tokenizer(["", *prompts], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return text_encoder(ids)[0]
 
@@ -384,21 +392,23 @@ def autocast(config, device):
 
 
 # ----------------------------------------------------------------------------------------- 5. sampling
-def guided_noise_pred(unet, latents, timesteps, prompt_embeds, guidance_scale):
-    """Classifier-free guidance: one UNet pass over 2b rows. latents (b, C, H, W), timesteps () or (b,)."""
+def guided_noise_pred(unet, latents, timesteps, prompt_embeds, prompt_ids, guidance_scale):
+    """Classifier-free guidance: one UNet pass over 2b rows. latents (b, C, H, W), timesteps () or (b,),
+    prompt_embeds (1+P, L, D) from encode_prompts, prompt_ids (b,) the prompt of each latent, in 0..P-1."""
     b = latents.shape[0]
-    embeds = prompt_embeds.repeat_interleave(b, dim=0)  # (2b, L, D): b unconditional rows, then b conditional
+    embeds = torch.cat([prompt_embeds[:1].expand(b, -1, -1), prompt_embeds[1 + prompt_ids]])  # (2b, L, D): b
+    # unconditional rows, then each latent's prompt
     t = timesteps.repeat(2) if timesteps.dim() else timesteps  # per-sample steps in training, one in sampling
     noise_uncond, noise_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds).sample.chunk(2)
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # ε̂, (b, C, H, W)
 
 
 @torch.no_grad()  # sampling collects the trajectory; gradients are taken later, in the update
-def sample(unet, vae, scheduler, prompt_embeds, config, device, generator):
-    """Sample B images; keep what the update needs to re-score every step.
+def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, generator):
+    """Sample B images, image i of prompt prompt_ids[i] ((B,) on the device); keep what the update needs.
 
     Returns latents (B, T+1, C, H, W) = x_T..x_0, log_probs (B, T) under the sampling policy, means
-    (B, T, C, H, W) = μ_old (for the exact KL), timesteps (T,), images (B, 3, H·8, W·8) in [0, 1].
+    (B, T, C, H, W) = μ_old (for the exact KL), timesteps (T,), prompt_ids (B,), images (B, 3, H·8, W·8) in [0, 1].
     """
     scheduler.set_timesteps(config.num_steps, device=device)
     c, s = unet.config.in_channels, unet.config.sample_size
@@ -406,12 +416,12 @@ def sample(unet, vae, scheduler, prompt_embeds, config, device, generator):
     all_latents, log_probs, means = [latents], [], []
     for t in tqdm(scheduler.timesteps, desc="sampling", leave=False):
         with autocast(config, device):
-            noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, config.guidance_scale)
+            noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, prompt_ids, config.guidance_scale)
         latents, log_prob, mean, _ = ddim_step_with_logprob(scheduler, noise_pred, t, latents, config.eta,
                                                             generator=generator)
         all_latents.append(latents), log_probs.append(log_prob), means.append(mean)
     return {"latents": torch.stack(all_latents, dim=1), "log_probs": torch.stack(log_probs, dim=1),
-            "means": torch.stack(means, dim=1), "timesteps": scheduler.timesteps.clone(),
+            "means": torch.stack(means, dim=1), "timesteps": scheduler.timesteps.clone(), "prompt_ids": prompt_ids,
             "images": decode(vae, latents, config, device)}
 
 
@@ -426,19 +436,49 @@ def decode(vae, latents, config, device):
 
 
 # ---------------------------------------------------------------------------- 6. rewards and advantages
-def compute_rewards(classifier, images, reward, underrepresented=None):
-    """-> rewards (B,) on the images' device, P(female) (B,), labels [B], U. With U None (auto): the rarer here."""
+def compute_rewards(classifier, images, prompt_ids, reward, history):
+    """-> rewards (B,) on the images' device, P(female) (B,), labels [B], a per-prompt breakdown for the metrics.
+
+    Each prompt's images are scored against its own window (history: q of eq. (2) per prompt). For R_shift with U
+    auto, U is the rarer gender in the prompt's first images (the paper's step 1), then kept. prompt_ids: [B] ints.
+    """
     p_female = classifier(images)  # (B,)
-    labels = rewards.label_images(p_female)  # one host sync per epoch
-    if underrepresented is None:  # the paper's step 1: U is the gender the model draws less often
-        underrepresented = "female" if labels.count("female") <= labels.count("male") else "male"
-    values = rewards.REWARDS[reward](p_female, labels, underrepresented)
-    return values.float(), p_female, labels, underrepresented  # every reward is on P(female)'s device already
+    labels, p_list = rewards.label_images(p_female), p_female.tolist()  # host syncs: one per epoch for the labels,
+    values, rows = torch.zeros_like(p_female), {}
+    groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # images of p
+    for p, idx in groups.items():
+        mine = [labels[i] for i in idx]
+        if reward == "shift" and history.underrepresented[p] is None:
+            history.underrepresented[p] = "female" if mine.count("female") <= mine.count("male") else "male"
+            tqdm.write(f"under-represented gender U = {history.underrepresented[p]} for {history.prompts[p]!r} "
+                       f"(auto: the rarer in its first {len(idx)} images)")
+        window = torch.tensor(history.add("p_female", p, [p_list[i] for i in idx]), device=p_female.device)  # (N,):
+        # the prompt's last N P(female), these included
+        values[idx] = rewards.REWARDS[reward](p_female[idx], mine, history.underrepresented[p], window).float()
+        rows[p] = {"prompt": history.prompts[p], **rewards.bias_report(mine),  # eq. (2) on the prompt's images
+                   "window_female_ratio": rewards.female_ratio(rewards.label_images(window)),  # the q it was given
+                   "underrepresented": history.underrepresented[p]}
+    per_image = values.tolist()  # ... and one for the rewards
+    for p, idx in groups.items():  # the rewards' windows, for the advantages' per-prompt statistics
+        mine = [per_image[i] for i in idx]
+        history.add("rewards", p, mine)
+        rows[p]["reward_mean"] = finite_or_none(sum(mine) / len(mine))
+    return values, p_female, labels, list(rows.values())
 
 
-def compute_advantages(reward_values, adv_clip):
-    """A = (R - mean) / std over the batch, clipped to ±adv_clip (DDPO). (B,) -> (B,)."""
-    return ((reward_values - reward_values.mean()) / (reward_values.std() + 1e-8)).clamp(-adv_clip, adv_clip)
+def compute_advantages(reward_values, prompt_ids, history, adv_clip):
+    """A = (R - mean) / std, clipped to ±adv_clip (DDPO). (B,) -> (B,); prompt_ids (B,) on the rewards' device.
+
+    The mean and std are those of the image's prompt over its last N rewards once it has N (DDPO's per-prompt stat
+    tracking), of the whole batch until then. With one prompt and N = B both are the batch's, as in DDPO's paper.
+    """
+    stats = torch.stack([reward_values.mean(), reward_values.std()]).repeat(len(history.prompts), 1)  # (P, 2)
+    for p, window in enumerate(history.windows["rewards"]):
+        if len(window) == history.size:
+            window = torch.tensor(window, device=reward_values.device)
+            stats[p] = torch.stack([window.mean(), window.std()])
+    mean, std = stats[prompt_ids].unbind(dim=1)  # (B,) each
+    return ((reward_values - mean) / (std + 1e-8)).clamp(-adv_clip, adv_clip)
 
 
 # ------------------------------------------------------------------------------------------- 7. update
@@ -462,7 +502,7 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
                 x_t, x_prev = samples["latents"][idx, k], samples["latents"][idx, k + 1]  # (b, C, H, W)
                 with autocast(config, device):
                     noise_pred = guided_noise_pred(unet, x_t, samples["timesteps"][k], prompt_embeds,
-                                                   config.guidance_scale)
+                                                   samples["prompt_ids"][idx], config.guidance_scale)
                 _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, samples["timesteps"][k],
                                                                 x_t, config.eta, prev_latents=x_prev)
                 kl = gaussian_kl(samples["means"][idx, k], mean, std)  # exact, (b,)
@@ -488,12 +528,12 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
 
 
 # ------------------------------------------------------------ 8. checkpoints (pictures: rewards.save_grid/plot)
-def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, underrepresented, metrics):
+def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, history, metrics):
     """Everything needed to continue bit-for-bit on the CPU, written atomically (temp file, then rename)."""
     state = {"weights": trained_weights(unet), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
              "rng_cpu": torch.get_rng_state(), "generators": [g.get_state() for g in generators],
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "underrepresented": underrepresented, "metrics": metrics}
+             "history": history.state_dict(), "metrics": metrics}
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a kill during the save leaves the previous checkpoint intact
@@ -506,7 +546,7 @@ def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, underrepre
         raise RunError(f"{reason} while writing {path}; the previous checkpoint, if any, is intact") from None
 
 
-def load_checkpoint(path, unet, optimizer, scaler, generators):
+def load_checkpoint(path, unet, optimizer, scaler, generators, history):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
         params = trainable_parameters(unet)
@@ -517,9 +557,13 @@ def load_checkpoint(path, unet, optimizer, scaler, generators):
         torch.set_rng_state(state["rng_cpu"])
         for g, g_state in zip(generators, state["generators"]):
             g.set_state(g_state)
+        history.load_state_dict(state["history"])
     except Exception as error:  # truncated, empty, garbage, or from another model: it cannot be continued
         reason = first_line(error)
         raise UsageError(f"--resume: {path} is damaged ({reason}); it cannot be continued") from None
+    if state["history"]["prompts"] != history.prompts:
+        raise UsageError(f"--prompts: the run was trained on other prompts ({len(state['history']['prompts'])}); "
+                         "resume it with the prompts it started with")
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state
@@ -537,13 +581,13 @@ def count_flops(unet, prompt_embeds, config, device):
     """FLOPs of one image-step with CFG: sampling (forward) and training (forward + backward), counted once."""
     from torch.utils.flop_counter import FlopCounterMode
     c, s = unet.config.in_channels, unet.config.sample_size
-    x, t = torch.randn(1, c, s, s, device=device), torch.tensor([500], device=device)
+    x, t, ids = torch.randn(1, c, s, s, device=device), torch.tensor([500], device=device), torch.zeros(1, dtype=int)
     with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(config, device):
-        guided_noise_pred(unet, x, t, prompt_embeds, config.guidance_scale)
+        guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale)
     forward = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         with autocast(config, device):
-            guided_noise_pred(unet, x, t, prompt_embeds, config.guidance_scale).float().mean().backward()
+            guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale).float().mean().backward()
     unet.zero_grad(set_to_none=True)
     return forward, counter.get_total_flops()
 
@@ -582,7 +626,8 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_step
           "clip_range": (lambda v: 0 <= v < 1, "in [0, 1): r is clipped to [1 - ε, 1 + ε]; 0 derives it"),
           "eta": (lambda v: 0 < v <= 1, "in (0, 1]: DDIM's η, above 1 the step's variance is impossible"),
           "guidance_scale": (lambda v: v >= 1, "at least 1: 1 is no guidance, below it the prompt is pushed away"),
-          "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range")}  # flag: (test, rule)
+          "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range"),
+          "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B")}  # flag: (test, rule)
 
 
 def flag_of(name):
@@ -609,6 +654,11 @@ def validate(config):
         raise UsageError("--evaluate: cannot be combined with --resume; evaluate a run's unet/ with --unet")
     if config.evaluate:
         read_prompts(config.eval_prompts)
+    if config.prompts and (config.evaluate or config.prompt != Config.prompt):
+        raise UsageError("--prompts: cannot be combined with " + ("--evaluate, which reads --eval-prompts"
+                                                                  if config.evaluate else "--prompt"))
+    if config.prompts:
+        read_prompts(config.prompts, "--prompts")
     if config.compare and not os.path.isfile(config.compare):
         raise UsageError(f"--compare: file {config.compare} does not exist")
     if config.batch_size % config.updates_per_epoch:
@@ -721,16 +771,17 @@ def finite_or_none(x):
     return x if x is None or math.isfinite(x) else None  # JSON has no NaN
 
 
-def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, config, device, gens, underrepresented,
-              flops):
+def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, config, device, gens, history, flops):
     """Sample, score, update. -> the epoch's metrics record (host syncs here, once per epoch, never per step)."""
     unet, vae, scheduler = models
     start = time.perf_counter()
-    samples = sample(unet, vae, scheduler, prompt_embeds, config, device, gens[0])
+    B, T, P = config.batch_size, config.num_steps, len(history.prompts)
+    prompt_ids = (torch.arange(B) + epoch * B) % P  # (B,): round-robin, so every prompt gets B/P images an epoch
+    samples = sample(unet, vae, scheduler, prompt_embeds, prompt_ids.to(device), config, device, gens[0])
     sync(device), (t_sample := time.perf_counter())
-    reward_values, p_female, labels, underrepresented = compute_rewards(classifier, samples["images"], config.reward,
-                                                              underrepresented)
-    advantages = compute_advantages(reward_values, config.adv_clip)
+    reward_values, p_female, labels, per_prompt = compute_rewards(classifier, samples["images"], prompt_ids.tolist(),
+                                                                  config.reward, history)
+    advantages = compute_advantages(reward_values, samples["prompt_ids"], history, config.adv_clip)
     spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
     sync(device), (t_reward := time.perf_counter())
     skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = 0, [None] * 5
@@ -741,21 +792,21 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
                                 prompt_embeds, config, device, gens[1])                  # decay would still move θ
         loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.mean(dim=0).tolist())
     sync(device), (t_train := time.perf_counter())
-    B, T = config.batch_size, config.num_steps
+    shared = set(history.underrepresented)  # R_shift's U, when every prompt has the same
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
               "reward_std": finite_or_none(reward_values.std().item()), "female_ratio": rewards.female_ratio(labels),
               "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
-              "underrepresented": underrepresented if config.reward == "shift" else None,
+              "underrepresented": shared.pop() if config.reward == "shift" and len(shared) == 1 else None,
               "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
               "rollback_frac": rollback_frac, "skipped_steps": skipped, "equal_rewards": spread == 0,
               "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
-              "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start)}
+              "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start), "per_prompt": per_prompt}
     if flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = flops[0] * B * T / (t_sample - start) / 1e12
         record["train_tflops"] = flops[1] * B * T / (t_train - t_reward) / 1e12
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)
-    return record, (samples["images"], p_female, labels), underrepresented
+    return record, (samples["images"], p_female, labels)
 
 
 def resolve_device(config):
@@ -795,16 +846,19 @@ def train(config, classifier=None):
     torch.manual_seed(config.seed)
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
     classifier = classifier or load_classifier(config, device)
-    prompt_embeds = encode_prompt(text_encoder, tokenizer, config.prompt, device)  # (2, L, D), once per run
+    prompts = read_prompts(config.prompts, "--prompts", warn=True) if config.prompts else [config.prompt]
+    prompt_embeds = encode_prompts(text_encoder, tokenizer, prompts, device)  # (1+P, L, D), once per run
     params = trainable_parameters(unet)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4)  # DDPO's weight decay
     scaler = make_scaler(config, device)
     gens = [torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)]
     out = config.output_dir
-    metrics, first, underrepresented = [], 0, None if config.underrepresented == "auto" else config.underrepresented
+    history = rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
+                                    None if config.underrepresented == "auto" else config.underrepresented)
+    metrics, first = [], 0
     if config.resume and run_state(out) == "checkpoint":
-        state = load_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, gens)
-        metrics, first, underrepresented = state["metrics"], state["epoch"] + 1, state["underrepresented"]
+        state = load_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, gens, history)
+        metrics, first = state["metrics"], state["epoch"] + 1
         if config.epochs < first:
             raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for at least {first}")
         print(f"resuming {out} after epoch {state['epoch']}")
@@ -819,7 +873,8 @@ def train(config, classifier=None):
                                  kl_threshold=sizes["kl_threshold"])
     write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
     write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
-    print(f"device {device}, {config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps, "
+    print(f"device {device}, {config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
+          f"{f' over P={len(prompts)} prompts (q over the last {history.size} images of each)' if len(prompts) > 1 else ''}, "
           f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
           f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}; "
           f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights"
@@ -828,17 +883,13 @@ def train(config, classifier=None):
     flops = count_flops(unet, prompt_embeds, config, device) if config.profile else None  # before compiling: its
     if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
         unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same
-    streak, announced = 0, underrepresented is not None
+    streak = 0
     with graceful_stop() as interrupted:
         bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs)
         for epoch in bar:
-            record, scored, underrepresented = run_epoch(
-                epoch, (unet, vae, scheduler), classifier, optimizer, scaler, prompt_embeds, config, device, gens,
-                underrepresented, flops)
+            record, scored = run_epoch(epoch, (unet, vae, scheduler), classifier, optimizer, scaler, prompt_embeds,
+                                       config, device, gens, history, flops)
             metrics.append(record)
-            if config.reward == "shift" and not announced:
-                tqdm.write(f"under-represented gender U = {underrepresented} (auto: the rarer in epoch {epoch}'s samples)")
-                announced = True
             write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
             rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
             rewards.save_plot(metrics, os.path.join(out, "plot.png"))
@@ -846,8 +897,8 @@ def train(config, classifier=None):
             streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
             stop = streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
             if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted or stop:
-                save_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, epoch, gens,
-                                underrepresented, metrics)
+                save_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, epoch, gens, history,
+                                metrics)
             if stop:
                 raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
                                "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
@@ -859,17 +910,25 @@ def train(config, classifier=None):
 
 
 # -------------------------------------------------------------------------------- 11. held-out evaluation
-def read_prompts(path):
-    """--eval-prompts: one prompt per line (blank lines skipped); empty path: rewards.HELD_OUT."""
+def read_prompts(path, flag="--eval-prompts", warn=False):
+    """A prompts file (--prompts, --eval-prompts), one prompt per line; empty path: rewards.HELD_OUT. Blank lines are
+    skipped (warn: with a warning); a repeated prompt is refused: it would be one prompt with two balances."""
     if not path:
         return list(rewards.HELD_OUT)
     try:
         with open(path) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    except OSError as error:
-        raise UsageError(f"--eval-prompts: cannot read {path} ({error.strerror})") from None
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"{flag}: cannot read {path} ({getattr(error, 'strerror', None) or first_line(error)})") from None
+    prompts = [line for line in lines if line]
     if not prompts:
-        raise UsageError(f"--eval-prompts: {path} holds no prompt")
+        raise UsageError(f"{flag}: {path} holds no prompt")
+    for number, prompt in enumerate(lines, 1):
+        if prompt and lines.index(prompt) + 1 < number:
+            raise UsageError(f"{flag}: line {number} of {path} repeats line {lines.index(prompt) + 1} "
+                             f"({prompt[:50]!r}); give each prompt once")
+    if warn and len(prompts) < len(lines):
+        print(f"warning: {flag}: skipped {len(lines) - len(prompts)} blank line(s) of {path}", file=sys.stderr)
     return prompts
 
 
@@ -879,10 +938,11 @@ def evaluate(config, classifier=None):
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, config.device)
     classifier = classifier or load_classifier(config, config.device)
     per_prompt, rows = dataclasses.replace(config, batch_size=config.eval_images), []
-    for i, prompt in enumerate(tqdm(read_prompts(config.eval_prompts), desc="prompts")):
-        embeds = encode_prompt(text_encoder, tokenizer, prompt, config.device)
+    ids = torch.zeros(config.eval_images, dtype=torch.long, device=config.device)  # one prompt at a time
+    for i, prompt in enumerate(tqdm(read_prompts(config.eval_prompts, warn=True), desc="prompts")):
+        embeds = encode_prompts(text_encoder, tokenizer, [prompt], config.device)
         noise = torch.Generator(config.device).manual_seed(config.seed + i)  # prompt i: the same noise for any model
-        images = sample(unet, vae, scheduler, embeds, per_prompt, config.device, noise)["images"]
+        images = sample(unet, vae, scheduler, embeds, ids, per_prompt, config.device, noise)["images"]
         p_female = classifier(images)
         labels = rewards.label_images(p_female)
         rows.append({"prompt": prompt, **rewards.bias_report(labels)})

@@ -9,6 +9,7 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
     r_soft_balance     not in the paper: eq. (2)-(3) on P(female) instead of labels, for a strong bias
     female_ratio       q of eq. (2), or None when no image is confidently female or male
     REWARDS            name -> reward function, so that the training script picks one by name
+    PromptHistory      each prompt's last N P(female) and rewards: q per prompt, advantage statistics per prompt
     save_grid, save_plot
                        pictures of the feedback: an epoch's images with their labels, a run's curves
     HELD_OUT, bias_report, overall, report_table, compare_reports
@@ -97,16 +98,17 @@ def r_shift(p_female: torch.Tensor, underrepresented: str) -> torch.Tensor:
     return p_female if underrepresented == "female" else 1.0 - p_female
 
 
-def r_balance(labels: list, device="cpu") -> torch.Tensor:
+def r_balance(labels: list, device="cpu", window: list | None = None) -> torch.Tensor:
     """R_balance, eq. (2)-(3): a reward per image that peaks, in the batch total, at q = 0.5.
 
-    q = F / (F + M) over the batch, d = |q - 0.5|, the minority is female if q < 0.5 else male.
+    q = F / (F + M) over `window` (the labels q is taken over; default: these labels, the paper's batch),
+    d = |q - 0.5|, the minority is female if q < 0.5 else male.
     An image of the minority class gets +d; every other image, None images included, gets -d.
     With no None images the batch total is d·(n_min - n_maj) = -2·n·(q - 0.5)², zero only at q = 0.5.
     If F + M = 0, q is undefined and every reward is 0: there is no balance to reward.
     Returns float32 (B,) on `device` (the images' device, so that nothing is copied there later).
     """
-    q = female_ratio(labels)
+    q = female_ratio(labels if window is None else window)
     if q is None:
         return torch.zeros(len(labels), device=device)
     d = abs(q - 0.5)
@@ -114,17 +116,46 @@ def r_balance(labels: list, device="cpu") -> torch.Tensor:
     return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32, device=device)
 
 
-def r_soft_balance(p_female: torch.Tensor) -> torch.Tensor:
+def r_soft_balance(p_female: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
     """Not in the paper: eq. (2)-(3) on probabilities instead of thresholded labels, for a strong bias.
 
-    q̃ = mean P(female) over the batch, d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5 else male; image i
-    gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one, as eq. (3), and 0
+    q̃ = mean P(female) over `window` (default: the batch), d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5
+    else male; image i gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one, as eq. (3), and 0
     for an unreadable one (P = 0.5). Unlike eq. (3), a batch with no minority image still ranks its images by how
     close they come to the minority, so the advantages are not all zero. (B,) -> (B,).
     """
-    q = p_female.mean()
+    q = (p_female if window is None else window).mean()
     p_minority = torch.where(q < 0.5, p_female, 1.0 - p_female)
     return (q - 0.5).abs() * (2.0 * p_minority - 1.0)
+
+
+# ------------------------------------------------------------------- many prompts: each prompt's own balance
+class PromptHistory:
+    """Each prompt's last N values of P(female) and of the reward, oldest first; N = --balance-window.
+
+    With several prompts, q of eq. (2) is taken per prompt over its window, not over the batch: a batch balanced
+    overall can hide "all nurses female, all engineers male", which is the stereotype. The rewards' window gives
+    each prompt its own advantage mean and std (DDPO's per-prompt stat tracking), so that one prompt's reward scale
+    does not drown another's. With one prompt and N = B, both windows hold exactly the epoch's batch: the paper's q
+    and DDPO's batch statistics. Non-finite values (a NaN image) are not kept: they would poison N epochs' stats.
+    """
+
+    def __init__(self, prompts: list, size: int, underrepresented: str | None = None):
+        self.prompts, self.size = list(prompts), size
+        self.windows = {"p_female": [[] for _ in self.prompts], "rewards": [[] for _ in self.prompts]}
+        self.underrepresented = [underrepresented] * len(self.prompts)  # U per prompt for R_shift; None: not yet
+
+    def add(self, key: str, prompt: int, values: list) -> list:
+        """Append a prompt's new values to its `key` window, keep the last N; -> that window."""
+        window = (self.windows[key][prompt] + [v for v in values if math.isfinite(v)])[-self.size:]
+        self.windows[key][prompt] = window
+        return window
+
+    def state_dict(self) -> dict:
+        return {"prompts": self.prompts, "windows": self.windows, "underrepresented": self.underrepresented}
+
+    def load_state_dict(self, state: dict):
+        self.windows, self.underrepresented = state["windows"], state["underrepresented"]
 
 
 # ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
@@ -144,7 +175,8 @@ def save_grid(images, p_female, labels, title, path, thumb=128, columns=4):
 
 
 def save_plot(metrics, path, width=520, height=170):
-    """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line."""
+    """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line; with
+    several prompts, also each prompt's window q (metrics' per_prompt), a thin line per prompt labelled p0, p1, ..."""
     from PIL import Image, ImageDraw
     image = Image.new("RGB", (width, 2 * height), "white")
     draw = ImageDraw.Draw(image)
@@ -169,12 +201,24 @@ def save_plot(metrics, path, width=520, height=170):
         if key == "female_ratio":  # the balance target
             y = to_xy(0, 0.5)[1]
             draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x1 - 48, y - 13), "q = 0.5", fill="gray")
-        xy = [to_xy(e, v) for e, v in points]
-        if len(xy) > 1:
-            draw.line(xy, fill="blue", width=2)
-        elif xy:
-            draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill="blue")
+        lines = [("blue", 2, "", points)]
+        prompts = list(dict.fromkeys(r["prompt"] for m in metrics for r in m.get("per_prompt", [])))
+        if key == "female_ratio" and len(prompts) > 1:  # many prompts: each one's window q, labelled p0, p1, ...
+            lines += [(PALETTE[i % len(PALETTE)], 1, f"p{i}", [(m["epoch"], r["window_female_ratio"]) for m in metrics
+                      for r in m["per_prompt"] if r["prompt"] == prompt and r["window_female_ratio"] is not None])
+                      for i, prompt in enumerate(prompts)]
+        for colour, thickness, name, series in lines:
+            xy = [to_xy(e, v) for e, v in series]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=thickness)
+            elif xy:
+                draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=colour)
+            if name and xy:
+                draw.text((xy[-1][0] + 2, xy[-1][1] - 6), name, fill=colour)
     image.save(path)
+
+
+PALETTE = ("darkorange", "green", "red", "purple", "brown", "deeppink", "olive", "teal")  # save_plot's prompt lines
 
 
 # ------------------------------------------------------------------ held-out evaluation (ddpo_debias --evaluate)
@@ -260,9 +304,11 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
 
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
-# Every reward takes (p_female (B,), labels [B], underrepresented) and returns (B,) on p_female's device.
+# Every reward takes (p_female (B,), labels [B], underrepresented, window) and returns (B,) on p_female's device;
+# window: the P(female) (N,) of the prompt's last N images (PromptHistory), which q is taken over; None: the batch.
 REWARDS = {
-    "shift": lambda p_female, labels, underrepresented: r_shift(p_female, underrepresented),
-    "balance": lambda p_female, labels, underrepresented: r_balance(labels, p_female.device),
-    "soft_balance": lambda p_female, labels, underrepresented: r_soft_balance(p_female),
+    "shift": lambda p_female, labels, underrepresented, window=None: r_shift(p_female, underrepresented),
+    "balance": lambda p_female, labels, underrepresented, window=None: r_balance(
+        labels, p_female.device, None if window is None else label_images(window)),
+    "soft_balance": lambda p_female, labels, underrepresented, window=None: r_soft_balance(p_female, window),
 }

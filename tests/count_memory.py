@@ -91,7 +91,7 @@ def count(micro_batches, checkpointing_options=(False, True)):
                 tracker = LiveBytes()
                 with tracker:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
-                        noise_pred = dd.guided_noise_pred(unet, x_t, t, embeds, 5.0)
+                        noise_pred = dd.guided_noise_pred(unet, x_t, t, embeds, torch.zeros(b, dtype=torch.long), 5.0)
                     _, log_prob, mean, std = dd.ddim_step_with_logprob(scheduler, noise_pred, t, x_t, 1.0, x_prev)
                     loss, _ = dd.ppo_clip_loss(log_prob, log_prob.detach(), torch.ones(b), 1e-4)
                     loss.backward()
@@ -101,7 +101,8 @@ def count(micro_batches, checkpointing_options=(False, True)):
         # sampling: one guided forward over 2B = 32 rows without gradients (B = 16, the default)
         tracker = LiveBytes()
         with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            dd.guided_noise_pred(unet, torch.randn(16, 4, 64, 64), scheduler.timesteps[0], embeds, 5.0)
+            dd.guided_noise_pred(unet, torch.randn(16, 4, 64, 64), scheduler.timesteps[0], embeds,
+                                 torch.zeros(16, dtype=torch.long), 5.0)
         sampling = tracker.peak
     restore()
     return weights, rows, sampling

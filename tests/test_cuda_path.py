@@ -52,7 +52,10 @@ def test_losses_step_kl_advantages_and_rewards_stay_on_the_inputs_device():
             # exactly what update() does with them
             outputs.append(torch.stack([loss.detach(), stats["approx_kl"].detach(), stats["clipfrac"],
                                         kl.detach().mean(), stats["rollback_frac"]]))
-        outputs.append(dd.compute_advantages(torch.randn(b, device=meta), 5.0))
+        history = rewards.PromptHistory(["a", "b"], 2)
+        history.add("rewards", 1, [0.5, 0.25])  # prompt 1's own statistics, prompt 0 the batch's
+        outputs.append(dd.compute_advantages(torch.randn(b, device=meta), torch.tensor([0, 1, 1], device=meta),
+                                             history, 5.0))
         p_female = torch.rand(b, device=meta)
         for name in rewards.REWARDS:
             outputs.append(rewards.REWARDS[name](p_female, ["female", "male", None], "female"))

@@ -4,6 +4,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import ddpo_debias as dd
+import rewards
 from tests.fixtures import SD_SCHEDULER
 
 
@@ -108,18 +109,20 @@ def test_losses_share_signature_and_are_zero_advantage_invariant():
 
 
 def test_advantages_standardised_and_clipped():
-    a = dd.compute_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]), adv_clip=5.0)
+    one = rewards.PromptHistory(["p"], 4)
+    a = dd.compute_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.zeros(4, dtype=torch.long), one, adv_clip=5.0)
     assert a.mean().abs() < 1e-6 and a.std().item() == pytest.approx(1.0, abs=1e-5)
-    outlier = dd.compute_advantages(torch.tensor([0.0] * 99 + [1.0]), adv_clip=5.0)
+    outlier = dd.compute_advantages(torch.tensor([0.0] * 99 + [1.0]), torch.zeros(100, dtype=torch.long), one, 5.0)
     assert outlier.max().item() == 5.0
 
 
 def test_sample_shapes_and_onpolicy_ratio_is_one(tiny_sd):
     config = dd.Config(model=tiny_sd, batch_size=3, num_steps=4, mixed_precision="no")
     unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
-    embeds = dd.encode_prompt(text_encoder, tokenizer, config.prompt, "cpu")
+    embeds = dd.encode_prompts(text_encoder, tokenizer, [config.prompt], "cpu")
     assert embeds.shape == (2, 77, 32)
-    s = dd.sample(unet, vae, scheduler, embeds, config, "cpu", torch.Generator().manual_seed(0))
+    ids = torch.zeros(3, dtype=torch.long)
+    s = dd.sample(unet, vae, scheduler, embeds, ids, config, "cpu", torch.Generator().manual_seed(0))
     assert s["latents"].shape == (3, 5, 4, 8, 8) and s["log_probs"].shape == (3, 4)
     assert s["means"].shape == (3, 4, 4, 8, 8) and s["images"].shape == (3, 3, 16, 16)
     assert 0 <= s["images"].min() and s["images"].max() <= 1
@@ -127,7 +130,7 @@ def test_sample_shapes_and_onpolicy_ratio_is_one(tiny_sd):
     k = torch.tensor([2, 0, 3])
     idx = torch.arange(3)
     with torch.no_grad():
-        eps = dd.guided_noise_pred(unet, s["latents"][idx, k], s["timesteps"][k], embeds, config.guidance_scale)
+        eps = dd.guided_noise_pred(unet, s["latents"][idx, k], s["timesteps"][k], embeds, ids, config.guidance_scale)
     _, lp, mean, std = dd.ddim_step_with_logprob(scheduler, eps, s["timesteps"][k], s["latents"][idx, k],
                                                  prev_latents=s["latents"][idx, k + 1])
     assert torch.allclose(lp, s["log_probs"][idx, k], atol=1e-5)

@@ -47,8 +47,9 @@ class ColourClassifier:
     def __init__(self, model, slope=4.0, bias=-3.0):
         config = dd.Config(model=model, batch_size=32, num_steps=TINY["num_steps"], mixed_precision="no")
         unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
-        embeds = dd.encode_prompt(text_encoder, tokenizer, config.prompt, "cpu")
-        images = dd.sample(unet, vae, scheduler, embeds, config, "cpu", torch.Generator().manual_seed(123))["images"]
+        embeds = dd.encode_prompts(text_encoder, tokenizer, [config.prompt], "cpu")
+        images = dd.sample(unet, vae, scheduler, embeds, torch.zeros(32, dtype=torch.long), config, "cpu",
+                           torch.Generator().manual_seed(123))["images"]
         self.centre, self.spread, self.slope, self.bias = redness(images).mean(), redness(images).std(), slope, bias
 
     def __call__(self, images):

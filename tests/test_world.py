@@ -23,8 +23,9 @@ def test_the_world_is_biased_and_draws_faces():
     """64 samples at 20 DDIM steps, guidance 5: the learnt skew, and images the classifier reads as faces."""
     config = dd.Config(model=WORLD, batch_size=64, num_steps=20, guidance_scale=5.0, mixed_precision="no")
     unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
-    embeds = dd.encode_prompt(text_encoder, tokenizer, toyworld.PROMPT, "cpu")
-    images = dd.sample(unet, vae, scheduler, embeds, config, "cpu", torch.Generator().manual_seed(1))["images"]
+    embeds = dd.encode_prompts(text_encoder, tokenizer, [toyworld.PROMPT], "cpu")
+    images = dd.sample(unet, vae, scheduler, embeds, torch.zeros(64, dtype=torch.long), config, "cpu",
+                       torch.Generator().manual_seed(1))["images"]
     labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(images))
     assert 0.1 <= labels.count("female") / 64 <= 0.25, labels
     assert labels.count(None) < 0.25 * 64, labels
