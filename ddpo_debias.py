@@ -438,32 +438,11 @@ def decode(vae, latents, config, device):
 # ---------------------------------------------------------------------------- 6. rewards and advantages
 def compute_rewards(classifier, images, prompt_ids, reward, history):
     """-> rewards (B,) on the images' device, P(female) (B,), labels [B], a per-prompt breakdown for the metrics.
-
-    Each prompt's images are scored against its own window (history: q of eq. (2) per prompt). For R_shift with U
-    auto, U is the rarer gender in the prompt's first images (the paper's step 1), then kept. prompt_ids: [B] ints.
-    """
+    Each prompt's images are scored against that prompt's own window (PromptHistory.score). prompt_ids: [B] ints."""
     p_female = classifier(images)  # (B,)
-    labels, p_list = rewards.label_images(p_female), p_female.tolist()  # host syncs: one per epoch for the labels,
-    values, rows = torch.zeros_like(p_female), {}
-    groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # images of p
-    for p, idx in groups.items():
-        mine = [labels[i] for i in idx]
-        if reward == "shift" and history.underrepresented[p] is None:
-            history.underrepresented[p] = "female" if mine.count("female") <= mine.count("male") else "male"
-            tqdm.write(f"under-represented gender U = {history.underrepresented[p]} for {history.prompts[p]!r} "
-                       f"(auto: the rarer in its first {len(idx)} images)")
-        window = torch.tensor(history.add("p_female", p, [p_list[i] for i in idx]), device=p_female.device)  # (N,):
-        # the prompt's last N P(female), these included
-        values[idx] = rewards.REWARDS[reward](p_female[idx], mine, history.underrepresented[p], window).float()
-        rows[p] = {"prompt": history.prompts[p], **rewards.bias_report(mine),  # eq. (2) on the prompt's images
-                   "window_female_ratio": rewards.female_ratio(rewards.label_images(window)),  # the q it was given
-                   "underrepresented": history.underrepresented[p]}
-    per_image = values.tolist()  # ... and one for the rewards
-    for p, idx in groups.items():  # the rewards' windows, for the advantages' per-prompt statistics
-        mine = [per_image[i] for i in idx]
-        history.add("rewards", p, mine)
-        rows[p]["reward_mean"] = finite_or_none(sum(mine) / len(mine))
-    return values, p_female, labels, list(rows.values())
+    labels = rewards.label_images(p_female)  # one host sync per epoch (and one in score() for the rewards)
+    values, per_prompt = history.score(rewards.REWARDS[reward], p_female, labels, prompt_ids, reward == "shift")
+    return values, p_female, labels, per_prompt
 
 
 def compute_advantages(reward_values, prompt_ids, history, adv_clip):
@@ -911,24 +890,15 @@ def train(config, classifier=None):
 
 # -------------------------------------------------------------------------------- 11. held-out evaluation
 def read_prompts(path, flag="--eval-prompts", warn=False):
-    """A prompts file (--prompts, --eval-prompts), one prompt per line; empty path: rewards.HELD_OUT. Blank lines are
-    skipped (warn: with a warning); a repeated prompt is refused: it would be one prompt with two balances."""
+    """--prompts or --eval-prompts (rewards.read_prompts: blank lines skipped, repeats refused); empty: HELD_OUT."""
     if not path:
         return list(rewards.HELD_OUT)
     try:
-        with open(path) as f:
-            lines = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"{flag}: cannot read {path} ({getattr(error, 'strerror', None) or first_line(error)})") from None
-    prompts = [line for line in lines if line]
-    if not prompts:
-        raise UsageError(f"{flag}: {path} holds no prompt")
-    for number, prompt in enumerate(lines, 1):
-        if prompt and lines.index(prompt) + 1 < number:
-            raise UsageError(f"{flag}: line {number} of {path} repeats line {lines.index(prompt) + 1} "
-                             f"({prompt[:50]!r}); give each prompt once")
-    if warn and len(prompts) < len(lines):
-        print(f"warning: {flag}: skipped {len(lines) - len(prompts)} blank line(s) of {path}", file=sys.stderr)
+        prompts, blank = rewards.read_prompts(path)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from None
+    if warn and blank:
+        print(f"warning: {flag}: skipped {blank} blank line(s) of {path}", file=sys.stderr)
     return prompts
 
 

@@ -10,6 +10,7 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
     female_ratio       q of eq. (2), or None when no image is confidently female or male
     REWARDS            name -> reward function, so that the training script picks one by name
     PromptHistory      each prompt's last N P(female) and rewards: q per prompt, advantage statistics per prompt
+    read_prompts       a prompts file (--prompts, --eval-prompts)
     save_grid, save_plot
                        pictures of the feedback: an epoch's images with their labels, a run's curves
     HELD_OUT, bias_report, overall, report_table, compare_reports
@@ -22,6 +23,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 THRESHOLD = 0.7  # the paper's confidence level: a label counts only where its probability is above it
 FEMALE_NAMES = ("female", "woman", "women")
@@ -151,11 +153,53 @@ class PromptHistory:
         self.windows[key][prompt] = window
         return window
 
+    def score(self, reward, p_female: torch.Tensor, labels: list, prompt_ids: list, choose_u: bool):
+        """Each prompt's images scored by `reward` (a REWARDS entry) against the prompt's own window; both windows
+        updated. choose_u: R_shift with U auto, chosen per prompt as the rarer gender in its first images (the
+        paper's step 1), then kept. -> rewards (B,) on p_female's device, a metrics row per prompt present."""
+        p_list, values, rows = p_female.tolist(), torch.zeros_like(p_female), {}
+        groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
+        for p, idx in groups.items():
+            mine = [labels[i] for i in idx]
+            if choose_u and self.underrepresented[p] is None:
+                self.underrepresented[p] = "female" if mine.count("female") <= mine.count("male") else "male"
+                tqdm.write(f"under-represented gender U = {self.underrepresented[p]} for {self.prompts[p]!r} (auto: "
+                           f"the rarer in its first {len(idx)} images)")
+            window = torch.tensor(self.add("p_female", p, [p_list[i] for i in idx]), device=p_female.device)  # (N,)
+            values[idx] = reward(p_female[idx], mine, self.underrepresented[p], window).float()
+            rows[p] = {"prompt": self.prompts[p], **bias_report(mine),  # eq. (2) on this epoch's images of p
+                       "window_female_ratio": female_ratio(label_images(window)),  # the q that R_balance used
+                       "underrepresented": self.underrepresented[p]}
+        per_image = values.tolist()  # one host sync for the rewards' windows (the advantages' statistics)
+        for p, idx in groups.items():
+            mine = [per_image[i] for i in idx]
+            self.add("rewards", p, mine)
+            rows[p]["reward_mean"] = sum(mine) / len(mine) if all(map(math.isfinite, mine)) else None  # JSON: no NaN
+        return values, list(rows.values())
+
     def state_dict(self) -> dict:
         return {"prompts": self.prompts, "windows": self.windows, "underrepresented": self.underrepresented}
 
     def load_state_dict(self, state: dict):
         self.windows, self.underrepresented = state["windows"], state["underrepresented"]
+
+
+def read_prompts(path: str) -> tuple:
+    """A prompts file, one prompt per line -> (prompts, blank lines skipped). A repeated prompt is refused: it would
+    be one prompt with two windows. ValueError, one line, for a file that cannot be read or holds no prompt."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path} ({getattr(error, 'strerror', None) or error})") from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt")
+    for number, prompt in enumerate(lines, 1):
+        if prompt and lines.index(prompt) + 1 < number:
+            raise ValueError(f"line {number} of {path} repeats line {lines.index(prompt) + 1} ({prompt[:50]!r}); "
+                             "give each prompt once")
+    return prompts, len(lines) - len(prompts)
 
 
 # ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
