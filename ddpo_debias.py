@@ -64,8 +64,9 @@ class Config:
     """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images (PromptHistory);
     0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
     reward: str = "balance"
-    """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), or 'soft_balance' (eq. 2-3 on P(female), not in the
-    paper: its advantages are not all zero when a batch holds no minority image); see rewards.REWARDS."""
+    """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), 'soft_balance' (eq. 2-3 on P(female), not in the
+    paper: its advantages are not all zero when a batch holds no minority image), or 'rank' (the judge ranks the
+    images, --judge-url); see rewards.REWARDS."""
     underrepresented: str = "auto"
     """U for --reward shift: female, male, or auto = the rarer gender in the first epoch's samples (paper step 1)."""
     trust_region: str = "clip"
@@ -74,6 +75,19 @@ class Config:
     """The policy: a hub id or a local Stable Diffusion pipeline folder."""
     classifier: str = "rizvandwiki/gender-classification-2"
     """The AI feedback: a hub id or a local image-classification folder with female and male labels."""
+    labeller: str = "classifier"
+    """Who labels the images: 'classifier' (--classifier) or 'judge' (a chat model that sees them, --judge-url)."""
+    judge_url: str = ""
+    """The judge (--labeller judge, --reward rank): an OpenAI-compatible API with image input, e.g.
+    http://localhost:8000/v1. Its key, if it needs one, comes from $JUDGE_API_KEY only (README "An AI judge")."""
+    judge_model: str = ""
+    """The model the judge server serves, by the name its API knows it."""
+    judge_group: int = 4
+    """--reward rank: images ranked together in one request (k); ranks become centred Borda rewards (Judge.rank)."""
+    judge_criterion: str = "how well the image matches the prompt and how natural and undistorted the face looks"
+    """--reward rank: what the judge ranks the images by."""
+    judge_image_size: int = 256
+    """Pixels (square) of the PNG each image is sent as: a larger one reads better and costs more tokens."""
     epochs: int = 100
     """Epochs of sample-then-update; DDPO's runs take about 100 to move a reward."""
     batch_size: int = 16
@@ -137,7 +151,7 @@ class Config:
     """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
 
 
-CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"),
+CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"), "labeller": ("classifier", "judge"),
            "underrepresented": ("female", "male", "auto"), "mixed_precision": ("auto", "no", "fp16", "bf16")}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
@@ -365,6 +379,16 @@ def derived_sizes(config, unet):
             "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
 
 
+def load_judge(config):
+    """The judge for --labeller judge or --reward rank, checked at once (reachable, key taken), else None."""
+    if config.labeller != "judge" and config.reward != "rank":
+        return None
+    judge = rewards.Judge(config.judge_url, config.judge_model, config.judge_criterion, config.judge_group,
+                          config.judge_image_size, config.seed)
+    judge.check()  # JudgeError, one line naming --judge-url (main)
+    return judge
+
+
 def load_classifier(config, device):
     check_source("--classifier", config.classifier, "an image-classification model", "config.json")
     with loading("--classifier", config.classifier):
@@ -436,12 +460,14 @@ def decode(vae, latents, config, device):
 
 
 # ---------------------------------------------------------------------------- 6. rewards and advantages
-def compute_rewards(classifier, images, prompt_ids, reward, history):
+def compute_rewards(run, images, prompt_ids, reward):
     """-> rewards (B,) on the images' device, P(female) (B,), labels [B], a per-prompt breakdown for the metrics.
     Each prompt's images are scored against that prompt's own window (PromptHistory.score). prompt_ids: [B] ints."""
-    p_female = classifier(images)  # (B,)
+    p_female = run.labeller(images)  # (B,)
     labels = rewards.label_images(p_female)  # one host sync per epoch (and one in score() for the rewards)
-    values, per_prompt = history.score(rewards.REWARDS[reward], p_female, labels, prompt_ids, reward == "shift")
+    ranks = run.judge.rank(images, [run.history.prompts[p] for p in prompt_ids]) if reward == "rank" else None
+    values, per_prompt = run.history.score(rewards.REWARDS[reward], p_female, labels, prompt_ids, reward == "shift",
+                                           ranks)
     return values, p_female, labels, per_prompt
 
 
@@ -507,12 +533,13 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
 
 
 # ------------------------------------------------------------ 8. checkpoints (pictures: rewards.save_grid/plot)
-def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, history, metrics):
+def save_checkpoint(path, run, epoch, metrics):
     """Everything needed to continue bit-for-bit on the CPU, written atomically (temp file, then rename)."""
-    state = {"weights": trained_weights(unet), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-             "rng_cpu": torch.get_rng_state(), "generators": [g.get_state() for g in generators],
+    state = {"weights": trained_weights(run.unet), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict(), "epoch": epoch, "rng_cpu": torch.get_rng_state(),
+             "generators": [g.get_state() for g in run.gens],
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "history": history.state_dict(), "metrics": metrics}
+             "history": run.history.state_dict(), "metrics": metrics}
     try:
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)  # a kill during the save leaves the previous checkpoint intact
@@ -525,22 +552,22 @@ def save_checkpoint(path, unet, optimizer, scaler, epoch, generators, history, m
         raise RunError(f"{reason} while writing {path}; the previous checkpoint, if any, is intact") from None
 
 
-def load_checkpoint(path, unet, optimizer, scaler, generators, history):
+def load_checkpoint(path, run):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
-        params = trainable_parameters(unet)
+        params = trainable_parameters(run.unet)
         with torch.no_grad():
             for name, weight in state["weights"].items():
                 params[name].copy_(weight)
-        optimizer.load_state_dict(state["optimizer"]), scaler.load_state_dict(state["scaler"])
+        run.optimizer.load_state_dict(state["optimizer"]), run.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        for g, g_state in zip(generators, state["generators"]):
+        for g, g_state in zip(run.gens, state["generators"]):
             g.set_state(g_state)
-        history.load_state_dict(state["history"])
+        run.history.load_state_dict(state["history"])
     except Exception as error:  # truncated, empty, garbage, or from another model: it cannot be continued
         reason = first_line(error)
         raise UsageError(f"--resume: {path} is damaged ({reason}); it cannot be continued") from None
-    if state["history"]["prompts"] != history.prompts:
+    if state["history"]["prompts"] != run.history.prompts:
         raise UsageError(f"--prompts: the run was trained on other prompts ({len(state['history']['prompts'])}); "
                          "resume it with the prompts it started with")
     if state["rng_cuda"] is not None and torch.cuda.is_available():
@@ -606,7 +633,9 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_step
           "eta": (lambda v: 0 < v <= 1, "in (0, 1]: DDIM's η, above 1 the step's variance is impossible"),
           "guidance_scale": (lambda v: v >= 1, "at least 1: 1 is no guidance, below it the prompt is pushed away"),
           "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range"),
-          "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B")}  # flag: (test, rule)
+          "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B"),
+          "judge_group": (lambda v: v >= 2, "at least 2: a ranking needs two images"),
+          "judge_image_size": (lambda v: v >= 16, "at least 16 pixels")}  # flag: (test, rule)
 
 
 def flag_of(name):
@@ -638,6 +667,13 @@ def validate(config):
                                                                   if config.evaluate else "--prompt"))
     if config.prompts:
         read_prompts(config.prompts, "--prompts")
+    judged = config.labeller == "judge" or config.reward == "rank"
+    for name in ("judge_url", "judge_model"):
+        if judged != bool(getattr(config, name)):
+            raise UsageError(f"{flag_of(name)}: " + ("needed by" if judged else "only used with") +
+                             " --labeller judge and --reward rank")
+    if judged and not config.judge_url.startswith(("http://", "https://")):
+        raise UsageError(f"--judge-url: must start with http:// or https://, got {config.judge_url!r}")
     if config.compare and not os.path.isfile(config.compare):
         raise UsageError(f"--compare: file {config.compare} does not exist")
     if config.batch_size % config.updates_per_epoch:
@@ -750,28 +786,45 @@ def finite_or_none(x):
     return x if x is None or math.isfinite(x) else None  # JSON has no NaN
 
 
-def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, config, device, gens, history, flops):
+@dataclass
+class Run:
+    """What a training run holds from epoch to epoch, in one place: run_epoch uses it, the checkpoint saves it."""
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+    labeller: object  # images (B, 3, H, W) -> P(female) (B,): the classifier, or the judge with --labeller judge
+    judge: object  # rewards.Judge with --labeller judge or --reward rank, else None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    prompt_embeds: torch.Tensor  # (1+P, L, D), encode_prompts
+    gens: list  # [the sampling noise's generator (on the device), the update's shuffles' (CPU)]
+    history: rewards.PromptHistory
+    flops: tuple | None  # --profile: count_flops
+
+
+def run_epoch(epoch, run, config):
     """Sample, score, update. -> the epoch's metrics record (host syncs here, once per epoch, never per step)."""
-    unet, vae, scheduler = models
+    unet, device = run.unet, config.device
     start = time.perf_counter()
-    B, T, P = config.batch_size, config.num_steps, len(history.prompts)
+    B, T, P = config.batch_size, config.num_steps, len(run.history.prompts)
     prompt_ids = (torch.arange(B) + epoch * B) % P  # (B,): round-robin, so every prompt gets B/P images an epoch
-    samples = sample(unet, vae, scheduler, prompt_embeds, prompt_ids.to(device), config, device, gens[0])
+    samples = sample(unet, run.vae, run.scheduler, run.prompt_embeds, prompt_ids.to(device), config, device,
+                     run.gens[0])
     sync(device), (t_sample := time.perf_counter())
-    reward_values, p_female, labels, per_prompt = compute_rewards(classifier, samples["images"], prompt_ids.tolist(),
-                                                                  config.reward, history)
-    advantages = compute_advantages(reward_values, samples["prompt_ids"], history, config.adv_clip)
+    reward_values, p_female, labels, per_prompt = compute_rewards(run, samples["images"], prompt_ids.tolist(),
+                                                                  config.reward)
+    advantages = compute_advantages(reward_values, samples["prompt_ids"], run.history, config.adv_clip)
     spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
     sync(device), (t_reward := time.perf_counter())
     skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = 0, [None] * 5
     if not math.isfinite(spread):  # a non-finite reward would poison every weight: skip this epoch's update
         skipped = config.updates_per_epoch
     elif spread > 0:  # equal rewards (q = 0.5 exactly, no minority image, all "none") mean A = 0: no signal, and
-        stats, skipped = update(unet, optimizer, scaler, scheduler, samples, advantages,  # AdamW's momentum and
-                                prompt_embeds, config, device, gens[1])                  # decay would still move θ
+        stats, skipped = update(unet, run.optimizer, run.scaler, run.scheduler, samples, advantages,  # AdamW's
+                                run.prompt_embeds, config, device, run.gens[1])  # momentum and decay would move θ
         loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.mean(dim=0).tolist())
     sync(device), (t_train := time.perf_counter())
-    shared = set(history.underrepresented)  # R_shift's U, when every prompt has the same
+    shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
               "reward_std": finite_or_none(reward_values.std().item()), "female_ratio": rewards.female_ratio(labels),
               "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
@@ -780,9 +833,11 @@ def run_epoch(epoch, models, classifier, optimizer, scaler, prompt_embeds, confi
               "rollback_frac": rollback_frac, "skipped_steps": skipped, "equal_rewards": spread == 0,
               "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
               "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start), "per_prompt": per_prompt}
-    if flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
-        record["sample_tflops"] = flops[0] * B * T / (t_sample - start) / 1e12
-        record["train_tflops"] = flops[1] * B * T / (t_train - t_reward) / 1e12
+    if run.judge:  # the judge's requests, retries, unparsed answers and tokens this epoch
+        record["judge"] = run.judge.take_stats()
+    if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
+        record["sample_tflops"] = run.flops[0] * B * T / (t_sample - start) / 1e12
+        record["train_tflops"] = run.flops[1] * B * T / (t_train - t_reward) / 1e12
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)
     return record, (samples["images"], p_female, labels)
@@ -823,20 +878,21 @@ def train(config, classifier=None):
     config = resolve_device(config)
     device = config.device
     torch.manual_seed(config.seed)
+    judge = load_judge(config)  # first: an unreachable judge is reported before minutes of loading
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
-    classifier = classifier or load_classifier(config, device)
+    labeller = classifier or (judge if config.labeller == "judge" else load_classifier(config, device))
     prompts = read_prompts(config.prompts, "--prompts", warn=True) if config.prompts else [config.prompt]
-    prompt_embeds = encode_prompts(text_encoder, tokenizer, prompts, device)  # (1+P, L, D), once per run
     params = trainable_parameters(unet)
-    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4)  # DDPO's weight decay
-    scaler = make_scaler(config, device)
-    gens = [torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)]
-    out = config.output_dir
-    history = rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
-                                    None if config.underrepresented == "auto" else config.underrepresented)
+    run = Run(unet, vae, scheduler, labeller, judge,
+              torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
+              make_scaler(config, device), encode_prompts(text_encoder, tokenizer, prompts, device),  # once per run
+              [torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
+              rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
+                                    None if config.underrepresented == "auto" else config.underrepresented), None)
+    out, history = config.output_dir, run.history
     metrics, first = [], 0
     if config.resume and run_state(out) == "checkpoint":
-        state = load_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, gens, history)
+        state = load_checkpoint(os.path.join(out, "checkpoint.pt"), run)
         metrics, first = state["metrics"], state["epoch"] + 1
         if config.epochs < first:
             raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for at least {first}")
@@ -859,15 +915,14 @@ def train(config, classifier=None):
           f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights"
           + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}" if config.trust_region == "truly"
              else f"; clip ε={config.clip_range:.3g}"))
-    flops = count_flops(unet, prompt_embeds, config, device) if config.profile else None  # before compiling: its
+    run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None  # before compiling: its
     if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
         unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same
     streak = 0
     with graceful_stop() as interrupted:
         bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs)
         for epoch in bar:
-            record, scored = run_epoch(epoch, (unet, vae, scheduler), classifier, optimizer, scaler, prompt_embeds,
-                                       config, device, gens, history, flops)
+            record, scored = run_epoch(epoch, run, config)
             metrics.append(record)
             write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
             rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
@@ -876,8 +931,7 @@ def train(config, classifier=None):
             streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
             stop = streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
             if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted or stop:
-                save_checkpoint(os.path.join(out, "checkpoint.pt"), unet, optimizer, scaler, epoch, gens, history,
-                                metrics)
+                save_checkpoint(os.path.join(out, "checkpoint.pt"), run, epoch, metrics)
             if stop:
                 raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
                                "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
@@ -906,7 +960,8 @@ def evaluate(config, classifier=None):
     """The bias report of a model on held-out prompts -> eval.json, eval_NN.png per prompt, a printed table."""
     config = resolve_device(config)
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, config.device)
-    classifier = classifier or load_classifier(config, config.device)
+    judge = load_judge(config)
+    classifier = classifier or (judge if config.labeller == "judge" else load_classifier(config, config.device))
     per_prompt, rows = dataclasses.replace(config, batch_size=config.eval_images), []
     ids = torch.zeros(config.eval_images, dtype=torch.long, device=config.device)  # one prompt at a time
     for i, prompt in enumerate(tqdm(read_prompts(config.eval_prompts, warn=True), desc="prompts")):
@@ -940,6 +995,9 @@ def main(argv=None):
         evaluate(config) if config.evaluate else train(config)
     except UsageError as error:
         print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
+        return 2
+    except rewards.JudgeError as error:  # unreachable at the start, or failing after its retries (last checkpoint kept)
+        print(f"ddpo_debias.py: error: --judge-url: {error}", file=sys.stderr)
         return 2
     except torch.OutOfMemoryError:
         print("ddpo_debias.py: error: out of GPU memory; lower it with --low-memory, a smaller --train-batch-size "

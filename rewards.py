@@ -18,8 +18,17 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
 
 Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
+import base64
+import concurrent.futures
+import io
 import json
 import math
+import os
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
 
 import torch
 import torch.nn.functional as F
@@ -153,10 +162,11 @@ class PromptHistory:
         self.windows[key][prompt] = window
         return window
 
-    def score(self, reward, p_female: torch.Tensor, labels: list, prompt_ids: list, choose_u: bool):
+    def score(self, reward, p_female: torch.Tensor, labels: list, prompt_ids: list, choose_u: bool, ranks=None):
         """Each prompt's images scored by `reward` (a REWARDS entry) against the prompt's own window; both windows
         updated. choose_u: R_shift with U auto, chosen per prompt as the rarer gender in its first images (the
-        paper's step 1), then kept. -> rewards (B,) on p_female's device, a metrics row per prompt present."""
+        paper's step 1), then kept. ranks: the judge's (B,) for --reward rank. -> rewards (B,) on p_female's device,
+        a metrics row per prompt present."""
         p_list, values, rows = p_female.tolist(), torch.zeros_like(p_female), {}
         groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
         for p, idx in groups.items():
@@ -166,7 +176,8 @@ class PromptHistory:
                 tqdm.write(f"under-represented gender U = {self.underrepresented[p]} for {self.prompts[p]!r} (auto: "
                            f"the rarer in its first {len(idx)} images)")
             window = torch.tensor(self.add("p_female", p, [p_list[i] for i in idx]), device=p_female.device)  # (N,)
-            values[idx] = reward(p_female[idx], mine, self.underrepresented[p], window).float()
+            values[idx] = reward(p_female[idx], mine, self.underrepresented[p], window,
+                                 None if ranks is None else ranks[idx]).float()
             rows[p] = {"prompt": self.prompts[p], **bias_report(mine),  # eq. (2) on this epoch's images of p
                        "window_female_ratio": female_ratio(label_images(window)),  # the q that R_balance used
                        "underrepresented": self.underrepresented[p]}
@@ -265,6 +276,165 @@ def save_plot(metrics, path, width=520, height=170):
 PALETTE = ("darkorange", "green", "red", "purple", "brown", "deeppink", "olive", "teal")  # save_plot's prompt lines
 
 
+# --------------------------------------------------------- the AI judge: a chat model that sees the images
+# The second source of feedback: a vision-language model behind any OpenAI-compatible chat-completions endpoint
+# (a hosted API, vLLM, llama.cpp's server, Ollama) labels each image, or ranks the batch's images in groups: RLHF
+# with a chat model as the annotator. Standard library only: urllib, json, base64, threads.
+JUDGE_KEY_ENV = "JUDGE_API_KEY"  # the API key's only source: never a flag, never logged, printed or saved
+LABEL_QUESTION = ('Is the person in this image female or male? Answer with JSON only, one of {"gender": "female"}, '
+                  '{"gender": "male"}, {"gender": "unclear"}; "unclear" if there is no face or you cannot tell.')
+P_FEMALE = {"female": 1.0, "male": 0.0, "unclear": 0.5}  # a judge's label as P(female): label_images maps it back
+RANK_QUESTION = ('These {k} images were generated for the prompt "{prompt}". Rank them, best first, by this '
+                 'criterion: {criterion}. Answer with JSON only: {{"ranking": [...]}}, the image numbers 1 to {k} '
+                 'each once, best first.')
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)  # worth another try: rate limits and a server's passing trouble
+
+
+class JudgeError(Exception):
+    """The judge cannot be reached or keeps failing: one line that names --judge-url and never holds the key."""
+
+
+class Judge:
+    """A chat model as the annotator: `judge(images)` -> P(female) (B,) from its labels, `rank` -> Borda rewards.
+
+    Each request is a chat completion with the images as base64 PNG data URLs (image_size pixels square). A request
+    gets `timeout` seconds; connection errors, timeouts, 408, 429 and 5xx are retried `retries` times with doubling
+    waits from `backoff` seconds (429's Retry-After is honoured), then JudgeError. At most `parallel` requests are in
+    flight. An answer that is not the JSON asked for is asked again once, then counted as "unclear" (labels) or a
+    tie (ranks) and reported, never guessed. `take_stats()` gives the epoch's requests, retries, unparsed answers
+    and tokens (from the responses' `usage`) for metrics.jsonl.
+    """
+
+    def __init__(self, url: str, model: str, criterion: str, group: int = 4, image_size: int = 256, seed: int = 0,
+                 timeout: float = 120.0, retries: int = 4, parallel: int = 4, backoff: float = 1.0):
+        self.url, self.model, self.criterion, self.group, self.image_size = url.rstrip("/"), model, criterion, group, image_size
+        self.timeout, self.retries, self.parallel, self.backoff = timeout, retries, parallel, backoff
+        self._key = os.environ.get(JUDGE_KEY_ENV)  # read once, sent only in the Authorization header
+        self._shuffle = random.Random(seed)  # the group layouts: a fresh shuffle per request against position bias
+        self._lock, self.stats = threading.Lock(), None  # the counts, from the request threads
+        self.take_stats()
+
+    def __repr__(self):  # never the key
+        return f"Judge({self.url!r}, model={self.model!r})"
+
+    def take_stats(self) -> dict:
+        """The counts since the last call (an epoch's), and zero them."""
+        with self._lock:
+            stats, self.stats = self.stats, dict.fromkeys(
+                ("requests", "retries", "unparsed", "prompt_tokens", "completion_tokens"), 0)
+        return stats
+
+    def _count(self, **counts):
+        with self._lock:
+            for key, n in counts.items():
+                self.stats[key] += n
+
+    def _http(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
+        """One call with retries (default: self.retries): GET when body is None, else POST of JSON. -> its JSON."""
+        retries = self.retries if retries is None else retries
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
+        data = None if body is None else json.dumps(body).encode()
+        for attempt in range(retries + 1):
+            wait = self.backoff * 2**attempt
+            try:
+                request = urllib.request.Request(self.url + path, data=data, headers=headers)
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                reason = f"HTTP {error.code} {error.reason}"
+                if error.code not in RETRY_STATUS:
+                    raise JudgeError(f"{self.url}{path} answered {reason}" + (
+                        f"; check the key in ${JUDGE_KEY_ENV}" if error.code in (401, 403) else "")) from None
+                retry_after = error.headers.get("Retry-After", "")
+                wait = min(float(retry_after), 60.0) if retry_after.replace(".", "", 1).isdigit() else wait
+            except (urllib.error.URLError, OSError, ValueError) as error:  # refused, DNS, timeout, a non-JSON body
+                reason = str(getattr(error, "reason", None) or error).splitlines()[0][:120] or type(error).__name__
+            if attempt < retries:
+                self._count(retries=1)
+                time.sleep(wait)
+        raise JudgeError(f"{self.url}{path} failed {retries + 1} time{'s' if retries else ''} (last: {reason})")
+
+    def check(self):
+        """At the start, one try: the server answers and takes the key. One without GET /models (404) passes."""
+        try:
+            self._http("/models", retries=0)
+        except JudgeError as error:
+            if "HTTP 404" not in str(error):
+                raise
+
+    def ask(self, text: str, images: list, parse, instead: str):
+        """One chat completion with `images` (PNG bytes) after `text`; -> parse(the answer's JSON), or None when
+        the answer is still not what parse wants after one more try: counted in "unparsed", reported as `instead`."""
+        content = [{"type": "text", "text": text}] + [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}}
+            for png in images]
+        body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0,
+                "max_tokens": 200}
+        for attempt in range(2):
+            response = self._http("/chat/completions", body)
+            usage = response.get("usage") or {}
+            self._count(requests=1, prompt_tokens=usage.get("prompt_tokens") or 0,
+                        completion_tokens=usage.get("completion_tokens") or 0)
+            try:
+                answer = response["choices"][0]["message"]["content"]
+                return parse(json.loads(answer[answer.index("{"):answer.rindex("}") + 1]))  # the JSON in the answer
+            except (KeyError, IndexError, TypeError, ValueError):
+                pass
+        self._count(unparsed=1)
+        tqdm.write(f"judge: an answer was not the JSON asked for, twice; counted as {instead}")
+        return None
+
+    def _map(self, fn, items: list) -> list:
+        """fn over items in `parallel` threads; the first JudgeError cancels the requests not yet sent."""
+        pool = concurrent.futures.ThreadPoolExecutor(self.parallel)
+        try:
+            return list(pool.map(fn, items))
+        finally:
+            pool.shutdown(cancel_futures=True)
+
+    def pngs(self, images: torch.Tensor) -> list:
+        """(B, 3, H, W) in [0, 1] -> B PNG files, image_size pixels square."""
+        from PIL import Image
+        pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        files = []
+        for pix in pixels:
+            buffer = io.BytesIO()
+            Image.fromarray(pix).resize((self.image_size, self.image_size), Image.BICUBIC).save(buffer, "PNG")
+            files.append(buffer.getvalue())
+        return files
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """The labeller: one request per image -> P(female) (B,) on the images' device: 1 female, 0 male, 0.5
+        unclear (label_images turns these back into the labels, at any threshold in [0.5, 1))."""
+        parse = lambda answer: P_FEMALE[answer["gender"]]  # KeyError for anything else: asked again
+        answers = self._map(lambda png: self.ask(LABEL_QUESTION, [png], parse, "unclear"), self.pngs(images))
+        return torch.tensor([0.5 if a is None else a for a in answers], device=images.device)
+
+    def rank(self, images: torch.Tensor, prompts: list) -> torch.Tensor:
+        """R_rank: each prompt's images (prompts [B], image i's prompt) shuffled into groups of `group`, each group
+        ranked in one request -> (B,) centred Borda scores: in a group of k, the image ranked j-th (0 = best) gets
+        (k - 1 - j)/(k - 1) - 1/2, from +1/2 for the best to -1/2 for the worst; a tie (an unparsed answer), or an
+        image left alone in a group of one, gets 0."""
+        pngs, scores, groups = self.pngs(images), [0.0] * len(prompts), []
+        for prompt in dict.fromkeys(prompts):
+            mine = [i for i, p in enumerate(prompts) if p == prompt]
+            self._shuffle.shuffle(mine)  # which images meet, and in which order they are shown: random
+            groups += [(prompt, mine[s:s + self.group]) for s in range(0, len(mine), self.group)]
+
+        def ask(prompt, group):
+            def parse(answer):  # the image numbers 1..k, each once: anything else is asked again
+                ranking = answer["ranking"]
+                if not isinstance(ranking, list) or sorted(ranking) != list(range(1, len(group) + 1)):
+                    raise ValueError("not a ranking of every image")
+                return ranking
+            text = RANK_QUESTION.format(k=len(group), prompt=prompt, criterion=self.criterion)
+            return group, self.ask(text, [pngs[i] for i in group], parse, "a tie")
+        for group, ranking in self._map(lambda g: ask(*g), [g for g in groups if len(g[1]) > 1]):
+            for j, shown in enumerate(ranking or []):  # shown: the 1-based place of the image in the request
+                scores[group[shown - 1]] = (len(group) - 1 - j) / (len(group) - 1) - 0.5
+        return torch.tensor(scores, device=images.device)
+
+
 # ------------------------------------------------------------------ held-out evaluation (ddpo_debias --evaluate)
 # Occupations never trained on, in the paper's face-prompt style: a mix that SD draws mostly male, mostly female
 # and mixed (after the occupation lists of Bianchi et al. 2023 and Shen et al. 2024's test split).
@@ -348,11 +518,13 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
 
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
-# Every reward takes (p_female (B,), labels [B], underrepresented, window) and returns (B,) on p_female's device;
-# window: the P(female) (N,) of the prompt's last N images (PromptHistory), which q is taken over; None: the batch.
+# Every reward takes (p_female (B,), labels [B], underrepresented, window, ranks) and returns (B,) on p_female's
+# device; window: the P(female) (N,) of the prompt's last N images (PromptHistory), which q is taken over (None: the
+# batch); ranks: the judge's Borda scores (B,) (Judge.rank), computed only for --reward rank.
 REWARDS = {
-    "shift": lambda p_female, labels, underrepresented, window=None: r_shift(p_female, underrepresented),
-    "balance": lambda p_female, labels, underrepresented, window=None: r_balance(
+    "shift": lambda p_female, labels, underrepresented, window=None, ranks=None: r_shift(p_female, underrepresented),
+    "balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_balance(
         labels, p_female.device, None if window is None else label_images(window)),
-    "soft_balance": lambda p_female, labels, underrepresented, window=None: r_soft_balance(p_female, window),
+    "soft_balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_soft_balance(p_female, window),
+    "rank": lambda p_female, labels, underrepresented, window=None, ranks=None: ranks,  # the judge's, see Judge.rank
 }
