@@ -20,6 +20,7 @@ Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
 import base64
 import concurrent.futures
+import http.client
 import io
 import json
 import math
@@ -347,7 +348,8 @@ class Judge:
                         f"; check the key in ${JUDGE_KEY_ENV}" if error.code in (401, 403) else "")) from None
                 retry_after = error.headers.get("Retry-After", "")
                 wait = min(float(retry_after), 60.0) if retry_after.replace(".", "", 1).isdigit() else wait
-            except (urllib.error.URLError, OSError, ValueError) as error:  # refused, DNS, timeout, a non-JSON body
+            except (OSError, http.client.HTTPException, ValueError) as error:  # refused, DNS, timeout (URLError and
+                # TimeoutError are OSErrors), a connection cut mid-answer, a body that is not JSON
                 reason = str(getattr(error, "reason", None) or error).splitlines()[0][:120] or type(error).__name__
             if attempt < retries:
                 self._count(retries=1)
