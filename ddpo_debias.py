@@ -24,7 +24,8 @@ Notation (one legend for the whole file):
 
 Sections, in the order of the algorithm:
     1 config   2 DDIM step with log-prob   3 losses   4 models   5 sampling   6 rewards and advantages
-    7 update   8 checkpoints   9 command line   10 the loop   11 held-out evaluation and main()
+    7 update   8 checkpoints   9 command line   10 several GPUs (torchrun)   11 the loop   12 held-out evaluation
+    and main()
 """
 import signal
 
@@ -166,14 +167,16 @@ class Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------- 2. DDIM step with log-prob
-def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, prev_latents=None, generator=None):
+def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, prev_latents=None, generator=None,
+                           noise=None):
     """One DDIM step x_t -> x_{t-1} as a Gaussian policy, and the log-density of x_{t-1} under it.
 
     DDIM eq. (12): x_{t-1} = √ᾱ_{t-1}·x̂₀ + √(1 - ᾱ_{t-1} - σ_t²)·ε̂ + σ_t·z,  z ~ N(0, I)
     DDIM eq. (16): σ_t = η·√((1 - ᾱ_{t-1}) / (1 - ᾱ_t))·√(1 - ᾱ_t / ᾱ_{t-1})
     Variables -> symbols: alpha_prod_t -> ᾱ_t, alpha_prod_prev -> ᾱ_{t-1}, pred_original_sample -> x̂₀,
     std_dev -> σ_t, prev_mean -> μ_θ(x_t). Epsilon prediction, no clipping of x̂₀ (SD's config).
-    Shapes: noise_pred, latents, prev_latents (B, C, H, W); timestep an int or (B,). Returns
+    Shapes: noise_pred, latents, prev_latents, noise (z, drawn from `generator` if None) (B, C, H, W); timestep
+    an int or (B,). Returns
     prev_latents (B, C, H, W), log_prob (B,), prev_mean (B, C, H, W), std_dev (B, 1, 1, 1).
     """
     if eta <= 0:
@@ -191,7 +194,8 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     direction = (1 - alpha_prod_prev - std_dev**2).sqrt() * noise_pred  # "direction pointing to x_t", eq. (12)
     prev_mean = alpha_prod_prev.sqrt() * pred_original_sample + direction
     if prev_latents is None:  # sampling: draw x_{t-1}; in training we re-score the stored one instead
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         prev_latents = prev_mean + std_dev * noise
     # log N(x_{t-1}; μ, σ²) per element, then the MEAN over C·H·W (as DDPO), not the sum: log r shrinks by
     # 1/(C·H·W), which is why the PPO clip range is 1e-4 rather than the usual 0.2.
@@ -336,9 +340,9 @@ def check_scheduler(scheduler_config, path, num_steps):
 
 
 def micro_batch(config):
-    """b: images per training micro-batch (and per VAE decode chunk). It divides the B / updates_per_epoch images
-    of an update (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
-    return min(config.train_batch_size, config.batch_size // config.updates_per_epoch)
+    """b: images per training micro-batch (and per VAE decode chunk). It divides a process's B / N / updates_per_epoch
+    images of an update (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
+    return min(config.train_batch_size, config.batch_size // launched()[1] // config.updates_per_epoch)
 
 
 def make_scaler(config, device):
@@ -428,21 +432,24 @@ def guided_noise_pred(unet, latents, timesteps, prompt_embeds, prompt_ids, guida
 
 
 @torch.no_grad()  # sampling collects the trajectory; gradients are taken later, in the update
-def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, generator):
-    """Sample B images, image i of prompt prompt_ids[i] ((B,) on the device); keep what the update needs.
+def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, generator, rows=slice(None)):
+    """Sample B images, image i of prompt prompt_ids[i] ((B,) on the device); keep what the update needs. With
+    several processes, this one's `rows` of the B: every process draws the epoch's whole noise from the same
+    generator and keeps its rows, so the epoch's images are the same however many processes draw them (cheap:
+    a randn of B latents per step, against 2B UNet rows). Below, B is this process's share.
 
     Returns latents (B, T+1, C, H, W) = x_T..x_0, log_probs (B, T) under the sampling policy, means
     (B, T, C, H, W) = μ_old (for the exact KL), timesteps (T,), prompt_ids (B,), images (B, 3, H·8, W·8) in [0, 1].
     """
     scheduler.set_timesteps(config.num_steps, device=device)
     c, s = unet.config.in_channels, unet.config.sample_size
-    latents = torch.randn((config.batch_size, c, s, s), generator=generator, device=device)  # x_T
+    latents = torch.randn((config.batch_size, c, s, s), generator=generator, device=device)[rows]  # x_T
     all_latents, log_probs, means = [latents], [], []
-    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False):
+    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=launched()[0] > 0):
         with autocast(config, device):
             noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, prompt_ids, config.guidance_scale)
-        latents, log_prob, mean, _ = ddim_step_with_logprob(scheduler, noise_pred, t, latents, config.eta,
-                                                            generator=generator)
+        z = torch.randn((config.batch_size, c, s, s), generator=generator, device=device)[rows]  # eq. (12)'s z
+        latents, log_prob, mean, _ = ddim_step_with_logprob(scheduler, noise_pred, t, latents, config.eta, noise=z)
         all_latents.append(latents), log_probs.append(log_prob), means.append(mean)
     return {"latents": torch.stack(all_latents, dim=1), "log_probs": torch.stack(log_probs, dim=1),
             "means": torch.stack(means, dim=1), "timesteps": scheduler.timesteps.clone(), "prompt_ids": prompt_ids,
@@ -462,10 +469,13 @@ def decode(vae, latents, config, device):
 # ---------------------------------------------------------------------------- 6. rewards and advantages
 def compute_rewards(run, images, prompt_ids, reward):
     """-> rewards (B,) on the images' device, P(female) (B,), labels [B], a per-prompt breakdown for the metrics.
-    Each prompt's images are scored against that prompt's own window (PromptHistory.score). prompt_ids: [B] ints."""
-    p_female = run.labeller(images)  # (B,)
+    Each prompt's images are scored against that prompt's own window (PromptHistory.score). prompt_ids: [B] ints,
+    of the whole epoch; images: this process's rows. Every process scores the whole epoch, so all agree on q, U and
+    the advantages (eq. (2) over the epoch's B images, as the paper wrote it, however many GPUs draw them)."""
+    p_female = gather(run.labeller(images), run)  # (B,)
     labels = rewards.label_images(p_female)  # one host sync per epoch (and one in score() for the rewards)
-    ranks = run.judge.rank(images, [run.history.prompts[p] for p in prompt_ids]) if reward == "rank" else None
+    mine = [run.history.prompts[p] for p in prompt_ids[run.rows]]  # with several processes, the judge ranks
+    ranks = gather(run.judge.rank(images, mine), run) if reward == "rank" else None  # within each one's images
     values, per_prompt = run.history.score(rewards.REWARDS[reward], p_female, labels, prompt_ids, reward == "shift",
                                            ranks)
     return values, p_female, labels, per_prompt
@@ -487,18 +497,20 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip):
 
 
 # ------------------------------------------------------------------------------------------- 7. update
-def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embeds, config, device, shuffle_gen):
+def update(run, samples, advantages, config):
     """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
-    gradient of B / updates_per_epoch images × T steps in micro-batches of b images, one step at a time.
+    gradient of B / updates_per_epoch images × T steps in micro-batches of b images, one step at a time. With
+    several processes, B is this one's share and the gradients are averaged across processes before each step.
 
     Returns per-step stats (stacked tensors, no host sync inside) and how many optimizer steps were skipped.
     """
+    unet, optimizer, scaler, scheduler, device = run.unet, run.optimizer, run.scaler, run.scheduler, config.device
     B, T = samples["log_probs"].shape
     per_update = B // config.updates_per_epoch
     micro = micro_batch(config)
     params = list(trainable_parameters(unet).values())
-    order = torch.randperm(B, generator=shuffle_gen).to(device)  # shuffle samples ...
-    step_order = torch.stack([torch.randperm(T, generator=shuffle_gen) for _ in range(B)]).to(device)  # ... and steps
+    order = torch.randperm(B, generator=run.gens[1]).to(device)  # shuffle samples ...
+    step_order = torch.stack([torch.randperm(T, generator=run.gens[1]) for _ in range(B)]).to(device)  # ... and steps
     stats, skipped = [], 0
     for u in range(config.updates_per_epoch):
         for idx in order[u * per_update:(u + 1) * per_update].split(micro):  # (b,) sample indices
@@ -506,7 +518,7 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
                 k = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
                 x_t, x_prev = samples["latents"][idx, k], samples["latents"][idx, k + 1]  # (b, C, H, W)
                 with autocast(config, device):
-                    noise_pred = guided_noise_pred(unet, x_t, samples["timesteps"][k], prompt_embeds,
+                    noise_pred = guided_noise_pred(unet, x_t, samples["timesteps"][k], run.prompt_embeds,
                                                    samples["prompt_ids"][idx], config.guidance_scale)
                 _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, samples["timesteps"][k],
                                                                 x_t, config.eta, prev_latents=x_prev)
@@ -520,7 +532,8 @@ def update(unet, optimizer, scaler, scheduler, samples, advantages, prompt_embed
                 scaler.scale(loss * len(idx) / (per_update * T)).backward()
                 stats.append(torch.stack([loss.detach(), st["approx_kl"].detach(), st["clipfrac"],
                                           kl.detach().mean(), st["rollback_frac"]]))
-        # ---- the weights change here, once per `per_update` images: unscale, clip, step, reset.
+        # ---- the weights change here, once per `per_update` images: average, unscale, clip, step, reset.
+        average_gradients(params, run)  # every process then takes the same step: the weights stay equal
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
         if torch.isfinite(grad_norm):  # one host sync per optimizer step: a NaN/Inf step is skipped, not taken
@@ -679,7 +692,14 @@ def validate(config):
     if config.batch_size % config.updates_per_epoch:
         raise UsageError(f"--batch-size: {config.batch_size} images do not split into "
                          f"--updates-per-epoch {config.updates_per_epoch} equal updates")
-    per_update = config.batch_size // config.updates_per_epoch
+    world = launched()[1]
+    if config.batch_size % (world * config.updates_per_epoch):
+        raise UsageError(f"--batch-size: {config.batch_size} images do not split into {world} ranks x "
+                         f"{config.updates_per_epoch} updates of equal size")
+    if world > 1 and (config.evaluate or config.device.startswith("cuda:")):
+        raise UsageError("--evaluate: runs in one process, without torchrun" if config.evaluate else
+                         f"--device: with torchrun each rank uses cuda:LOCAL_RANK; give cuda, not {config.device}")
+    per_update = config.batch_size // world // config.updates_per_epoch
     if per_update % micro_batch(config):
         raise UsageError(f"--train-batch-size: {config.train_batch_size} does not divide the {per_update} images of "
                          "each update into equal micro-batches")
@@ -765,7 +785,72 @@ def write_json(path, obj, lines=False):
     os.replace(path + ".tmp", path)
 
 
-# -------------------------------------------------------------------------------- 10. the loop and main()
+# ------------------------------------------------------------------------------ 10. several GPUs (torchrun)
+# `torchrun --nproc-per-node N ddpo_debias.py ...` starts N processes (ranks) with RANK, WORLD_SIZE, LOCAL_RANK,
+# MASTER_ADDR and MASTER_PORT in their environment; without them nothing calls torch.distributed. Rank r draws rows
+# r·B/N..(r+1)·B/N of the epoch's images (sample); P(female) is gathered, so every rank computes q, U, the rewards
+# and the advantages of the whole epoch (compute_rewards); gradients are averaged before each optimizer step, so
+# every rank takes the same step and holds the same weights; rank 0 alone writes files (train).
+DIST_TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer on a stuck rank fails: no endless hang
+
+
+def launched():
+    """(rank, world size N) from torchrun's environment; (0, 1) for a plain `python ddpo_debias.py`."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return (int(os.environ.get("RANK", 0)) if world > 1 else 0), world
+
+
+def join_ranks(config):
+    """Join the other ranks: NCCL between GPUs (rank on cuda:LOCAL_RANK), gloo on the CPU. -> the config to run."""
+    if launched()[1] == 1:
+        return config
+    if config.device == "cuda" or (not config.device and torch.cuda.is_available()):
+        config = dataclasses.replace(config, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+        torch.cuda.set_device(config.device)
+    torch.distributed.init_process_group("nccl" if config.device.startswith("cuda") else "gloo", timeout=DIST_TIMEOUT)
+    return config
+
+
+def gather(x, run):
+    """Every rank's rows, in rank order, on every rank: (B/N, ...) -> (B, ...). One process: x itself."""
+    if run.world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(run.world)]
+    torch.distributed.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params, run):
+    """The mean of the ranks' gradients, in place. Each rank's is the mean over its B/N images (equal shares), so
+    this is the mean over the update's images, as with one process. Written out rather than DistributedDataParallel:
+    gradients accumulate over micro-batches and steps and are exchanged once, here, where the reader sees it (DDP
+    would exchange them in every backward unless wrapped in no_sync). Before unscaling: an fp16 overflow on one rank
+    reaches every rank's sum, so all skip the same step."""
+    if run.world > 1:
+        for p in params:
+            torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
+            p.grad /= run.world
+
+
+def shared_run_dir(config):
+    """Rank 0 prepares the run folder (prepare_run_dir: create, lock, refuse another run's) and tells the other
+    ranks its name, or its error, so that every rank stops with the same one line. -> rank 0's lock."""
+    (rank, world), lock, message = launched(), None, None
+    if rank == 0:
+        try:
+            lock = prepare_run_dir(config)
+        except UsageError as error:
+            message = str(error)
+    if world > 1:
+        box = [config.output_dir, message]
+        torch.distributed.broadcast_object_list(box, src=0)
+        config.output_dir, message = box
+    if message:
+        raise UsageError(message)
+    return lock
+
+
+# ------------------------------------------------------------------------------------- 11. the loop
 class RunError(Exception):
     """The run cannot go on (e.g. NaNs): printed as one line, exit code 1, last checkpoint kept."""
 
@@ -799,7 +884,10 @@ class Run:
     prompt_embeds: torch.Tensor  # (1+P, L, D), encode_prompts
     gens: list  # [the sampling noise's generator (on the device), the update's shuffles' (CPU)]
     history: rewards.PromptHistory
-    flops: tuple | None  # --profile: count_flops
+    flops: tuple | None = None  # --profile: count_flops
+    rank: int = 0  # with torchrun: this process's rank, of N = world, and its rows of the epoch's B images
+    world: int = 1
+    rows: slice = dataclasses.field(default_factory=lambda: slice(None))
 
 
 def run_epoch(epoch, run, config):
@@ -808,21 +896,21 @@ def run_epoch(epoch, run, config):
     start = time.perf_counter()
     B, T, P = config.batch_size, config.num_steps, len(run.history.prompts)
     prompt_ids = (torch.arange(B) + epoch * B) % P  # (B,): round-robin, so every prompt gets B/P images an epoch
-    samples = sample(unet, run.vae, run.scheduler, run.prompt_embeds, prompt_ids.to(device), config, device,
-                     run.gens[0])
+    samples = sample(unet, run.vae, run.scheduler, run.prompt_embeds, prompt_ids[run.rows].to(device), config,
+                     device, run.gens[0], run.rows)
     sync(device), (t_sample := time.perf_counter())
     reward_values, p_female, labels, per_prompt = compute_rewards(run, samples["images"], prompt_ids.tolist(),
                                                                   config.reward)
-    advantages = compute_advantages(reward_values, samples["prompt_ids"], run.history, config.adv_clip)
+    advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip)  # (B,)
     spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
     sync(device), (t_reward := time.perf_counter())
     skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = 0, [None] * 5
     if not math.isfinite(spread):  # a non-finite reward would poison every weight: skip this epoch's update
         skipped = config.updates_per_epoch
     elif spread > 0:  # equal rewards (q = 0.5 exactly, no minority image, all "none") mean A = 0: no signal, and
-        stats, skipped = update(unet, run.optimizer, run.scaler, run.scheduler, samples, advantages,  # AdamW's
-                                run.prompt_embeds, config, device, run.gens[1])  # momentum and decay would move θ
-        loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.mean(dim=0).tolist())
+        stats, skipped = update(run, samples, advantages[run.rows], config)  # AdamW's momentum and decay would
+        stats = gather(stats.mean(dim=0, keepdim=True), run).mean(dim=0)  # still move θ. The ranks' mean, (5,)
+        loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.tolist())
     sync(device), (t_train := time.perf_counter())
     shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
@@ -833,14 +921,16 @@ def run_epoch(epoch, run, config):
               "rollback_frac": rollback_frac, "skipped_steps": skipped, "equal_rewards": spread == 0,
               "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
               "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start), "per_prompt": per_prompt}
-    if run.judge:  # the judge's requests, retries, unparsed answers and tokens this epoch
-        record["judge"] = run.judge.take_stats()
+    if run.judge:  # the judge's requests, retries, unparsed answers and tokens this epoch, summed over the ranks
+        counts = run.judge.take_stats()
+        total = gather(torch.tensor([list(counts.values())], dtype=torch.float64, device=device), run).sum(dim=0)
+        record["judge"] = dict(zip(counts, map(int, total.tolist())))
     if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = run.flops[0] * B * T / (t_sample - start) / 1e12
         record["train_tflops"] = run.flops[1] * B * T / (t_train - t_reward) / 1e12
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)
-    return record, (samples["images"], p_female, labels)
+    return record, (gather(samples["images"], run), p_female, labels)  # every rank's images, for rank 0's grid
 
 
 def resolve_device(config):
@@ -873,31 +963,34 @@ def graceful_stop():
 
 
 def train(config, classifier=None):
-    """The whole run into config.output_dir; `classifier` (images -> P(female)) replaces --classifier in tests."""
+    """The whole run into config.output_dir; `classifier` (images -> P(female)) replaces --classifier in tests.
+    With torchrun, every rank runs this, and rank 0 alone writes the folder (see section 10)."""
     auto = config.mixed_precision == "auto"
     config = resolve_device(config)
-    device = config.device
+    device, (rank, world), out = config.device, launched(), config.output_dir
+    lead = rank == 0  # the rank that writes and prints
     torch.manual_seed(config.seed)
     judge = load_judge(config)  # first: an unreachable judge is reported before minutes of loading
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
     labeller = classifier or (judge if config.labeller == "judge" else load_classifier(config, device))
-    prompts = read_prompts(config.prompts, "--prompts", warn=True) if config.prompts else [config.prompt]
-    params = trainable_parameters(unet)
-    run = Run(unet, vae, scheduler, labeller, judge,
-              torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
-              make_scaler(config, device), encode_prompts(text_encoder, tokenizer, prompts, device),  # once per run
-              [torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
-              rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
-                                    None if config.underrepresented == "auto" else config.underrepresented), None)
-    out, history = config.output_dir, run.history
+    prompts = read_prompts(config.prompts, "--prompts", warn=lead) if config.prompts else [config.prompt]
+    params, b = trainable_parameters(unet), config.batch_size // world
+    run = Run(unet=unet, vae=vae, scheduler=scheduler, labeller=labeller, judge=judge,
+              optimizer=torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
+              scaler=make_scaler(config, device), prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),
+              gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
+              history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
+                                            None if config.underrepresented == "auto" else config.underrepresented),
+              rank=rank, world=world, rows=slice(rank * b, (rank + 1) * b))
     metrics, first = [], 0
-    if config.resume and run_state(out) == "checkpoint":
+    if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
         state = load_checkpoint(os.path.join(out, "checkpoint.pt"), run)
         metrics, first = state["metrics"], state["epoch"] + 1
         if config.epochs < first:
             raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for at least {first}")
-        print(f"resuming {out} after epoch {state['epoch']}")
-    elif config.resume:  # the run died before its first checkpoint: start it again, keeping what it logged
+        if lead:
+            print(f"resuming {out} after epoch {state['epoch']}")
+    elif config.resume and lead:  # the run died before its first checkpoint: start it again, keeping what it logged
         kept = os.path.join(out, f"metrics-unsaved-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         if run_state(out) == "epochs":
             os.replace(os.path.join(out, "metrics.jsonl"), kept)
@@ -906,43 +999,48 @@ def train(config, classifier=None):
     sizes = derived_sizes(config, unet)
     config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε and δ as used, saved in config.json
                                  kl_threshold=sizes["kl_threshold"])
-    write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
-    write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
-    print(f"device {device}, {config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
-          f"{f' over P={len(prompts)} prompts (q over the last {history.size} images of each)' if len(prompts) > 1 else ''}, "
-          f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
-          f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}; "
-          f"{sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable attention weights"
-          + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}" if config.trust_region == "truly"
-             else f"; clip ε={config.clip_range:.3g}"))
+    if lead:
+        write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
+        write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
+        print(f"device {device}{f' x {world} ranks' if world > 1 else ''}, {config.mixed_precision}"
+              f"{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
+              f"{f' over P={len(prompts)} prompts (q over the last {run.history.size} images of each)' if len(prompts) > 1 else ''}, "
+              f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
+              f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}"
+              f"{' per rank' if world > 1 else ''}; {sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable "
+              "attention weights" + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}"
+                                     if config.trust_region == "truly" else f"; clip ε={config.clip_range:.3g}"))
     run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None  # before compiling: its
     if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
         unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same
     streak = 0
     with graceful_stop() as interrupted:
-        bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs)
+        bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs, disable=not lead)
         for epoch in bar:
             record, scored = run_epoch(epoch, run, config)
             metrics.append(record)
-            write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
-            rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
-            rewards.save_plot(metrics, os.path.join(out, "plot.png"))
-            bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
             streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
             stop = streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
-            if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or interrupted or stop:
-                save_checkpoint(os.path.join(out, "checkpoint.pt"), run, epoch, metrics)
+            signalled = bool(gather(torch.tensor([len(interrupted)], device=device), run).max())  # on any rank: all
+            if lead:  # stop after the same epoch, so that the checkpoint holds the state of every rank
+                write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
+                rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
+                rewards.save_plot(metrics, os.path.join(out, "plot.png"))
+                bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
+                if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or signalled or stop:
+                    save_checkpoint(os.path.join(out, "checkpoint.pt"), run, epoch, metrics)
             if stop:
                 raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
                                "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
-            if interrupted:
-                raise Interrupted(interrupted[0])
-    save_unet(unet, config, os.path.join(out, "unet"))
-    print(f"done: {out}/unet, metrics in {out}/metrics.jsonl")
+            if signalled:
+                raise Interrupted(interrupted[0] if interrupted else signal.SIGTERM)
+    if lead:
+        save_unet(unet, config, os.path.join(out, "unet"))
+        print(f"done: {out}/unet, metrics in {out}/metrics.jsonl")
     return metrics
 
 
-# -------------------------------------------------------------------------------- 11. held-out evaluation
+# ------------------------------------------------------------------ 12. held-out evaluation and main()
 def read_prompts(path, flag="--eval-prompts", warn=False):
     """--prompts or --eval-prompts (rewards.read_prompts: blank lines skipped, repeats refused); empty: HELD_OUT."""
     if not path:
@@ -991,7 +1089,8 @@ def main(argv=None):
     try:
         config = resolve_config(parse_args(argv))
         validate(config)
-        lock = prepare_run_dir(config)  # held until main returns
+        config = join_ranks(config)  # torchrun: the process group; a plain run: nothing
+        lock = shared_run_dir(config)  # held until main returns
         evaluate(config) if config.evaluate else train(config)
     except UsageError as error:
         print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
@@ -1010,11 +1109,21 @@ def main(argv=None):
         print(f"ddpo_debias.py: stopped by {signal.Signals(stop.args[0]).name} after saving a checkpoint; continue "
               f"with --resume {config.output_dir}", file=sys.stderr)
         return 128 + stop.args[0]
+    except RuntimeError as error:  # with torchrun: a rank died or hangs, and a collective failed (DIST_TIMEOUT)
+        if launched()[1] == 1 or not torch.distributed.is_initialized():
+            raise
+        reason = first_line(error).split("] ", 1)[-1][:100]  # gloo's message without its source-file prefix
+        print(f"ddpo_debias.py: error: rank {launched()[0]}: another rank stopped or cannot be reached ({reason}); "
+              f"continue with --resume {config.output_dir}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         saved = config is not None and config.output_dir and run_state(config.output_dir) == "checkpoint"
         print("ddpo_debias.py: interrupted; " + (f"continue from its last checkpoint with --resume {config.output_dir}"
               if saved else "no checkpoint was saved, so there is nothing to resume"), file=sys.stderr)
         return 130
+    finally:
+        if launched()[1] > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
