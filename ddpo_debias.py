@@ -689,13 +689,10 @@ def validate(config):
         raise UsageError(f"--judge-url: must start with http:// or https://, got {config.judge_url!r}")
     if config.compare and not os.path.isfile(config.compare):
         raise UsageError(f"--compare: file {config.compare} does not exist")
-    if config.batch_size % config.updates_per_epoch:
-        raise UsageError(f"--batch-size: {config.batch_size} images do not split into "
-                         f"--updates-per-epoch {config.updates_per_epoch} equal updates")
-    world = launched()[1]
+    world = launched()[1]  # torchrun's N processes; 1 for a plain run
     if config.batch_size % (world * config.updates_per_epoch):
-        raise UsageError(f"--batch-size: {config.batch_size} images do not split into {world} ranks x "
-                         f"{config.updates_per_epoch} updates of equal size")
+        raise UsageError(f"--batch-size: {config.batch_size} images do not split into " + f"{world} ranks x " * (world > 1)
+                         + f"--updates-per-epoch {config.updates_per_epoch} equal updates")
     if world > 1 and (config.evaluate or config.device.startswith("cuda:")):
         raise UsageError("--evaluate: runs in one process, without torchrun" if config.evaluate else
                          f"--device: with torchrun each rank uses cuda:LOCAL_RANK; give cuda, not {config.device}")
