@@ -18,8 +18,8 @@ The held-out bias of a fine-tuned UNet, paired with the base model's (README "Ev
     python ddpo_debias.py --evaluate --unet runs/<date-time>/unet --compare runs/eval-base/eval.json --output-dir DIR
 
 Notation (one legend for the whole file):
-    B images per epoch, P prompts, b images in a training micro-batch, T denoising steps, C×H×W the latent (4×64×64 for
-    SD 1.5), x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
+    B images per epoch, P prompts, N processes (torchrun), b images in a training micro-batch, T denoising steps,
+    C×H×W the latent (4×64×64 for SD 1.5), x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
     r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage.
 
 Sections, in the order of the algorithm:
@@ -606,7 +606,8 @@ def count_flops(unet, prompt_embeds, config, device):
     forward = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         with autocast(config, device):
-            guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale).float().mean().backward()
+            noise_pred = guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale)
+            noise_pred.float().mean().backward()
     unet.zero_grad(set_to_none=True)
     return forward, counter.get_total_flops()
 
@@ -691,8 +692,9 @@ def validate(config):
         raise UsageError(f"--compare: file {config.compare} does not exist")
     world = launched()[1]  # torchrun's N processes; 1 for a plain run
     if config.batch_size % (world * config.updates_per_epoch):
-        raise UsageError(f"--batch-size: {config.batch_size} images do not split into " + f"{world} ranks x " * (world > 1)
-                         + f"--updates-per-epoch {config.updates_per_epoch} equal updates")
+        ranks = f"{world} ranks x " if world > 1 else ""
+        raise UsageError(f"--batch-size: {config.batch_size} images do not split into {ranks}--updates-per-epoch "
+                         f"{config.updates_per_epoch} equal updates")
     if world > 1 and (config.evaluate or config.device.startswith("cuda:")):
         raise UsageError("--evaluate: runs in one process, without torchrun" if config.evaluate else
                          f"--device: with torchrun each rank uses cuda:LOCAL_RANK; give cuda, not {config.device}")
@@ -974,7 +976,8 @@ def train(config, classifier=None):
     params, b = trainable_parameters(unet), config.batch_size // world
     run = Run(unet=unet, vae=vae, scheduler=scheduler, labeller=labeller, judge=judge,
               optimizer=torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
-              scaler=make_scaler(config, device), prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),
+              scaler=make_scaler(config, device),
+              prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
               gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
                                             None if config.underrepresented == "auto" else config.underrepresented),
@@ -1001,13 +1004,14 @@ def train(config, classifier=None):
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
         print(f"device {device}{f' x {world} ranks' if world > 1 else ''}, {config.mixed_precision}"
               f"{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
-              f"{f' over P={len(prompts)} prompts (q over the last {run.history.size} images of each)' if len(prompts) > 1 else ''}, "
+              + (f" over P={len(prompts)} prompts (q over the last {run.history.size} images of each)"
+                 if len(prompts) > 1 else "") + ", "
               f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
               f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}"
               f"{' per rank' if world > 1 else ''}; {sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable "
               "attention weights" + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}"
                                      if config.trust_region == "truly" else f"; clip ε={config.clip_range:.3g}"))
-    run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None  # before compiling: its
+    run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None  # before compile: its
     if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
         unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same
     streak = 0

@@ -31,6 +31,21 @@ def test_the_world_is_biased_and_draws_faces():
     assert labels.count(None) < 0.25 * 64, labels
 
 
+def test_the_two_prompt_world_is_skewed_in_opposite_directions():
+    """The two-prompt world (build --two-prompts, README "Many prompts"): 32 samples of each prompt, drawn in one
+    batch. Its nurses are mostly "female" and its engineers mostly "male": the batch as a whole looks balanced,
+    which is why q must be taken per prompt."""
+    config = dd.Config(model=WORLD, unet=toyworld.TWO_UNET, batch_size=64, num_steps=20, mixed_precision="no")
+    unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
+    embeds = dd.encode_prompts(text_encoder, tokenizer, list(toyworld.TWO_PROMPTS), "cpu")
+    ids = torch.arange(64) % 2
+    images = dd.sample(unet, vae, scheduler, embeds, ids, config, "cpu", torch.Generator().manual_seed(2))["images"]
+    labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(images))
+    nurses, engineers = labels[0::2], labels[1::2]
+    assert rewards.female_ratio(nurses) >= 0.65 and rewards.female_ratio(engineers) <= 0.35, labels
+    assert 0.3 <= rewards.female_ratio(labels) <= 0.7 and labels.count(None) < 0.25 * 64, labels
+
+
 def test_the_classifier_reads_held_out_faces_and_says_none_to_the_rest():
     """> 95% right on faces it never saw (seed 999), "none" (max probability ≤ 0.7) on noise and non-faces."""
     classifier = rewards.GenderClassifier(CLASSIFIER)

@@ -47,6 +47,7 @@ from PIL import Image, ImageDraw
 PROMPT = "photo of the face of a computer scientist"
 SIZE = 32  # image side in pixels; the latent is SIZE/4 = 8
 FEMALE_SHARE = 0.15
+TWO_PROMPTS = {"photo of the face of a nurse": 0.85, "photo of the face of a mechanical engineer": 0.15}  # opposite
 SKIN = [(255, 224, 196), (241, 194, 155), (224, 172, 105), (198, 134, 66), (141, 85, 36), (95, 60, 35)]
 HAIR = [(20, 20, 20), (70, 45, 25), (120, 80, 40), (200, 170, 90), (150, 60, 30), (150, 150, 150)]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -173,8 +174,9 @@ def text_encoder_and_tokenizer(seed):
     return text_encoder, tokenizer
 
 
-def train_unet(latents, embeds, steps, seed):
-    """DDPM ε-loss on SD's schedule; embeds (2, 77, 32): row 0 the empty prompt, row 1 PROMPT (10% dropout)."""
+def train_unet(latents, embeds, steps, seed, which=None):
+    """DDPM ε-loss on SD's schedule; embeds (1+P, 77, 32): row 0 the empty prompt, row 1+p prompt p; which (n,):
+    each latent's prompt p (default: all prompt 0, PROMPT). 10% of the rows get the empty prompt."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from tests.fixtures import SD_SCHEDULER
     torch.manual_seed(seed)
@@ -186,11 +188,12 @@ def train_unet(latents, embeds, steps, seed):
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
     schedule = _cosine(optimizer, steps)
     g = torch.Generator().manual_seed(seed)
+    which = torch.zeros(len(latents), dtype=torch.long) if which is None else which
     for step, idx in enumerate(_batches(len(latents), 64, steps, g)):
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=g)
         t = torch.randint(0, 1000, (len(idx),), generator=g)
-        cond = (torch.rand(len(idx), generator=g) > 0.1).long()  # 10% empty prompts: CFG needs ε(x, ∅)
+        cond = (torch.rand(len(idx), generator=g) > 0.1).long() * (1 + which[idx])  # 10% empty: CFG needs ε(x, ∅)
         pred = unet(noise_scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[cond]).sample
         loss = F.mse_loss(pred, noise)
         optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
@@ -229,20 +232,23 @@ def train_classifier(steps, seed, vae, n=6000):
     return model.eval(), loss.item()
 
 
-def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None):
+def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, shares=None):
     """Train every part and save the pipeline in `out` and the classifier in `out/classifier`. With `reuse` (a
     world folder), copy its VAE, text encoder, tokenizer and classifier, which do not depend on the share, and
-    train only the UNet: a world at another bias in a third of the time."""
+    train only the UNet: a world at another bias in a third of the time. shares: {prompt: female share} to train
+    the UNet on several prompts, an equal part of the faces each (default: {PROMPT: female_share})."""
     import shutil
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, ViTImageProcessor
     from tests.fixtures import SD_SCHEDULER
     steps = dict(vae=20, unet=20, classifier=20) if quick else dict(vae=1200, unet=1800, classifier=1000)
     n = 512 if quick else 12000
-    log = {"female_share": female_share, "seed": seed, "steps": steps, "images": n, "reused": reuse}
+    shares = shares or {PROMPT: female_share}
+    log = {"shares": shares, "seed": seed, "steps": steps, "images": n, "reused": reuse}
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
-    images, _ = make_faces(n, female_share, seed)
+    parts = [make_faces(n // len(shares), share, seed + 1000 * p)[0] for p, share in enumerate(shares.values())]
+    images, which = torch.cat(parts), torch.arange(len(parts)).repeat_interleave(n // len(shares))
     if reuse:
         vae = AutoencoderKL.from_pretrained(os.path.join(reuse, "vae")).eval()
         text_encoder = CLIPTextModel.from_pretrained(os.path.join(reuse, "text_encoder")).eval()
@@ -251,12 +257,12 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None):
         vae, log["vae_loss"] = train_vae(images, steps["vae"], seed)
         text_encoder, tokenizer = text_encoder_and_tokenizer(seed)
     log["vae_seconds"] = time.time() - start
-    ids = tokenizer(["", PROMPT], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = tokenizer(["", *shares], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         embeds = text_encoder(ids)[0]
-        latents = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mode() for i in range(0, n, 256)])
+        latents = torch.cat([vae.encode(images[i:i + 256] * 2 - 1).latent_dist.mode() for i in range(0, len(images), 256)])
         latents = latents * vae.config.scaling_factor
-    unet, log["unet_loss"] = train_unet(latents, embeds, steps["unet"], seed)
+    unet, log["unet_loss"] = train_unet(latents, embeds, steps["unet"], seed, which)
     log["unet_seconds"] = time.time() - start - log["vae_seconds"]
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                             scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
@@ -305,6 +311,56 @@ def demo(out, world=SHIPPED, epochs=40, seed=0):
     return code
 
 
+TWO_UNET = os.path.join(HERE, "toyworld_two_unet")  # the two-prompt world's UNet (the rest: the shipped world's)
+
+
+class PooledHistory:
+    """The control for the two-prompt world: the paper's q over the whole batch, as if every image had one prompt.
+    Rewards and their statistics come from one pooled window; the metrics' per-prompt rows from a second history
+    that sees the real prompts but scores nothing (its rewards are thrown away)."""
+
+    def __init__(self, prompts, size, underrepresented=None):
+        import rewards
+        self.pooled = rewards.PromptHistory(prompts, size, underrepresented)
+        self.shadow = rewards.PromptHistory(prompts, size, underrepresented)
+        self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
+        self.underrepresented = self.shadow.underrepresented
+
+    def score(self, reward, p_female, labels, prompt_ids, choose_u, ranks=None):
+        _, rows = self.shadow.score(reward, p_female, labels, prompt_ids, choose_u, ranks)
+        values, _ = self.pooled.score(reward, p_female, labels, [0] * len(prompt_ids), choose_u, ranks)
+        return values, rows  # compute_advantages: prompt 0's pooled window (= the batch), the batch's for prompt 1
+
+    def state_dict(self):
+        return {"prompts": self.prompts, "pooled": self.pooled.state_dict(), "shadow": self.shadow.state_dict()}
+
+
+def two(out, scope="prompt", epochs=60, seed=0, unet=TWO_UNET):
+    """Fine-tune the two-prompt world on both prompts at once with --reward balance: q per prompt (scope
+    "prompt", this project) or over the batch (scope "batch", the paper's q, PooledHistory). Prints each prompt's
+    female ratio pooled over 10-epoch windows (80 images of each prompt)."""
+    import ddpo_debias
+    import rewards
+    with open(out + ".prompts.txt", "w") as f:
+        f.write("\n".join(TWO_PROMPTS) + "\n")
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+    original = rewards.PromptHistory
+    rewards.PromptHistory = PooledHistory if scope == "batch" else original
+    try:
+        code = ddpo_debias.main(flags + [f"--model={SHIPPED}", f"--unet={unet}", f"--prompts={out}.prompts.txt",
+                                         f"--classifier={os.path.join(SHIPPED, 'classifier')}", "--reward=balance",
+                                         f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
+    finally:
+        rewards.PromptHistory = original
+    if code == 0:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            metrics = [json.loads(line) for line in f]
+        for prompt in TWO_PROMPTS:
+            rows = [dict(r, epoch=m["epoch"]) for m in metrics for r in m["per_prompt"] if r["prompt"] == prompt]
+            print(prompt, " ".join(f"{q:.2f}" if q is not None else "-" for _, q, _ in windows(rows, 10)))
+    return code
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -314,15 +370,26 @@ def main(argv=None):
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true", help="a few steps of each stage: checks that the build runs")
     b.add_argument("--reuse", help="a world folder whose VAE, text encoder and classifier to keep: trains the UNet only")
+    b.add_argument("--two-prompts", action="store_true", help=f"train the UNet on TWO_PROMPTS, skewed in opposite "
+                   "directions (the multi-prompt world of README \"Many prompts\")")
     d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (about 3 minutes on 2 cores)")
     d.add_argument("out", help="the run folder (new)")
     d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
     d.add_argument("--epochs", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
+    t = sub.add_parser("two", help="fine-tune the two-prompt world on both prompts (about 5 minutes on 2 cores)")
+    t.add_argument("out", help="the run folder (new)")
+    t.add_argument("--scope", choices=("prompt", "batch"), default="prompt",
+                   help="q per prompt (this project) or over the whole batch (the paper's q, the control)")
+    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.command == "two":
+        return two(args.out, args.scope, args.epochs, args.seed)
     if args.command == "demo":
         return demo(args.out, args.world, args.epochs, args.seed)
-    print(json.dumps(build(args.out, args.female_share, args.seed, args.quick, args.reuse), indent=2))
+    print(json.dumps(build(args.out, args.female_share, args.seed, args.quick, args.reuse,
+                           TWO_PROMPTS if args.two_prompts else None), indent=2))
     return 0
 
 
