@@ -132,9 +132,9 @@ def r_soft_balance(p_female: torch.Tensor, window: torch.Tensor | None = None) -
     """Not in the paper: eq. (2)-(3) on probabilities instead of thresholded labels, for a strong bias.
 
     q̃ = mean P(female) over `window` (default: the batch), d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5
-    else male; image i gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one, as eq. (3), and 0
-    for an unreadable one (P = 0.5). Unlike eq. (3), a batch with no minority image still ranks its images by how
-    close they come to the minority, so the advantages are not all zero. (B,) -> (B,).
+    else male; image i gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one,
+    as eq. (3), and 0 for an unreadable one (P = 0.5). Unlike eq. (3), a batch with no minority image still ranks
+    its images by how close they come to the minority, so the advantages are not all zero. (B,) -> (B,).
     """
     q = (p_female if window is None else window).mean()
     p_minority = torch.where(q < 0.5, p_female, 1.0 - p_female)
@@ -308,7 +308,8 @@ class Judge:
 
     def __init__(self, url: str, model: str, criterion: str, group: int = 4, image_size: int = 256, seed: int = 0,
                  timeout: float = 120.0, retries: int = 4, parallel: int = 4, backoff: float = 1.0):
-        self.url, self.model, self.criterion, self.group, self.image_size = url.rstrip("/"), model, criterion, group, image_size
+        self.url, self.model, self.criterion = url.rstrip("/"), model, criterion
+        self.group, self.image_size = group, image_size
         self.timeout, self.retries, self.parallel, self.backoff = timeout, retries, parallel, backoff
         self._key = os.environ.get(JUDGE_KEY_ENV)  # read once, sent only in the Authorization header
         self._shuffle = random.Random(seed)  # the group layouts: a fresh shuffle per request against position bias
@@ -333,7 +334,9 @@ class Judge:
     def _http(self, path: str, body: dict | None = None, retries: int | None = None) -> dict:
         """One call with retries (default: self.retries): GET when body is None, else POST of JSON. -> its JSON."""
         retries = self.retries if retries is None else retries
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
+        headers = {"Content-Type": "application/json"}
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"  # the only place the key goes
         data = None if body is None else json.dumps(body).encode()
         for attempt in range(retries + 1):
             wait = self.backoff * 2**attempt
@@ -527,6 +530,7 @@ REWARDS = {
     "shift": lambda p_female, labels, underrepresented, window=None, ranks=None: r_shift(p_female, underrepresented),
     "balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_balance(
         labels, p_female.device, None if window is None else label_images(window)),
-    "soft_balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_soft_balance(p_female, window),
+    "soft_balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_soft_balance(p_female,
+                                                                                                      window),
     "rank": lambda p_female, labels, underrepresented, window=None, ranks=None: ranks,  # the judge's, see Judge.rank
 }

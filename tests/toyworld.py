@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw
 PROMPT = "photo of the face of a computer scientist"
 SIZE = 32  # image side in pixels; the latent is SIZE/4 = 8
 FEMALE_SHARE = 0.15
-TWO_PROMPTS = {"photo of the face of a nurse": 0.85, "photo of the face of a mechanical engineer": 0.15}  # opposite
+TWO_PROMPTS = {"photo of the face of a nurse": 0.7, "photo of the face of a mechanical engineer": 0.3}  # opposite
 SKIN = [(255, 224, 196), (241, 194, 155), (224, 172, 105), (198, 134, 66), (141, 85, 36), (95, 60, 35)]
 HAIR = [(20, 20, 20), (70, 45, 25), (120, 80, 40), (200, 170, 90), (150, 60, 30), (150, 150, 150)]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -319,10 +319,11 @@ class PooledHistory:
     Rewards and their statistics come from one pooled window; the metrics' per-prompt rows from a second history
     that sees the real prompts but scores nothing (its rewards are thrown away)."""
 
+    base = None  # rewards.PromptHistory, kept here while two() puts this class in its place
+
     def __init__(self, prompts, size, underrepresented=None):
-        import rewards
-        self.pooled = rewards.PromptHistory(prompts, size, underrepresented)
-        self.shadow = rewards.PromptHistory(prompts, size, underrepresented)
+        self.pooled = self.base(prompts, size, underrepresented)
+        self.shadow = self.base(prompts, size, underrepresented)
         self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
         self.underrepresented = self.shadow.underrepresented
 
@@ -344,7 +345,7 @@ def two(out, scope="prompt", epochs=60, seed=0, unet=TWO_UNET):
     with open(out + ".prompts.txt", "w") as f:
         f.write("\n".join(TWO_PROMPTS) + "\n")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
-    original = rewards.PromptHistory
+    original = PooledHistory.base = rewards.PromptHistory
     rewards.PromptHistory = PooledHistory if scope == "batch" else original
     try:
         code = ddpo_debias.main(flags + [f"--model={SHIPPED}", f"--unet={unet}", f"--prompts={out}.prompts.txt",
