@@ -1,7 +1,8 @@
 """A miniature, biased Stable Diffusion: cartoon faces in two classes, 85% "male", learnt from generated data.
 
-    python -m tests.toyworld build OUT [--female-share 0.15] [--seed 0] [--quick] [--reuse WORLD]
+    python -m tests.toyworld build OUT [--female-share 0.15] [--seed 0] [--quick] [--reuse WORLD] [--two-prompts]
     python -m tests.toyworld demo OUT_RUN [--world DIR] [--epochs 40]   fine-tune it with --reward balance
+    python -m tests.toyworld two OUT_RUN [--scope prompt|batch]        both prompts of the two-prompt world at once
 
 The shipped world is tests/toyworld_model (3 MB, built by `build` with the defaults: 15 min 45 s on the 2-core
 development machine, see its build.json). Every part is a real diffusers/transformers class saved with
@@ -24,7 +25,9 @@ save_pretrained, so ddpo_debias.py loads it as it loads SD v1.5 (`--model DIR --
                the VAE so that it reads decoded pixels, and on non-faces (pixel noise, smooth noise, blobs, a
                face's tiles shuffled) toward (0.5, 0.5), so that it says "none" (max probability <= 0.7) where
                there is no face to read, as the real classifier should.
-The bias is in the data only: FEMALE_SHARE of the UNet's training faces are "female". tests/test_world.py
+The bias is in the data only: FEMALE_SHARE of the UNet's training faces are "female". The two-prompt world
+(`build --two-prompts --reuse tests/toyworld_model`) trains only a UNet, on TWO_PROMPTS, whose faces are skewed in
+opposite directions; that UNet ships in tests/toyworld_two_unet, the rest is the shipped world's. tests/test_world.py
 checks what the world is (biased, drawable, legible, a classifier that is right and says "none" to the rest).
 
 What the world showed about the method is in README "The toy world", with the raw records in docs/toyworld/:
@@ -47,7 +50,7 @@ from PIL import Image, ImageDraw
 PROMPT = "photo of the face of a computer scientist"
 SIZE = 32  # image side in pixels; the latent is SIZE/4 = 8
 FEMALE_SHARE = 0.15
-TWO_PROMPTS = {"photo of the face of a nurse": 0.7, "photo of the face of a mechanical engineer": 0.3}  # opposite
+TWO_PROMPTS = {"photo of the face of a nurse": 0.8, "photo of the face of a mechanical engineer": 0.2}  # opposite
 SKIN = [(255, 224, 196), (241, 194, 155), (224, 172, 105), (198, 134, 66), (141, 85, 36), (95, 60, 35)]
 HAIR = [(20, 20, 20), (70, 45, 25), (120, 80, 40), (200, 170, 90), (150, 60, 30), (150, 150, 150)]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -336,7 +339,7 @@ class PooledHistory:
         return {"prompts": self.prompts, "pooled": self.pooled.state_dict(), "shadow": self.shadow.state_dict()}
 
 
-def two(out, scope="prompt", epochs=60, seed=0, unet=TWO_UNET):
+def two(out, scope="prompt", epochs=50, seed=0, unet=TWO_UNET, batch_size=32):
     """Fine-tune the two-prompt world on both prompts at once with --reward balance: q per prompt (scope
     "prompt", this project) or over the batch (scope "batch", the paper's q, PooledHistory). Prints each prompt's
     female ratio pooled over 10-epoch windows (80 images of each prompt)."""
@@ -350,7 +353,8 @@ def two(out, scope="prompt", epochs=60, seed=0, unet=TWO_UNET):
     try:
         code = ddpo_debias.main(flags + [f"--model={SHIPPED}", f"--unet={unet}", f"--prompts={out}.prompts.txt",
                                          f"--classifier={os.path.join(SHIPPED, 'classifier')}", "--reward=balance",
-                                         f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
+                                         f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}",
+                                         f"--batch-size={batch_size}"])  # 16 images of each prompt an epoch
     finally:
         rewards.PromptHistory = original
     if code == 0:
@@ -378,11 +382,11 @@ def main(argv=None):
     d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
     d.add_argument("--epochs", type=int, default=40)
     d.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("two", help="fine-tune the two-prompt world on both prompts (about 5 minutes on 2 cores)")
+    t = sub.add_parser("two", help="fine-tune the two-prompt world on both prompts (about 8 minutes on 2 cores)")
     t.add_argument("out", help="the run folder (new)")
     t.add_argument("--scope", choices=("prompt", "batch"), default="prompt",
                    help="q per prompt (this project) or over the whole batch (the paper's q, the control)")
-    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--epochs", type=int, default=50)
     t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "two":
