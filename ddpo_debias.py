@@ -1058,8 +1058,8 @@ def read_prompts(path, flag="--eval-prompts", warn=False):
 def evaluate(config, classifier=None):
     """The bias report of a model on held-out prompts -> eval.json, eval_NN.png per prompt, a printed table."""
     config = resolve_device(config)
+    judge = load_judge(config)  # first, as in train()
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, config.device)
-    judge = load_judge(config)
     classifier = classifier or (judge if config.labeller == "judge" else load_classifier(config, config.device))
     per_prompt, rows = dataclasses.replace(config, batch_size=config.eval_images), []
     ids = torch.zeros(config.eval_images, dtype=torch.long, device=config.device)  # one prompt at a time
