@@ -108,3 +108,16 @@ def test_a_killed_rank_stops_the_other_and_resume_continues(tiny_sd, tiny_classi
     assert [r.wait(timeout=300) for r in resumed] == [0, 0], open(f"{tmp_path / 'resumed'}.0").read()[-3000:]
     assert [m["epoch"] for m in read_metrics(out)] == list(range(checkpoint_epoch + 3)) and done >= 1
     assert json.loads((out / "config.json").read_text())["epochs"] == checkpoint_epoch + 3
+
+
+def test_sigterm_on_one_rank_stops_both_after_the_same_epoch(tiny_sd, tiny_classifier, tmp_path):
+    """SIGTERM to rank 1 alone: both ranks finish that epoch, rank 0 saves the checkpoint, both exit with 143."""
+    out = tmp_path / "run"
+    ranks = ranks_by_hand(tmp_path / "log", "--model", tiny_sd, "--classifier", tiny_classifier, "--batch-size", "4",
+                          "--num-steps", "3", "--mixed-precision", "no", "--epochs", "500", "--save-every", "1000",
+                          "--output-dir", out)
+    wait_for(lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").stat().st_size > 0)
+    ranks[1].send_signal(signal.SIGTERM)
+    assert [r.wait(timeout=120) for r in ranks] == [143, 143], open(f"{tmp_path / 'log'}.0").read()[-3000:]
+    saved = load(out / "checkpoint.pt")  # only a signal saves before epoch 1000
+    assert saved["epoch"] + 1 == len(read_metrics(out)) < 500

@@ -338,6 +338,10 @@ class PooledHistory:
     def state_dict(self):
         return {"prompts": self.prompts, "pooled": self.pooled.state_dict(), "shadow": self.shadow.state_dict()}
 
+    def load_state_dict(self, state):
+        self.pooled.load_state_dict(state["pooled"]), self.shadow.load_state_dict(state["shadow"])
+        self.windows, self.underrepresented = self.pooled.windows, self.shadow.underrepresented
+
 
 def two(out, scope="prompt", epochs=50, seed=0, unet=TWO_UNET, batch_size=32):
     """Fine-tune the two-prompt world on both prompts at once with --reward balance: q per prompt (scope
