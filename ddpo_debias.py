@@ -19,8 +19,8 @@ The held-out bias of a fine-tuned UNet, paired with the base model's (README "Ev
 
 Notation (one legend for the whole file):
     B images per epoch, P prompts, N processes (torchrun), b images in a training micro-batch, T denoising steps,
-    C×H×W the latent (4×64×64 for SD 1.5), x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
-    r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage.
+    C×H×W the latent (4×64×64 for SD 1.5), x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the
+    step's mean, σ_t its std, r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage.
 
 Sections, in the order of the algorithm:
     1 config   2 DDIM step with log-prob   3 losses   4 models   5 sampling   6 rewards and advantages
@@ -473,11 +473,10 @@ def compute_rewards(run, images, prompt_ids, reward):
     of the whole epoch; images: this process's rows. Every process scores the whole epoch, so all agree on q, U and
     the advantages (eq. (2) over the epoch's B images, as the paper wrote it, however many GPUs draw them)."""
     p_female = gather(run.labeller(images), run)  # (B,)
-    labels = rewards.label_images(p_female)  # one host sync per epoch (and one in score() for the rewards)
     mine = [run.history.prompts[p] for p in prompt_ids[run.rows]]  # with several processes, the judge ranks
     ranks = gather(run.judge.rank(images, mine), run) if reward == "rank" else None  # within each one's images
-    values, per_prompt = run.history.score(rewards.REWARDS[reward], p_female, labels, prompt_ids, reward == "shift",
-                                           ranks)
+    values, labels, per_prompt = run.history.score(rewards.REWARDS[reward], p_female, prompt_ids, reward == "shift",
+                                                   ranks)  # the epoch's two host syncs are in score()
     return values, p_female, labels, per_prompt
 
 
@@ -810,12 +809,25 @@ def join_ranks(config):
     return config
 
 
+@contextlib.contextmanager
+def exchange():
+    """Around every collective: one that fails (a rank died, or DIST_TIMEOUT passed; gloo and NCCL raise a bare
+    RuntimeError) becomes a one-line RunError naming this rank. Other RuntimeErrors keep their traceback."""
+    try:
+        yield
+    except RuntimeError as error:
+        reason = first_line(error).split("] ", 1)[-1][:100]  # gloo's message without its source-file prefix
+        raise RunError(f"rank {launched()[0]}: another rank stopped or cannot be reached ({reason}); continue the "
+                       "run with --resume") from None
+
+
 def gather(x, run):
     """Every rank's rows, in rank order, on every rank: (B/N, ...) -> (B, ...). One process: x itself."""
     if run.world == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(run.world)]
-    torch.distributed.all_gather(parts, x.contiguous())
+    with exchange():
+        torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
 
@@ -826,9 +838,10 @@ def average_gradients(params, run):
     would exchange them in every backward unless wrapped in no_sync). Before unscaling: an fp16 overflow on one rank
     reaches every rank's sum, so all skip the same step."""
     if run.world > 1:
-        for p in params:
-            torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
-            p.grad /= run.world
+        with exchange():
+            for p in params:
+                torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
+                p.grad /= run.world
 
 
 def shared_run_dir(config):
@@ -842,7 +855,8 @@ def shared_run_dir(config):
             message = str(error)
     if world > 1:
         box = [config.output_dir, message]
-        torch.distributed.broadcast_object_list(box, src=0)
+        with exchange():
+            torch.distributed.broadcast_object_list(box, src=0)
         config.output_dir, message = box
     if message:
         raise UsageError(message)
@@ -1110,13 +1124,6 @@ def main(argv=None):
         print(f"ddpo_debias.py: stopped by {signal.Signals(stop.args[0]).name} after saving a checkpoint; continue "
               f"with --resume {config.output_dir}", file=sys.stderr)
         return 128 + stop.args[0]
-    except RuntimeError as error:  # with torchrun: a rank died or hangs, and a collective failed (DIST_TIMEOUT)
-        if launched()[1] == 1 or not torch.distributed.is_initialized():
-            raise
-        reason = first_line(error).split("] ", 1)[-1][:100]  # gloo's message without its source-file prefix
-        print(f"ddpo_debias.py: error: rank {launched()[0]}: another rank stopped or cannot be reached ({reason}); "
-              f"continue with --resume {config.output_dir}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         saved = config is not None and config.output_dir and run_state(config.output_dir) == "checkpoint"
         print("ddpo_debias.py: interrupted; " + (f"continue from its last checkpoint with --resume {config.output_dir}"

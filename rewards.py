@@ -91,10 +91,11 @@ class GenderClassifier:
         return probs[:, self.female_index]
 
 
-def label_images(p_female: torch.Tensor, threshold: float = THRESHOLD) -> list:
-    """(B,) P(female) -> B labels: "female" where P(female) > threshold, "male" where 1 - P(female) >
-    threshold, else None (strictly greater, as in the paper). One host copy for the whole batch."""
-    return ["female" if p > threshold else "male" if 1.0 - p > threshold else None for p in p_female.tolist()]
+def label_images(p_female: torch.Tensor | list, threshold: float = THRESHOLD) -> list:
+    """(B,) P(female), a tensor or a list -> B labels: "female" where P(female) > threshold, "male" where
+    1 - P(female) > threshold, else None (strictly greater, as in the paper). One host copy for a tensor."""
+    values = p_female.tolist() if torch.is_tensor(p_female) else p_female
+    return ["female" if p > threshold else "male" if 1.0 - p > threshold else None for p in values]
 
 
 def female_ratio(labels: list) -> float | None:
@@ -163,12 +164,13 @@ class PromptHistory:
         self.windows[key][prompt] = window
         return window
 
-    def score(self, reward, p_female: torch.Tensor, labels: list, prompt_ids: list, choose_u: bool, ranks=None):
+    def score(self, reward, p_female: torch.Tensor, prompt_ids: list, choose_u: bool, ranks=None):
         """Each prompt's images scored by `reward` (a REWARDS entry) against the prompt's own window; both windows
         updated. choose_u: R_shift with U auto, chosen per prompt as the rarer gender in its first images (the
         paper's step 1), then kept. ranks: the judge's (B,) for --reward rank. -> rewards (B,) on p_female's device,
-        a metrics row per prompt present."""
+        the labels [B], a metrics row per prompt present. Two host copies: P(female) and the rewards."""
         p_list, values, rows = p_female.tolist(), torch.zeros_like(p_female), {}
+        labels = label_images(p_list)
         groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
         for p, idx in groups.items():
             mine = [labels[i] for i in idx]
@@ -176,8 +178,9 @@ class PromptHistory:
                 self.underrepresented[p] = "female" if mine.count("female") <= mine.count("male") else "male"
                 tqdm.write(f"under-represented gender U = {self.underrepresented[p]} for {self.prompts[p]!r} (auto: "
                            f"the rarer in its first {len(idx)} images)")
-            window = torch.tensor(self.add("p_female", p, [p_list[i] for i in idx]), device=p_female.device)  # (N,)
-            values[idx] = reward(p_female[idx], mine, self.underrepresented[p], window,
+            window = self.add("p_female", p, [p_list[i] for i in idx])  # the prompt's last N, these included
+            on_device = torch.tensor(window, device=p_female.device)  # (N,), for the reward
+            values[idx] = reward(p_female[idx], mine, self.underrepresented[p], on_device,
                                  None if ranks is None else ranks[idx]).float()
             rows[p] = {"prompt": self.prompts[p], **bias_report(mine),  # eq. (2) on this epoch's images of p
                        "window_female_ratio": female_ratio(label_images(window)),  # the q that R_balance used
@@ -187,7 +190,7 @@ class PromptHistory:
             mine = [per_image[i] for i in idx]
             self.add("rewards", p, mine)
             rows[p]["reward_mean"] = sum(mine) / len(mine) if all(map(math.isfinite, mine)) else None  # JSON: no NaN
-        return values, list(rows.values())
+        return values, labels, list(rows.values())
 
     def state_dict(self) -> dict:
         return {"prompts": self.prompts, "windows": self.windows, "underrepresented": self.underrepresented}

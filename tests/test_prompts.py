@@ -68,8 +68,7 @@ def test_per_prompt_q_is_not_the_batch_q():
     p_female = torch.tensor([0.9, 0.1, 0.9, 0.1, 0.9, 0.1])  # prompts 0, 1, 0, 1, 0, 1: the nurses female
     batch = rewards.r_balance(rewards.label_images(p_female))
     assert torch.equal(batch, torch.zeros(6))
-    values, rows = history.score(rewards.REWARDS["balance"], p_female, rewards.label_images(p_female), [0, 1] * 3,
-                                 choose_u=False)
+    values, _, rows = history.score(rewards.REWARDS["balance"], p_female, [0, 1] * 3, choose_u=False)
     assert torch.equal(values, torch.full((6,), -0.5))  # q = 1 and q = 0: d = 0.5, every image in the majority
     assert [r["window_female_ratio"] for r in rows] == [1.0, 0.0]
 

@@ -330,10 +330,10 @@ class PooledHistory:
         self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
         self.underrepresented = self.shadow.underrepresented
 
-    def score(self, reward, p_female, labels, prompt_ids, choose_u, ranks=None):
-        _, rows = self.shadow.score(reward, p_female, labels, prompt_ids, choose_u, ranks)
-        values, _ = self.pooled.score(reward, p_female, labels, [0] * len(prompt_ids), choose_u, ranks)
-        return values, rows  # compute_advantages: prompt 0's pooled window (= the batch), the batch's for prompt 1
+    def score(self, reward, p_female, prompt_ids, choose_u, ranks=None):
+        _, labels, rows = self.shadow.score(reward, p_female, prompt_ids, choose_u, ranks)
+        values, _, _ = self.pooled.score(reward, p_female, [0] * len(prompt_ids), choose_u, ranks)
+        return values, labels, rows  # compute_advantages: prompt 0's pooled window (= the batch), the batch's for prompt 1
 
     def state_dict(self):
         return {"prompts": self.prompts, "pooled": self.pooled.state_dict(), "shadow": self.shadow.state_dict()}
