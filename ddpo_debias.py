@@ -339,10 +339,10 @@ def check_scheduler(scheduler_config, path, num_steps):
                          "needs epsilon prediction without clip_sample or thresholding (SD v1.5's scheduler)")
 
 
-def micro_batch(config):
-    """b: images per training micro-batch (and per VAE decode chunk). It divides a process's B / N / updates_per_epoch
-    images of an update (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
-    return min(config.train_batch_size, config.batch_size // launched()[1] // config.updates_per_epoch)
+def micro_batch(config, world=1):
+    """b: images per training micro-batch. It divides a process's B / N / updates_per_epoch images of an update, N =
+    world (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
+    return min(config.train_batch_size, config.batch_size // world // config.updates_per_epoch)
 
 
 def make_scaler(config, device):
@@ -370,7 +370,7 @@ def trained_weights(unet):
 CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
 
 
-def derived_sizes(config, unet):
+def derived_sizes(config, unet, world=1):
     """The sizes that follow from the config and the model, computed once and printed before the loop.
 
     ε = CLIP_PER_ELEMENT/√N, N = C·H·W: a move of the step mean that costs k nats of KL per element gives the stored
@@ -379,7 +379,7 @@ def derived_sizes(config, unet):
     8e-4 6%. The learning rate has no such rule: it depends on the network, not only on N."""
     c, s = unet.config.in_channels, unet.config.sample_size
     clip_range = config.clip_range or CLIP_PER_ELEMENT / math.sqrt(c * s * s)
-    return {"latent": (c, s, s), "micro_batch": micro_batch(config), "clip_range": clip_range,
+    return {"latent": (c, s, s), "micro_batch": micro_batch(config, world), "clip_range": clip_range,
             "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
 
 
@@ -458,9 +458,9 @@ def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, gene
 
 @torch.no_grad()
 def decode(vae, latents, config, device):
-    """x_0 (B, C, H, W) -> images (B, 3, 8H, 8W) in [0, 1], in chunks of b to bound the VAE's memory."""
+    """x_0 (B, C, H, W) -> images (B, 3, 8H, 8W) in [0, 1], in chunks of --train-batch-size: the VAE's memory."""
     images = []
-    for chunk in latents.split(micro_batch(config)):
+    for chunk in latents.split(config.train_batch_size):
         with autocast(config, device):
             images.append(vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample.float())
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
@@ -506,7 +506,7 @@ def update(run, samples, advantages, config):
     unet, optimizer, scaler, scheduler, device = run.unet, run.optimizer, run.scaler, run.scheduler, config.device
     B, T = samples["log_probs"].shape
     per_update = B // config.updates_per_epoch
-    micro = micro_batch(config)
+    micro = micro_batch(config, run.world)
     params = list(trainable_parameters(unet).values())
     order = torch.randperm(B, generator=run.gens[1]).to(device)  # shuffle samples ...
     step_order = torch.stack([torch.randperm(T, generator=run.gens[1]) for _ in range(B)]).to(device)  # ... and steps
@@ -698,7 +698,7 @@ def validate(config):
         raise UsageError("--evaluate: runs in one process, without torchrun" if config.evaluate else
                          f"--device: with torchrun each rank uses cuda:LOCAL_RANK; give cuda, not {config.device}")
     per_update = config.batch_size // world // config.updates_per_epoch
-    if per_update % micro_batch(config):
+    if per_update % micro_batch(config, world):
         raise UsageError(f"--train-batch-size: {config.train_batch_size} does not divide the {per_update} images of "
                          "each update into equal micro-batches")
     if config.batch_size < 2:
@@ -994,7 +994,8 @@ def train(config, classifier=None):
               prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
               gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
-                                            None if config.underrepresented == "auto" else config.underrepresented),
+                                            None if config.underrepresented == "auto" else config.underrepresented,
+                                            announce=lead),
               rank=rank, world=world, rows=slice(rank * b, (rank + 1) * b))
     metrics, first = [], 0
     if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
@@ -1010,7 +1011,7 @@ def train(config, classifier=None):
             os.replace(os.path.join(out, "metrics.jsonl"), kept)
         print(f"{out} has no checkpoint: starting again from epoch 0"
               + (f" (its metrics so far are in {kept})" if os.path.exists(kept) else ""))
-    sizes = derived_sizes(config, unet)
+    sizes = derived_sizes(config, unet, world)
     config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε and δ as used, saved in config.json
                                  kl_threshold=sizes["kl_threshold"])
     if lead:

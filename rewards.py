@@ -153,8 +153,8 @@ class PromptHistory:
     and DDPO's batch statistics. Non-finite values (a NaN image) are not kept: they would poison N epochs' stats.
     """
 
-    def __init__(self, prompts: list, size: int, underrepresented: str | None = None):
-        self.prompts, self.size = list(prompts), size
+    def __init__(self, prompts: list, size: int, underrepresented: str | None = None, announce: bool = True):
+        self.prompts, self.size, self.announce = list(prompts), size, announce  # announce: print U when chosen
         self.windows = {"p_female": [[] for _ in self.prompts], "rewards": [[] for _ in self.prompts]}
         self.underrepresented = [underrepresented] * len(self.prompts)  # U per prompt for R_shift; None: not yet
 
@@ -176,8 +176,9 @@ class PromptHistory:
             mine = [labels[i] for i in idx]
             if choose_u and self.underrepresented[p] is None:
                 self.underrepresented[p] = "female" if mine.count("female") <= mine.count("male") else "male"
-                tqdm.write(f"under-represented gender U = {self.underrepresented[p]} for {self.prompts[p]!r} (auto: "
-                           f"the rarer in its first {len(idx)} images)")
+                if self.announce:  # with torchrun, rank 0 only
+                    tqdm.write(f"under-represented gender U = {self.underrepresented[p]} for {self.prompts[p]!r} (auto: "
+                               f"the rarer in its first {len(idx)} images)")
             window = self.add("p_female", p, [p_list[i] for i in idx])  # the prompt's last N, these included
             on_device = torch.tensor(window, device=p_female.device)  # (N,), for the reward
             values[idx] = reward(p_female[idx], mine, self.underrepresented[p], on_device,

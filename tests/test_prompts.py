@@ -73,6 +73,19 @@ def test_per_prompt_q_is_not_the_batch_q():
     assert [r["window_female_ratio"] for r in rows] == [1.0, 0.0]
 
 
+def test_u_is_announced_once_and_only_where_asked(capsys):
+    """U is printed when it is chosen, once per prompt; a history told not to announce (torchrun's other ranks)
+    chooses the same U silently."""
+    p_female = torch.tensor([0.9, 0.1, 0.1, 0.1])  # prompt 0: one female, one male; prompt 1: two male
+    for announce in (True, False):
+        history = rewards.PromptHistory(["a", "b"], 4, announce=announce)
+        for _ in range(2):
+            history.score(rewards.REWARDS["shift"], p_female, [0, 1, 0, 1], choose_u=True)
+        assert history.underrepresented == ["female", "female"]
+        printed = capsys.readouterr()
+        assert (printed.out + printed.err).count("under-represented gender U") == (2 if announce else 0)
+
+
 def test_advantages_are_standardised_within_each_prompt():
     """Once a prompt's window of rewards is full its own mean and std are used; until then the batch's."""
     history = rewards.PromptHistory(["a", "b"], 3)

@@ -324,9 +324,9 @@ class PooledHistory:
 
     base = None  # rewards.PromptHistory, kept here while two() puts this class in its place
 
-    def __init__(self, prompts, size, underrepresented=None):
-        self.pooled = self.base(prompts, size, underrepresented)
-        self.shadow = self.base(prompts, size, underrepresented)
+    def __init__(self, prompts, size, underrepresented=None, announce=True):
+        self.pooled = self.base(prompts, size, underrepresented, announce)
+        self.shadow = self.base(prompts, size, underrepresented, announce=False)
         self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
         self.underrepresented = self.shadow.underrepresented
 
