@@ -501,7 +501,8 @@ def update(run, samples, advantages, config):
     gradient of B / updates_per_epoch images × T steps in micro-batches of b images, one step at a time. With
     several processes, B is this one's share and the gradients are averaged across processes before each step.
 
-    Returns per-step stats (stacked tensors, no host sync inside) and how many optimizer steps were skipped.
+    Returns per-step stats (stacked tensors, no host sync inside), how many optimizer steps were skipped, and each
+    optimizer step's gradient norm before clipping (None where not finite).
     """
     unet, optimizer, scaler, scheduler, device = run.unet, run.optimizer, run.scaler, run.scheduler, config.device
     B, T = samples["log_probs"].shape
@@ -510,7 +511,7 @@ def update(run, samples, advantages, config):
     params = list(trainable_parameters(unet).values())
     order = torch.randperm(B, generator=run.gens[1]).to(device)  # shuffle samples ...
     step_order = torch.stack([torch.randperm(T, generator=run.gens[1]) for _ in range(B)]).to(device)  # ... and steps
-    stats, skipped = [], 0
+    stats, skipped, grad_norms = [], 0, []
     for u in range(config.updates_per_epoch):
         for idx in order[u * per_update:(u + 1) * per_update].split(micro):  # (b,) sample indices
             for j in range(T):
@@ -534,14 +535,15 @@ def update(run, samples, advantages, config):
         # ---- the weights change here, once per `per_update` images: average, unscale, clip, step, reset.
         average_gradients(params, run)  # every process then takes the same step: the weights stay equal
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if torch.isfinite(grad_norm):  # one host sync per optimizer step: a NaN/Inf step is skipped, not taken
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()  # the one host sync per
+        grad_norms.append(finite_or_none(grad_norm))  # optimizer step: its size before clipping, for the metrics
+        if math.isfinite(grad_norm):  # a NaN/Inf step is skipped, not taken
             scaler.step(optimizer)
         else:
             skipped += 1
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    return torch.stack(stats), skipped
+    return torch.stack(stats), skipped, grad_norms
 
 
 # ------------------------------------------------------------ 8. checkpoints (pictures: rewards.save_grid/plot)
@@ -917,13 +919,13 @@ def run_epoch(epoch, run, config):
     advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip)  # (B,)
     spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
     sync(device), (t_reward := time.perf_counter())
-    skipped, (loss, approx_kl, clipfrac, kl, rollback_frac) = 0, [None] * 5
+    skipped, grad_norms, (loss, approx_kl, clipfrac, kl, rollback_frac) = 0, None, [None] * 5
     if not math.isfinite(spread):  # a non-finite reward would poison every weight: skip this epoch's update
         skipped = config.updates_per_epoch
     elif spread > 0:  # equal rewards (q = 0.5 exactly, no minority image, all "none") mean A = 0: no signal, and
-        stats, skipped = update(run, samples, advantages[run.rows], config)  # AdamW's momentum and decay would
-        stats = gather(stats.mean(dim=0, keepdim=True), run).mean(dim=0)  # still move θ. The ranks' mean, (5,)
-        loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.tolist())
+        stats, skipped, grad_norms = update(run, samples, advantages[run.rows], config)  # AdamW's momentum and
+        stats = gather(stats.mean(dim=0, keepdim=True), run).mean(dim=0)  # decay would still move θ. The ranks'
+        loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.tolist())  # mean, (5,)
     sync(device), (t_train := time.perf_counter())
     shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
@@ -931,7 +933,8 @@ def run_epoch(epoch, run, config):
               "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
               "underrepresented": shared.pop() if config.reward == "shift" and len(shared) == 1 else None,
               "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
-              "rollback_frac": rollback_frac, "skipped_steps": skipped, "equal_rewards": spread == 0,
+              "rollback_frac": rollback_frac, "grad_norm": grad_norms, "skipped_steps": skipped,
+              "equal_rewards": spread == 0,
               "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
               "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start), "per_prompt": per_prompt}
     if run.judge:  # the judge's requests, retries, unparsed answers and tokens this epoch, summed over the ranks

@@ -30,6 +30,16 @@ def read_metrics(run_dir):
         return [json.loads(line) for line in f]
 
 
+def test_grad_norm_is_logged_before_clipping(tiny_sd, tiny_classifier, tmp_path):
+    """The logged norm is the update's size before --max-grad-norm clips it: far above a tiny clip."""
+    import ddpo_debias as dd
+    code = dd.main(["--model", tiny_sd, "--classifier", tiny_classifier, "--reward", "shift", "--lr", "1e-3",
+                    "--max-grad-norm", "1e-9", "--output-dir", str(tmp_path / "run"), *TINY])
+    assert code == 0
+    norms = [n for m in read_metrics(tmp_path / "run") for n in m["grad_norm"]]
+    assert len(norms) == 4 and min(norms) > 1e-6, norms
+
+
 @pytest.mark.parametrize("reward, trust_region", [("balance", "clip"), ("shift", "truly")])
 def test_cli_end_to_end(tiny_sd, tiny_classifier, tmp_path, reward, trust_region):
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -44,6 +54,8 @@ def test_cli_end_to_end(tiny_sd, tiny_classifier, tmp_path, reward, trust_region
         assert key in metrics[0], key
     assert metrics[0]["n_female"] + metrics[0]["n_male"] + metrics[0]["n_none"] == 4
     assert metrics[1]["kl"] > 0  # the second epoch's policy differs from the first
+    for m in metrics:  # one gradient norm per optimizer step (2 a epoch by default), or none without an update
+        assert m["grad_norm"] is None if m["equal_rewards"] else len(m["grad_norm"]) == 2 and min(m["grad_norm"]) > 0
     if reward == "shift":
         assert metrics[0]["underrepresented"] in ("female", "male") and "under-represented" in result.stdout
     for name in ("samples_0000.png", "samples_0001.png", "plot.png", "config.json", "checkpoint.pt"):
