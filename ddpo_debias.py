@@ -100,6 +100,11 @@ class Config:
     24 GB card (about 12 GiB at the defaults, README "Speed and memory"); 8 is faster on 40 GB cards (20.3 GiB)."""
     num_steps: int = 50
     """DDIM steps per image (T), as DDPO."""
+    skip_final_steps: int = 2
+    """The last DDIM steps, sampled and scored but not trained. They land at t = 1 and t = 0, where the image is
+    finished (under 5% noise): their σ_t is 0.02-0.04, against 0.1 or more for the others, so their gradient, of size
+    |∂μ/∂ε̂|/σ_t per unit of noise, is mostly noise (on SD's schedule at T = 50 the step into t = 1 alone has more
+    noise variance than the other 48 together; README "The toy world"). 0 trains every step, as DDPO."""
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
@@ -113,8 +118,9 @@ class Config:
     kl_threshold: float = 0.0
     """Truly PPO δ, exact KL per latent element where the rollback starts; 0: ε²·C·H·W/2 from the clip range, so both
     trust regions bound the same move (8.2e-5 with the derived ε, on any latent; derivation in truly_ppo_loss)."""
-    truly_alpha: float = 5.0
-    """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss)."""
+    truly_alpha: float = 1.0
+    """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss). 1, not
+    the paper's 5: on the toy world α = 5 hardly moved q in 14 epochs where α = 1 balanced it (README "The toy world")."""
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
     max_grad_norm: float = 1.0
@@ -239,8 +245,9 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
       on the tests' 1x1x2 latent (ε = 1e-2, DDPO's ε rescaled by √(16384/2)). The old δ = 0.03 allowed 19x the move.
     - α. A rolled-back sample's objective along its push, A·(1 + a) - α·a²/2 with a = √(2k), peaks at
       k = A²/(2α²), so α = 1/√(2δ) would pin |A| = 1 to the border. But the pulls of all rolled-back samples add up
-      coherently while their pushes are partly noise: on the tests' learning run α = 70.7 trailed clipped PPO and
-      α = 5 kept pace (figures in tests/test_learning.py). α weighs two means over elements, so it is N-free.
+      coherently while their pushes are partly noise: on a 1x1x2 latent α = 70.7 trailed clipped PPO and α = 5 kept
+      pace; on the toy world α = 5 stalled (q 0.16 -> 0.23 in 14 epochs) where α = 1 came within two epochs of the
+      clip (README "The toy world"). α weighs two means over elements, so it is N-free.
     """
     ratio = torch.exp(log_prob - log_prob_old)
     surrogate = ratio * advantages  # r·A
@@ -498,7 +505,7 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip):
 # ------------------------------------------------------------------------------------------- 7. update
 def update(run, samples, advantages, config):
     """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
-    gradient of B / updates_per_epoch images × T steps in micro-batches of b images, one step at a time. With
+    gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images, one step at a time. With
     several processes, B is this one's share and the gradients are averaged across processes before each step.
 
     Returns per-step stats (stacked tensors, no host sync inside), how many optimizer steps were skipped, and each
@@ -506,15 +513,16 @@ def update(run, samples, advantages, config):
     """
     unet, optimizer, scaler, scheduler, device = run.unet, run.optimizer, run.scaler, run.scheduler, config.device
     B, T = samples["log_probs"].shape
+    trained = T - config.skip_final_steps  # steps 0..trained-1 (x_T -> ...); the last ones are not trained (Config)
     per_update = B // config.updates_per_epoch
     micro = micro_batch(config, run.world)
     params = list(trainable_parameters(unet).values())
     order = torch.randperm(B, generator=run.gens[1]).to(device)  # shuffle samples ...
-    step_order = torch.stack([torch.randperm(T, generator=run.gens[1]) for _ in range(B)]).to(device)  # ... and steps
+    step_order = torch.stack([torch.randperm(trained, generator=run.gens[1]) for _ in range(B)]).to(device)  # ... steps
     stats, skipped, grad_norms = [], 0, []
     for u in range(config.updates_per_epoch):
         for idx in order[u * per_update:(u + 1) * per_update].split(micro):  # (b,) sample indices
-            for j in range(T):
+            for j in range(trained):
                 k = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
                 x_t, x_prev = samples["latents"][idx, k], samples["latents"][idx, k + 1]  # (b, C, H, W)
                 with autocast(config, device):
@@ -529,7 +537,7 @@ def update(run, samples, advantages, config):
                 else:
                     loss, st = ppo_clip_loss(log_prob, log_prob_old, adv, config.clip_range)
                 # weight so the accumulated gradient is that of the mean over the update's images and steps
-                scaler.scale(loss * len(idx) / (per_update * T)).backward()
+                scaler.scale(loss * len(idx) / (per_update * trained)).backward()
                 stats.append(torch.stack([loss.detach(), st["approx_kl"].detach(), st["clipfrac"],
                                           kl.detach().mean(), st["rollback_frac"]]))
         # ---- the weights change here, once per `per_update` images: average, unscale, clip, step, reset.
@@ -643,11 +651,13 @@ AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
                            "save_every", "eval_images"), AT_LEAST_1),
-          **dict.fromkeys(("lr", "truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
+          **dict.fromkeys(("truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
+          "lr": (lambda v: v >= 0, "0 or more (0 learns nothing: the control run of a comparison)"),
           "clip_range": (lambda v: 0 <= v < 1, "in [0, 1): r is clipped to [1 - ε, 1 + ε]; 0 derives it"),
           "eta": (lambda v: 0 < v <= 1, "in (0, 1]: DDIM's η, above 1 the step's variance is impossible"),
           "guidance_scale": (lambda v: v >= 1, "at least 1: 1 is no guidance, below it the prompt is pushed away"),
           "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range"),
+          "skip_final_steps": (lambda v: v >= 0, "0 or more"),
           "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B"),
           "judge_group": (lambda v: v >= 2, "at least 2: a ranking needs two images"),
           "judge_image_size": (lambda v: v >= 16, "at least 16 pixels")}  # flag: (test, rule)
@@ -703,6 +713,9 @@ def validate(config):
     if per_update % micro_batch(config, world):
         raise UsageError(f"--train-batch-size: {config.train_batch_size} does not divide the {per_update} images of "
                          "each update into equal micro-batches")
+    if config.skip_final_steps >= config.num_steps and not config.evaluate:
+        raise UsageError(f"--skip-final-steps: {config.skip_final_steps} leaves none of the {config.num_steps} steps of "
+                         "--num-steps to train; lower it (0 trains every step)")
     if config.batch_size < 2:
         raise UsageError("--batch-size: needs at least 2 images (advantages are standardised over the batch)")
     kind, _, index = config.device.partition(":")
@@ -943,7 +956,7 @@ def run_epoch(epoch, run, config):
         record["judge"] = dict(zip(counts, map(int, total.tolist())))
     if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = run.flops[0] * B * T / (t_sample - start) / 1e12
-        record["train_tflops"] = run.flops[1] * B * T / (t_train - t_reward) / 1e12
+        record["train_tflops"] = run.flops[1] * B * (T - config.skip_final_steps) / (t_train - t_reward) / 1e12
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)
     return record, (gather(samples["images"], run), p_female, labels)  # every rank's images, for rank 0's grid
@@ -1022,6 +1035,7 @@ def train(config, classifier=None):
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
         print(f"device {device}{f' x {world} ranks' if world > 1 else ''}, {config.mixed_precision}"
               f"{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
+              + (f" (the last {config.skip_final_steps} not trained)" if config.skip_final_steps else "")
               + (f" over P={len(prompts)} prompts (q over the last {run.history.size} images of each)"
                  if len(prompts) > 1 else "") + ", "
               f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "

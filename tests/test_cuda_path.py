@@ -103,7 +103,7 @@ def test_defaults_fit_a_24gb_card_by_count():
 def test_equal_rewards_skip_the_update(tiny_sd, tmp_path):
     """Every image confidently female: R_balance gives each the same -|q - 0.5|, so A = 0 everywhere. No forward,
     no backward, no optimizer step: AdamW's decay (and any stale momentum) must not move the weights."""
-    config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=2, batch_size=4, num_steps=2,
+    config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=2, batch_size=4, num_steps=3,
                        mixed_precision="no", lr=1e-2, reward="balance")
     dd.prepare_run_dir(config)
     all_female = lambda images: torch.full((images.shape[0],), 0.9)
@@ -191,7 +191,7 @@ def test_trust_region_threshold_is_derived_from_the_clip_range(tiny_sd, tmp_path
     assert dd.derived_sizes(dd.Config(), unet(8))["clip_range"] == pytest.approx(8e-4)
     assert dd.derived_sizes(dd.Config(kl_threshold=0.01), unet(64))["kl_threshold"] == 0.01
     assert dd.derived_sizes(dd.Config(clip_range=0.3), unet(64))["clip_range"] == 0.3
-    config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=1, batch_size=2, num_steps=2,
+    config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=1, batch_size=2, num_steps=3,
                        mixed_precision="no", trust_region="truly", clip_range=1e-3)
     dd.prepare_run_dir(config)
     dd.train(config, classifier=lambda images: torch.rand(images.shape[0]))

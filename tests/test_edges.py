@@ -185,7 +185,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_no_temp_file(tiny_sd, tin
     monkeypatch.setattr(dd.shutil, "disk_usage", lambda path: type("U", (), {"free": 0})())
     out = tmp_path / "run"
     code = dd.main(["--model", tiny_sd, "--classifier", tiny_classifier, "--output-dir", str(out), "--save-every",
-                    "1", "--epochs", "3", "--batch-size", "4", "--num-steps", "2", "--reward", "shift"])
+                    "1", "--epochs", "3", "--batch-size", "4", "--num-steps", "3", "--reward", "shift"])
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert code == 1 and len(errors) == 1 and "no space left on device while writing" in errors[0], errors
     assert not (out / "checkpoint.pt.tmp").exists()
@@ -193,7 +193,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_no_temp_file(tiny_sd, tin
 
 
 def test_auto_precision_and_device_are_recorded(tiny_sd, tmp_path):
-    config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=1, batch_size=2, num_steps=2)
+    config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=1, batch_size=2, num_steps=3)
     dd.prepare_run_dir(config)
     dd.train(config, classifier=lambda images: torch.rand(images.shape[0]))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -82,7 +82,7 @@ def test_bad_evaluation_input_is_one_line(tiny_sd, tiny_classifier, tmp_path, ca
              "missing-compare": ["--compare", tmp_path / "nope.json"]}.get(case, [])
     if case == "with-resume":
         assert run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--epochs", "1", "--batch-size",
-                        "2", "--num-steps", "2", "--output-dir", tmp_path / "trained").returncode == 0
+                        "2", "--num-steps", "3", "--output-dir", tmp_path / "trained").returncode == 0
         base, extra = ["--evaluate", "--resume", tmp_path / "trained"], []
     if case in ("unpaired-compare", "evaluation-folder-reused"):
         assert run_main(capsys, *base[:-1], tmp_path / "earlier").returncode == 0

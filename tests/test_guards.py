@@ -6,7 +6,7 @@ import torch
 
 import ddpo_debias as dd
 
-SMALL = dict(batch_size=4, num_steps=2, mixed_precision="no", lr=1e-3)
+SMALL = dict(batch_size=4, num_steps=3, mixed_precision="no", lr=1e-3)
 
 
 def make_run(tiny_sd, tmp_path, **overrides):

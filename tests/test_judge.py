@@ -193,7 +193,7 @@ def test_bad_judge_input_is_one_line(tiny_sd, tiny_classifier, tmp_path, capsys,
             else ["--labeller", "judge", *judged[case]])
     start = time.time()
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, *args, "--epochs", "1",
-                      "--batch-size", "2", "--num-steps", "2", "--output-dir", tmp_path / "run")
+                      "--batch-size", "2", "--num-steps", "3", "--output-dir", tmp_path / "run")
     flag = {"no-model": "--judge-model", "no-url": "--judge-url"}.get(case, "--judge-url")
     assert one_error_line(result, flag), result.stderr[-2000:]
     assert time.time() - start < 10  # refused at the start, not after minutes of retries
@@ -205,7 +205,7 @@ def test_cli_end_to_end_with_the_judge(fake, tiny_sd, tiny_classifier, tmp_path,
     out = tmp_path / "run"
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--labeller", labeller, "--reward",
                       reward, "--judge-url", fake.url, "--judge-model", "fake-vlm", "--judge-group", "2", "--epochs",
-                      "2", "--batch-size", "4", "--num-steps", "2", "--mixed-precision", "no", "--output-dir", out)
+                      "2", "--batch-size", "4", "--num-steps", "3", "--mixed-precision", "no", "--output-dir", out)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     per_epoch = 4 if labeller == "judge" else 2  # an image each, or a group of 2 each

@@ -29,7 +29,7 @@ def train(tmp_path, name, prompts=PROMPTS, classifier=None, **overrides):
     """A run on a prompts file, in this process; -> its metrics and the classifier that scored it."""
     path = tmp_path / f"{name}.txt"
     path.write_text("\n".join(prompts) + "\n")
-    settings = {**dict(epochs=3, batch_size=6, num_steps=2, mixed_precision="no", lr=1e-3), **overrides}
+    settings = {**dict(epochs=3, batch_size=6, num_steps=3, mixed_precision="no", lr=1e-3), **overrides}
     config = dd.Config(prompts=str(path), output_dir=str(tmp_path / name), **settings)
     dd.prepare_run_dir(config)
     classifier = classifier or RecordingClassifier()
@@ -162,7 +162,7 @@ def test_bad_prompts_input_is_one_line(tiny_sd, tiny_classifier, tmp_path, capsy
 def test_blank_lines_are_skipped_with_a_warning(tiny_sd, tiny_classifier, tmp_path, capsys):
     (tmp_path / "p.txt").write_text("\na nurse\n\n  \na pilot\n")
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--prompts", tmp_path / "p.txt",
-                      "--epochs", "1", "--batch-size", "2", "--num-steps", "2", "--mixed-precision", "no",
+                      "--epochs", "1", "--batch-size", "2", "--num-steps", "3", "--mixed-precision", "no",
                       "--output-dir", tmp_path / "run")
     assert result.returncode == 0 and "skipped 3 blank line(s)" in result.stderr
     with open(tmp_path / "run" / "metrics.jsonl") as f:
