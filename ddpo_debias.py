@@ -102,9 +102,9 @@ class Config:
     """DDIM steps per image (T), as DDPO."""
     skip_final_steps: int = 2
     """The last DDIM steps, sampled and scored but not trained. They land at t = 1 and t = 0, where the image is
-    finished (under 5% noise): their σ_t is 0.02-0.04, against 0.1 or more for the others, so their gradient, of size
-    |∂μ/∂ε̂|/σ_t per unit of noise, is mostly noise (on SD's schedule at T = 50 the step into t = 1 alone has more
-    noise variance than the other 48 together; README "The toy world"). 0 trains every step, as DDPO."""
+    finished (under 5% noise left), with σ_t of 0.04 and 0.02 against 0.1 or more for the others, so their gradient,
+    noise of size |∂μ/∂ε̂|/σ_t per unit change of ε̂, swamps the rest: 95%, 75% and 53% of the noise variance at
+    T = 5, 20 and 50 on SD's schedule (tests/test_ddpo.py; README "The toy world"). 0 trains every step, as DDPO."""
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
@@ -119,8 +119,8 @@ class Config:
     """Truly PPO δ, exact KL per latent element where the rollback starts; 0: ε²·C·H·W/2 from the clip range, so both
     trust regions bound the same move (8.2e-5 with the derived ε, on any latent; derivation in truly_ppo_loss)."""
     truly_alpha: float = 1.0
-    """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss). 1, not
-    the paper's 5: on the toy world α = 5 hardly moved q in 14 epochs where α = 1 balanced it (README "The toy world")."""
+    """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss).
+    1, not the paper's 5: on the toy world α = 5 hardly moved q in 14 epochs, α = 1 balanced it (README)."""
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
     max_grad_norm: float = 1.0
@@ -242,7 +242,7 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
     - δ = ε²·C·H·W/2 (derived_sizes). Moving the mean of N(μ, σ²) by Δ over N = C·H·W elements costs the
       per-element KL k = mean(Δ²)/(2σ²), and the stored x = μ_old + σz then has log r = mean(z·Δ)/σ - k, of typical
       size √(2k/N). The clip stops r at |r - 1| = ε, i.e. at k = ε²·N/2: 8.2e-5 on SD (ε = 1e-4, N = 16384), 1e-4
-      on the tests' 1x1x2 latent (ε = 1e-2, DDPO's ε rescaled by √(16384/2)). The old δ = 0.03 allowed 19x the move.
+      on a 1x1x2 latent (ε = 1e-2, DDPO's ε rescaled by √(16384/2)). The old δ = 0.03 allowed 19x the move.
     - α. A rolled-back sample's objective along its push, A·(1 + a) - α·a²/2 with a = √(2k), peaks at
       k = A²/(2α²), so α = 1/√(2δ) would pin |A| = 1 to the border. But the pulls of all rolled-back samples add up
       coherently while their pushes are partly noise: on a 1x1x2 latent α = 70.7 trailed clipped PPO and α = 5 kept
@@ -505,8 +505,9 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip):
 # ------------------------------------------------------------------------------------------- 7. update
 def update(run, samples, advantages, config):
     """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
-    gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images, one step at a time. With
-    several processes, B is this one's share and the gradients are averaged across processes before each step.
+    gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images, one step at a
+    time. With several processes, B is this one's share and the gradients are averaged across processes before
+    each step.
 
     Returns per-step stats (stacked tensors, no host sync inside), how many optimizer steps were skipped, and each
     optimizer step's gradient norm before clipping (None where not finite).

@@ -1,13 +1,8 @@
 """Tiny local models for the tests, saved with `save_pretrained` so the real loading code runs offline.
 
     make_tokenizer(path)            a CLIPTokenizer from a byte-level vocab.json and a one-line merges.txt
-    make_tiny_sd(path, linear_vae)  a StableDiffusionPipeline folder: UNet 32/64 channels, CLIP hidden 32
-    make_colour_sd(path)            the learning tests' pipeline: a 1x1x2 latent that a linear VAE turns into colour
+    make_tiny_sd(path)              a StableDiffusionPipeline folder: UNet 32/64 channels, CLIP hidden 32
     make_tiny_classifier(path)      a ViT image classifier with the labels given (female/male by default)
-
-`linear_vae=True` builds a VAE whose decoder passes latent channels 0 and 1 to red and blue almost
-unchanged (every residual branch zeroed, every other conv an identity), so that a reward on the image's
-colour is one the policy can move: a random tiny VAE maps all latents to nearly the same colours.
 """
 import json
 import os
@@ -49,51 +44,16 @@ def make_tokenizer(path, model_max_length=77):
     return tokenizer
 
 
-def _identity_conv_(conv, pairs=None):
-    """Set a conv to pass input channel i to output channel j for (i, j) in pairs (default: i == j)."""
-    with torch.no_grad():
-        conv.weight.zero_()
-        if conv.bias is not None:
-            conv.bias.zero_()
-        n = min(conv.in_channels, conv.out_channels)
-        kh, kw = conv.kernel_size
-        for i, j in pairs or [(c, c) for c in range(n)]:
-            conv.weight[j, i, kh // 2, kw // 2] = 1.0
-
-
-def _make_linear_decoder_(vae):
-    """Turn a random AutoencoderKL decoder into latent channel 0 -> red, 1 -> blue, through one GroupNorm."""
-    dec = vae.decoder
-    with torch.no_grad():
-        for name, module in dec.named_modules():
-            if name.endswith("conv2"):  # a resnet's residual branch: zero it, the block becomes its shortcut
-                module.weight.zero_(), module.bias.zero_()
-            elif name.endswith("to_out.0"):  # attention's residual branch
-                module.weight.zero_(), module.bias.zero_()
-            elif name.endswith("conv_shortcut") or name.endswith("upsamplers.0.conv"):
-                _identity_conv_(module)
-    _identity_conv_(dec.conv_in)
-    _identity_conv_(vae.post_quant_conv)
-    _identity_conv_(dec.conv_out, pairs=[(0, 0), (1, 2)])  # feature 0 -> R, feature 1 -> B, G = 0
-
-
-def make_tiny_sd(path, linear_vae=False, seed=0, sample_size=8):
+def make_tiny_sd(path, seed=0, sample_size=8):
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    return _save_pipeline(path, unet, linear_vae)
-
-
-def _save_pipeline(path, unet, linear_vae):
-    """The VAE, text encoder, tokenizer and SD's scheduler around `unet`, saved with save_pretrained."""
     vae = AutoencoderKL(
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=unet.config.in_channels,
         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=1 if linear_vae else 32, sample_size=16, scaling_factor=1.0 if linear_vae else 0.18215)
-    if linear_vae:
-        _make_linear_decoder_(vae)
+        norm_num_groups=32, sample_size=16, scaling_factor=0.18215)
     with tempfile.TemporaryDirectory() as vocab:  # the vocabulary files; save_pretrained writes its own copy
         tokenizer = make_tokenizer(vocab)
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -105,26 +65,6 @@ def _save_pipeline(path, unet, linear_vae):
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
     return path
-
-
-def make_colour_sd(path, seed=0):
-    """The learning tests' pipeline: a 1x1 latent of 2 channels, which the linear VAE turns into red and blue.
-
-    Why so small: the policy-gradient estimate sums the score (x_{t-1} - μ)/σ² · ∂μ/∂θ over every latent
-    element of every step, but a colour reward depends only on the channel means. Each other element adds
-    noise, so the signal-to-noise ratio falls as 1/√(C·H·W·T). Measured on 24 batches of 16 images, T = 5:
-    the cosine between one batch's gradient and the mean of the others was about 0.02 on a 4x4x4 latent
-    (a random walk at 16 images per epoch) and 0.12 to 0.17 on this 1x1x2 one. One UNet block, since there is
-    nothing to downsample; GroupNorm in one group, since 32 groups of one element would normalise to zero.
-    Self-attention over a single position has nothing to weigh, so only its to_v and to_out learn here; all
-    four projections of the cross-attention to the prompt do.
-    """
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32,), layers_per_block=1, sample_size=1, in_channels=2, out_channels=2,
-        down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=1)
-    return _save_pipeline(path, unet, linear_vae=True)
 
 
 def make_tiny_classifier(path, labels=("female", "male"), seed=0, image_size=32):

@@ -27,35 +27,44 @@ import pytest
 from tests import toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPOCHS = 16
+EPOCHS, TWO_EPOCHS = 16, 12
 SHIFT = ["--reward", "shift", "--underrepresented", "female"]
-RUNS = {  # name: (settings, flags)
+RUNS = {  # name: (settings, flags) of a run of ddpo_debias.py on the world
     "balance-clip": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "clip"]),
     "balance-truly": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "truly"]),
     "shift-clip": (toyworld.SHIFT_SETTINGS, SHIFT + ["--trust-region", "clip"]),
     "shift-truly": (toyworld.SHIFT_SETTINGS, SHIFT + ["--trust-region", "truly"]),
     "control": (toyworld.SHIFT_SETTINGS, SHIFT + ["--lr", "0"]),
 }
+TWO = ("two-prompt", "two-batch")  # the two-prompt world with q per prompt, and with the paper's q over the batch
+
+
+def command(name, out):
+    """The argv (after `python`) of run `name`, writing its run folder to `out`."""
+    if name in TWO:  # toyworld.two: the CLI on both prompts, at SETTINGS
+        return ["-m", "tests.toyworld", "two", out, "--scope", name[4:], "--epochs", str(TWO_EPOCHS)]
+    settings, flags = RUNS[name]
+    world = toyworld.SHIPPED
+    return [os.path.join(ROOT, "ddpo_debias.py"), *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items()),
+            "--model", world, "--classifier", os.path.join(world, "classifier"), "--seed", "0", "--epochs",
+            str(EPOCHS), *flags, "--output-dir", out]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """name -> that run's metrics. The five runs go at once, one thread each: a UNet this small keeps one core
+    """name -> that run's metrics. The seven runs go at once, one thread each: a UNet this small keeps one core
     busy, so runs side by side finish sooner than one after another on two threads."""
-    out, world = tmp_path_factory.mktemp("learning"), toyworld.SHIPPED
+    out = tmp_path_factory.mktemp("learning")
 
     def train(name):
-        settings, flags = RUNS[name]
-        args = [*(f"--{k.replace('_', '-')}={v}" for k, v in settings.items()), "--model", world, "--classifier",
-                os.path.join(world, "classifier"), "--seed", "0", "--epochs", str(EPOCHS), *flags,
-                "--output-dir", str(out / name)]
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "ddpo_debias.py"), *args], cwd=ROOT, text=True,
+        proc = subprocess.run([sys.executable, *command(name, str(out / name))], cwd=ROOT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         with open(out / name / "metrics.jsonl") as f:
             return [json.loads(line) for line in f]
-    with ThreadPoolExecutor(len(RUNS)) as pool:
-        return dict(zip(RUNS, pool.map(train, RUNS)))
+    names = [*RUNS, *TWO]
+    with ThreadPoolExecutor(len(names)) as pool:
+        return dict(zip(names, pool.map(train, names)))
 
 
 def ratios(metrics):
@@ -88,7 +97,7 @@ def test_r_shift_takes_the_female_ratio_past_0_8(runs, trust_region):
     assert not shifted(control), control
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", [*RUNS, *TWO])
 def test_the_faces_stay_faces(runs, name):
     """'None' (no label above 0.7) stays under 25% in every epoch: the method does not buy its reward with images
     the classifier cannot read, as R_shift at too high a learning rate did (README "The toy world")."""
@@ -103,3 +112,23 @@ def test_truly_ppo_rolls_back_but_never_in_the_first_update(runs, name):
     updates = RUNS[name][0]["updates_per_epoch"]
     fractions = [m["rollback_frac"] for m in runs[name] if m["rollback_frac"] is not None]  # None: no update
     assert sum(fractions) > 0 and max(fractions) <= 1 - 1 / updates, fractions
+
+
+def prompt_ratios(metrics, last):
+    """Each prompt's female ratio over its images of the last `last` epochs (metrics' per-prompt counts)."""
+    rows = [row for m in metrics[-last:] for row in m["per_prompt"]]
+    counts = {p: [sum(r[k] for r in rows if r["prompt"] == p) for k in ("n_female", "n_male")]
+              for p in toyworld.TWO_PROMPTS}
+    return {p: f / (f + m) for p, (f, m) in counts.items()}
+
+
+def test_q_per_prompt_balances_both_prompts_where_the_batch_q_keeps_them_apart(runs):
+    """Issue 14's point, on the two-prompt world (nurses drawn 0.77 "female", engineers 0.10): R_balance with q per
+    prompt brings both to within 0.1 of 0.5 (over each prompt's 192 images of the last 6 epochs); with the paper's
+    q over the batch (0.44, so "female" is the minority for both) the nurses are pushed further from 0.5 and the
+    prompts stay skewed in opposite directions, which fails the same check."""
+    nurse, engineer = toyworld.TWO_PROMPTS
+    per_prompt, batch = prompt_ratios(runs["two-prompt"], 6), prompt_ratios(runs["two-batch"], 6)
+    assert all(abs(q - 0.5) <= 0.1 for q in per_prompt.values()), per_prompt
+    assert not all(abs(q - 0.5) <= 0.1 for q in batch.values()), batch
+    assert batch[nurse] >= 0.65 and batch[engineer] <= 0.35, batch

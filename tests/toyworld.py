@@ -344,10 +344,10 @@ class PooledHistory:
         self.windows, self.underrepresented = self.pooled.windows, self.shadow.underrepresented
 
 
-def two(out, scope="prompt", epochs=50, seed=0, unet=TWO_UNET, batch_size=32):
-    """Fine-tune the two-prompt world on both prompts at once with --reward balance: q per prompt (scope
-    "prompt", this project) or over the batch (scope "batch", the paper's q, PooledHistory). Prints each prompt's
-    female ratio pooled over 10-epoch windows (80 images of each prompt)."""
+def two(out, scope="prompt", epochs=12, seed=0, unet=TWO_UNET):
+    """Fine-tune the two-prompt world on both prompts at once with --reward balance at SETTINGS (32 images of each
+    prompt an epoch): q per prompt (scope "prompt", this project) or over the batch (scope "batch", the paper's q,
+    PooledHistory). Prints each prompt's female ratio pooled over 4-epoch windows (128 images of each prompt)."""
     import ddpo_debias
     import rewards
     with open(out + ".prompts.txt", "w") as f:
@@ -358,8 +358,7 @@ def two(out, scope="prompt", epochs=50, seed=0, unet=TWO_UNET, batch_size=32):
     try:
         code = ddpo_debias.main(flags + [f"--model={SHIPPED}", f"--unet={unet}", f"--prompts={out}.prompts.txt",
                                          f"--classifier={os.path.join(SHIPPED, 'classifier')}", "--reward=balance",
-                                         f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}",
-                                         f"--batch-size={batch_size}"])  # 16 images of each prompt an epoch
+                                         f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
     finally:
         rewards.PromptHistory = original
     if code == 0:
@@ -367,7 +366,7 @@ def two(out, scope="prompt", epochs=50, seed=0, unet=TWO_UNET, batch_size=32):
             metrics = [json.loads(line) for line in f]
         for prompt in TWO_PROMPTS:
             rows = [dict(r, epoch=m["epoch"]) for m in metrics for r in m["per_prompt"] if r["prompt"] == prompt]
-            print(prompt, " ".join(f"{q:.2f}" if q is not None else "-" for _, q, _ in windows(rows, 10)))
+            print(prompt, " ".join(f"{q:.2f}" if q is not None else "-" for _, q, _ in windows(rows, 4)))
     return code
 
 
@@ -380,9 +379,9 @@ def main(argv=None):
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true", help="a few steps of each stage: checks that the build runs")
     b.add_argument("--reuse", help="a world folder whose VAE, text encoder and classifier to keep: trains the UNet only")
-    b.add_argument("--two-prompts", action="store_true", help=f"train the UNet on TWO_PROMPTS, skewed in opposite "
+    b.add_argument("--two-prompts", action="store_true", help="train the UNet on TWO_PROMPTS, skewed in opposite "
                    "directions (the multi-prompt world of README \"Many prompts\")")
-    d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (about 3 minutes on 2 cores)")
+    d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (about a minute on 2 cores)")
     d.add_argument("out", help="the run folder (new)")
     d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
     d.add_argument("--epochs", type=int, default=16)
@@ -391,7 +390,7 @@ def main(argv=None):
     t.add_argument("out", help="the run folder (new)")
     t.add_argument("--scope", choices=("prompt", "batch"), default="prompt",
                    help="q per prompt (this project) or over the whole batch (the paper's q, the control)")
-    t.add_argument("--epochs", type=int, default=50)
+    t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "two":
