@@ -748,6 +748,7 @@ def resolve_config(given):
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)}) if isinstance(saved, dict) else ["?"]
     if unknown:
         raise UsageError(f"--resume: {path} is damaged or from another version (unknown keys: {', '.join(unknown)})")
+    saved.setdefault("skip_final_steps", 0)  # a run from before that field trained every step: it goes on so
     return Config(**{**saved, **given, "output_dir": folder})
 
 

@@ -107,6 +107,8 @@ def test_cli_end_to_end(tiny_sd, tiny_classifier, tmp_path, reward, trust_region
     (["--num-steps", "2000"], "--num-steps"),
     (["--mixed-precision", "fp8"], "--mixed-precision"),
     (["--compare", "eval.json"], "--compare"),  # only with --evaluate
+    (["--skip-final-steps", "-1"], "--skip-final-steps"),
+    (["--num-steps", "2"], "--skip-final-steps"),  # the default 2 would leave no step to train
 ])
 def test_bad_input_one_line_exit_2(tiny_sd, tiny_classifier, tmp_path, capsys, args, flag):
     """In-process through main() (the CLI's own entry point), to keep the suite fast; one subprocess below."""

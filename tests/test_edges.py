@@ -226,3 +226,15 @@ def test_ctrl_c_during_imports_quits_without_a_traceback(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in stderr, stderr[-2000:]
+
+
+def test_resuming_a_run_from_before_skip_final_steps_trains_every_step_as_it_did(tmp_path):
+    """A config.json without skip_final_steps is from a run that trained every step: --resume keeps it that way
+    (0), so the resumed epochs continue the same method; a saved value, or one given with --resume, wins."""
+    saved = dataclasses.asdict(dd.Config())
+    del saved["skip_final_steps"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert dd.resolve_config({"resume": str(tmp_path)}).skip_final_steps == 0
+    assert dd.resolve_config({"resume": str(tmp_path), "skip_final_steps": 2}).skip_final_steps == 2
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "skip_final_steps": 3}))
+    assert dd.resolve_config({"resume": str(tmp_path)}).skip_final_steps == 3
