@@ -219,10 +219,12 @@ def read_prompts(path: str) -> tuple:
 
 
 # ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
-def save_grid(images, p_female, labels, title, path, thumb=128, columns=4):
-    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"."""
+def save_grid(images, p_female, labels, title, path, thumb=128):
+    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"; √B
+    columns (at least 4), so that B = 16 is 4x4 and B = 64 is 8x8."""
     from PIL import Image, ImageDraw
     pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
+    columns = max(4, math.isqrt(len(pixels)))
     rows, top = math.ceil(len(pixels) / columns), 16
     grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
     draw = ImageDraw.Draw(grid)

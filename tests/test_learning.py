@@ -1,20 +1,22 @@
 """Learning, not just running: on the toy world (tests/toyworld.py), a model that learnt its 15% "female" skew from
 data, R_balance brings the female ratio q to 0.5 and keeps it there, and R_shift with U = female takes it past 0.8,
-with both trust regions, while the faces stay faces.
+with both trust regions, while the faces stay faces. On the two-prompt world, q per prompt balances both prompts
+where the paper's q over the batch keeps them skewed in opposite directions (README "Many prompts").
 
 Every run is the real CLI on the shipped world, checked against the same run at --lr 0 (same seed, so the same
 noise): that control must fail each check, so each check is a test. At lr 0 the weights never change, so one
-control serves every reward and trust region: its images and labels are the same for all of them.
+control serves every reward and trust region: its images and labels are the same for all of them. The two-prompt
+check's control is the batch's q, which must fail it.
 
-Settings (toyworld.SETTINGS, shared with the demo; README "The toy world" has the runs behind them): B = 64 images
-of T = 5 DDIM steps, seed 0, ε and δ derived from the 4x8x8 latent as on SD, the last two steps not trained (the
-default --skip-final-steps 2; with them no setting tried learnt in under 10 epochs on every seed).
+Settings (toyworld.SETTINGS, shared with the demo; README "The toy world" has the runs behind them, on seeds 0-2):
+B = 64 images of T = 5 DDIM steps, seed 0, ε and δ derived from the 4x8x8 latent as on SD, the last two steps not
+trained (the default --skip-final-steps 2; training them, no setting tried learnt in under 10 epochs on every seed).
 - R_balance: 4 updates of 16 images an epoch at lr 5e-4. Its standardised advantages push as hard at q = 0.45 as
-  at 0.15, and q moves fastest near 0.5, so it overshoots: 2 updates at lr 1e-3-2e-3 reached 0.5 sooner but
-  overshot to 0.70-0.79 on some seeds (the check allows 0.7).
+  at 0.15, and q moves fastest near 0.5, so it overshoots: 2 updates at lr 1e-3 to 2e-3 reached 0.5 sooner but
+  swung to 0.70-0.79 on some seeds (the check allows 0.7). At 16 epochs every seed reached 0.5 by epoch 9.
 - R_shift (toyworld.SHIFT_SETTINGS): q only has to rise, so 2 updates of 32 at lr 1.5e-3. It passed 0.8 by epochs
-  10-14 on seeds 0-2.
-An epoch takes about 3.5 s at one thread; the five runs take about 2.5 minutes side by side on 2 cores.
+  9-13 on seeds 0-2.
+TIMING
 """
 import json
 import os
