@@ -46,9 +46,7 @@ def command(name, out):
     if name in TWO:  # toyworld.two: the CLI on both prompts, at SETTINGS
         return ["-m", "tests.toyworld", "two", out, "--scope", name[4:], "--epochs", str(TWO_EPOCHS)]
     settings, flags = RUNS[name]
-    world = toyworld.SHIPPED
-    return [os.path.join(ROOT, "ddpo_debias.py"), *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items()),
-            "--model", world, "--classifier", os.path.join(world, "classifier"), "--seed", "0", "--epochs",
+    return [os.path.join(ROOT, "ddpo_debias.py"), *toyworld.cli_flags(settings), "--seed", "0", "--epochs",
             str(EPOCHS), *flags, "--output-dir", out]
 
 

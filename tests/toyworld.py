@@ -291,6 +291,12 @@ SETTINGS = dict(batch_size=64, num_steps=5, guidance_scale=5.0, updates_per_epoc
 SHIFT_SETTINGS = {**SETTINGS, "updates_per_epoch": 2, "train_batch_size": 32, "lr": 1.5e-3}
 
 
+def cli_flags(settings=SETTINGS, world=SHIPPED):
+    """The flags of a run of ddpo_debias.py on `world` at `settings` (demo, two, tests/test_learning.py)."""
+    return [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + [
+        f"--model={world}", f"--classifier={os.path.join(world, 'classifier')}"]
+
+
 def windows(metrics, size=5):
     """Pool a run's labels over windows of `size` epochs: -> [(first epoch, q, none share)]. One epoch's q over B
     images swings by ±0.5/√B at q = 0.5 (binomial): ±0.12 at B = 16, ±0.06 at B = 64."""
@@ -305,9 +311,8 @@ def windows(metrics, size=5):
 def demo(out, world=SHIPPED, epochs=16, seed=0):
     """Fine-tune the world with --reward balance through the real CLI: the usual run folder in `out`."""
     import ddpo_debias
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
-    code = ddpo_debias.main(flags + [f"--model={world}", f"--classifier={os.path.join(world, 'classifier')}",
-                                     "--reward=balance", f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
+    code = ddpo_debias.main(cli_flags(world=world) + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
+                                                      f"--output-dir={out}"])
     if code == 0:  # the female ratio as the README reports it: pooled over 2-epoch windows (128 images)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             for start, q, none in windows([json.loads(line) for line in f], 2):
@@ -352,13 +357,11 @@ def two(out, scope="prompt", epochs=12, seed=0, unet=TWO_UNET):
     import rewards
     with open(out + ".prompts.txt", "w") as f:
         f.write("\n".join(TWO_PROMPTS) + "\n")
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
     original = PooledHistory.base = rewards.PromptHistory
     rewards.PromptHistory = PooledHistory if scope == "batch" else original
     try:
-        code = ddpo_debias.main(flags + [f"--model={SHIPPED}", f"--unet={unet}", f"--prompts={out}.prompts.txt",
-                                         f"--classifier={os.path.join(SHIPPED, 'classifier')}", "--reward=balance",
-                                         f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
+        code = ddpo_debias.main(cli_flags() + [f"--unet={unet}", f"--prompts={out}.prompts.txt", "--reward=balance",
+                                               f"--epochs={epochs}", f"--seed={seed}", f"--output-dir={out}"])
     finally:
         rewards.PromptHistory = original
     if code == 0:
