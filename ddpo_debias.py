@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import datetime
 import fcntl
+import fnmatch
 import inspect
 import json
 import math
@@ -45,6 +46,8 @@ import os
 import shutil
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 
 import torch
@@ -641,13 +644,17 @@ def parse_args(argv=None):
     docs = field_docs()
     for f in dataclasses.fields(Config):
         flag, doc = flag_of(f.name), docs.get(f.name, "")
+        if not isinstance(f.default, bool):
+            doc = f"{doc} ({f.default!r})"
+        doc = doc.replace("%", "%%")  # argparse %-formats help: a docstring's "95%" must reach it as "95%%"
         if isinstance(f.default, bool):
             parser.add_argument(flag, action="store_true", help=doc)
         else:
-            parser.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), help=f"{doc} ({f.default!r})")
+            parser.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), help=doc)
     return vars(parser.parse_args(argv))
 
 
+EVALUATION_ONLY = ("eval_prompts", "eval_images", "compare")  # refused without --evaluate, rather than ignored
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
@@ -672,6 +679,9 @@ def validate(config):
     """Raise UsageError for the first bad value, naming its flag."""
     if not config.prompt.strip():
         raise UsageError("--prompt: must not be empty")
+    if not config.prompts and os.path.isfile(config.prompt) and launched()[0] == 0:  # a warning: a prompt may be
+        print(f"warning: --prompt: {config.prompt!r} is the name of a file, but it is used as the prompt's text; "
+              "for a file of prompts give --prompts", file=sys.stderr)  # any text, a file name included
     for f in dataclasses.fields(Config):
         value = getattr(config, f.name)
         if isinstance(f.default, float) and not math.isfinite(value):
@@ -681,8 +691,8 @@ def validate(config):
     if config.underrepresented != "auto" and config.reward != "shift":
         raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
                          f"batch), got it with --reward {config.reward}")
-    for name in ("eval_prompts", "compare"):
-        if getattr(config, name) and not config.evaluate:
+    for name in EVALUATION_ONLY:
+        if getattr(config, name) != getattr(Config, name) and not config.evaluate:
             raise UsageError(f"{flag_of(name)}: only used with --evaluate")
     if config.evaluate and config.resume:
         raise UsageError("--evaluate: cannot be combined with --resume; evaluate a run's unet/ with --unet")
@@ -702,6 +712,13 @@ def validate(config):
         raise UsageError(f"--judge-url: must start with http:// or https://, got {config.judge_url!r}")
     if config.compare and not os.path.isfile(config.compare):
         raise UsageError(f"--compare: file {config.compare} does not exist")
+    if config.compare:  # before sampling: an unpaired base report would be refused only after the whole evaluation
+        settings = {"images_per_prompt": config.eval_images, "seed": config.seed, "num_steps": config.num_steps,
+                    "guidance_scale": config.guidance_scale}
+        try:
+            rewards.read_paired_report(config.compare, settings, read_prompts(config.eval_prompts))
+        except ValueError as error:
+            raise UsageError(f"--compare: {error}") from None
     world = launched()[1]  # torchrun's N processes; 1 for a plain run
     if config.batch_size % (world * config.updates_per_epoch):
         ranks = f"{world} ranks x " if world > 1 else ""
@@ -763,34 +780,74 @@ def run_state(folder):
     return "epochs" if os.path.exists(metrics) and os.path.getsize(metrics) else "empty"
 
 
-def prepare_run_dir(config):
-    """Create the run folder, lock it for this run's life, and refuse one that holds another run's results.
+RUN_FILES = (".lock", "config.json", "metrics.jsonl", "metrics-unsaved-*.jsonl", "samples_*.png", "plot.png",
+             "checkpoint.pt", "unet", "eval.json", "eval_*.png", "compare.png", "*.tmp")  # what a run folder holds
 
-    Returns the lock's open file: keep it. The lock is an flock, which the kernel drops when the process ends,
-    however it ends, so a lock left by a killed run is never stale. A second run on the same folder is refused.
+
+@dataclass
+class RunFolder:
+    """A run folder held by this run: its path, the open and flocked .lock file, and whether this run created it."""
+    path: str
+    lock: object
+    created: bool
+
+    def release(self):
+        """The run is over: remove the lock file, then the folder if this run created it and wrote nothing else
+        (a start that failed). The file is removed while still locked; a start that opened it just before sees,
+        once it gets the lock, that the path no longer names its file, and opens the path again (prepare_run_dir)."""
+        with contextlib.suppress(OSError):
+            os.remove(self.lock.name)
+        self.lock.close()
+        if self.created:
+            with contextlib.suppress(OSError):  # not empty: the run's results stay
+                os.rmdir(self.path)
+
+
+def prepare_run_dir(config):
+    """Create the run folder, lock it for this run's life, and refuse one that holds another run's results or
+    files that are not a run's. -> RunFolder: keep it, and release() it when the run ends.
+
+    The lock is an flock, which the kernel drops when the process ends, however it ends, so a lock left by a killed
+    run is never stale. A second run on the same folder is refused.
     """
     if not config.output_dir:
         config.output_dir = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    folder = config.output_dir
-    try:
-        os.makedirs(folder, exist_ok=True)
-        lock = open(os.path.join(folder, ".lock"), "a+")
-    except OSError as error:
-        raise UsageError(f"--output-dir: cannot write to {folder} ({error.strerror})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        raise UsageError(f"--output-dir: {folder} is in use by another run (pid {lock.read().strip() or '?'}); "
-                         "wait for it to end or choose another folder") from None
+    folder, flag = config.output_dir, "--resume" if config.resume else "--output-dir"
+    created = False  # whether this start made the folder (then a failed start removes it: RunFolder.release)
+    if os.path.isdir(folder) and not config.resume:
+        foreign = sorted(name for name in os.listdir(folder) if not any(fnmatch.fnmatch(name, f) for f in RUN_FILES))
+        if foreign:
+            raise UsageError(f"--output-dir: {folder} holds files that are not a run's ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty folder")
+    path = os.path.join(folder, ".lock")
+    while True:  # until the file we lock is the one at `path` (a run that ends removes it: RunFolder.release)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.makedirs(folder)
+                created = True
+            lock = open(path, "a+")
+        except OSError as error:
+            raise UsageError(f"{flag}: cannot write to {folder} ({error.strerror})") from None
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise UsageError(f"{flag}: {folder} is in use by another run (pid {lock.read().strip() or '?'}); "
+                             "wait for it to end or choose another folder") from None
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_ino == os.fstat(lock.fileno()).st_ino:
+                break
+        lock.close()
     lock.seek(0), lock.truncate(), lock.write(f"{os.getpid()}\n"), lock.flush()
+    held = RunFolder(folder, lock, created)
     state = run_state(folder)
     if state != "empty" and not config.resume:
+        held.release()
         what = {"checkpoint": "a checkpoint", "epochs": "finished epochs (metrics.jsonl)",
                 "evaluation": "an evaluation (eval.json)"}[state]
         raise UsageError(f"--output-dir: {folder} already holds a run with {what}; choose another folder, or "
                          "continue it with --resume")
-    return lock
+    return held
 
 
 def write_json(path, obj, lines=False):
@@ -863,11 +920,11 @@ def average_gradients(params, run):
 
 def shared_run_dir(config):
     """Rank 0 prepares the run folder (prepare_run_dir: create, lock, refuse another run's) and tells the other
-    ranks its name, or its error, so that every rank stops with the same one line. -> rank 0's lock."""
-    (rank, world), lock, message = launched(), None, None
+    ranks its name, or its error, so that every rank stops with the same one line. -> rank 0's RunFolder, else None."""
+    (rank, world), folder, message = launched(), None, None
     if rank == 0:
         try:
-            lock = prepare_run_dir(config)
+            folder = prepare_run_dir(config)
         except UsageError as error:
             message = str(error)
     if world > 1:
@@ -877,7 +934,7 @@ def shared_run_dir(config):
         config.output_dir, message = box
     if message:
         raise UsageError(message)
-    return lock
+    return folder
 
 
 # ------------------------------------------------------------------------------------- 11. the loop
@@ -958,10 +1015,25 @@ def run_epoch(epoch, run, config):
         record["judge"] = dict(zip(counts, map(int, total.tolist())))
     if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = run.flops[0] * B * T / (t_sample - start) / 1e12
-        record["train_tflops"] = run.flops[1] * B * (T - config.skip_final_steps) / (t_train - t_reward) / 1e12
+        record["train_tflops"] = (run.flops[1] * B * (T - config.skip_final_steps) / (t_train - t_reward) / 1e12
+                                  if spread > 0 else None)  # no update ran (equal or non-finite rewards): no rate
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)
     return record, (gather(samples["images"], run), p_female, labels)  # every rank's images, for rank 0's grid
+
+
+def cpu_threads(device):
+    """The startup line's note of torch's CPU threads, and a hint when other programs keep cores busy. The count is
+    never chosen from the load: a CPU run's numbers depend on it (in the 6th digit), so a seed would no longer
+    reproduce a run. With one of 2 cores busy, the toy-world demo takes 39 s at 2 threads, 22 s at 1 (docs/threads)."""
+    if torch.device(device).type != "cpu":
+        return ""
+    threads, busy = torch.get_num_threads(), os.getloadavg()[0]
+    if busy >= 0.5 and threads > 1 and "OMP_NUM_THREADS" not in os.environ:
+        print(f"note: other programs keep about {busy:.1f} of {os.cpu_count()} cores busy; if epochs are slow, "
+              f"OMP_NUM_THREADS={max(1, threads - math.ceil(busy - 0.5))} may be faster than {threads} threads "
+              "(README \"Speed and memory\")", file=sys.stderr)
+    return f" ({threads} threads)"
 
 
 def resolve_device(config):
@@ -1019,8 +1091,8 @@ def train(config, classifier=None):
     if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
         state = load_checkpoint(os.path.join(out, "checkpoint.pt"), run)
         metrics, first = state["metrics"], state["epoch"] + 1
-        if config.epochs < first:
-            raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for at least {first}")
+        if config.epochs < first or (config.epochs == first and os.path.isdir(os.path.join(out, "unet"))):
+            raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for more than {first}")
         if lead:
             print(f"resuming {out} after epoch {state['epoch']}")
     elif config.resume and lead:  # the run died before its first checkpoint: start it again, keeping what it logged
@@ -1030,12 +1102,12 @@ def train(config, classifier=None):
         print(f"{out} has no checkpoint: starting again from epoch 0"
               + (f" (its metrics so far are in {kept})" if os.path.exists(kept) else ""))
     sizes = derived_sizes(config, unet, world)
-    config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε and δ as used, saved in config.json
-                                 kl_threshold=sizes["kl_threshold"])
+    config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε, δ and b as used, saved in config.json
+                                 kl_threshold=sizes["kl_threshold"], train_batch_size=sizes["micro_batch"])
     if lead:
         write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
-        print(f"device {device}{f' x {world} ranks' if world > 1 else ''}, {config.mixed_precision}"
+        print(f"device {device}{f' x {world} ranks' if world > 1 else ''}{cpu_threads(device)}, {config.mixed_precision}"
               f"{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
               + (f" (the last {config.skip_final_steps} not trained)" if config.skip_final_steps else "")
               + (f" over P={len(prompts)} prompts (q over the last {run.history.size} images of each)"
@@ -1118,14 +1190,46 @@ def evaluate(config, classifier=None):
     return report
 
 
+def is_hub_id(path):
+    """A --model or --classifier that names no local folder and does not look like a path (check_source)."""
+    return not os.path.isdir(path) and not path.startswith((".", "/", "~")) and path.count("/") <= 1
+
+
+def check_hub(config, timeout=5):
+    """Without a network, the hub client retries each file for about half a minute and prints every retry. So when
+    a hub id is used and HF_HUB_OFFLINE is not set, ask the hub once: if it cannot be reached, go offline (models
+    already in the local cache load from it, as with HF_HUB_OFFLINE=1) and refuse an id that is not cached."""
+    sources = [("--model", config.model, "model_index.json")]
+    if config.labeller == "classifier":
+        sources.append(("--classifier", config.classifier, "config.json"))
+    sources = [source for source in sources if is_hub_id(source[1])]
+    if not sources or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        return
+    except urllib.error.HTTPError:  # it answered: reachable
+        return
+    except (OSError, ValueError) as error:  # no route, no name, refused, timed out
+        reason = first_line(getattr(error, "reason", error))
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported, which is after this
+    from huggingface_hub import try_to_load_from_cache
+    for flag, repo, marker in sources:
+        if not isinstance(try_to_load_from_cache(repo, marker), str):
+            raise UsageError(f"{flag}: {repo} is not in the local hub cache and {endpoint} cannot be reached "
+                             f"({reason}); pass a local folder, or download it once where the hub can be reached")
+
+
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
-    config = None
+    config, folder = None, None
     try:
         config = resolve_config(parse_args(argv))
         validate(config)
         config = join_ranks(config)  # torchrun: the process group; a plain run: nothing
-        lock = shared_run_dir(config)  # held until main returns
+        check_hub(config)  # an unreachable hub: the cache, or one line, before any folder or loading
+        folder = shared_run_dir(config)  # held until main returns
         evaluate(config) if config.evaluate else train(config)
     except UsageError as error:
         print(f"ddpo_debias.py: error: {error}", file=sys.stderr)
@@ -1150,6 +1254,8 @@ def main(argv=None):
               if saved else "no checkpoint was saved, so there is nothing to resume"), file=sys.stderr)
         return 130
     finally:
+        if folder:
+            folder.release()
         if launched()[1] > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return 0

@@ -238,9 +238,12 @@ def save_grid(images, p_female, labels, title, path, thumb=128):
 
 def save_plot(metrics, path, width=520, height=170):
     """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line; with
-    several prompts, also each prompt's window q (metrics' per_prompt), a thin line per prompt labelled p0, p1, ..."""
+    several prompts, also each prompt's window q (metrics' per_prompt), a thin line per prompt labelled p0, p1, ...
+    at its end and named in a legend under the panels."""
     from PIL import Image, ImageDraw
-    image = Image.new("RGB", (width, 2 * height), "white")
+    prompts = list(dict.fromkeys(r["prompt"] for m in metrics for r in m.get("per_prompt", [])))
+    prompts = prompts if len(prompts) > 1 else []
+    image = Image.new("RGB", (width, 2 * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
     draw = ImageDraw.Draw(image)
     last = max(metrics[-1]["epoch"] if metrics else 1, 1)
     for panel, key in enumerate(("reward_mean", "female_ratio")):
@@ -248,27 +251,28 @@ def save_plot(metrics, path, width=520, height=170):
         values = [v for _, v in points] or [0.0]
         low, high = (0.0, 1.0) if key == "female_ratio" else (min(values), max(values))
         high = high if high > low else low + 1e-6
-        x0, y0, x1, y1 = 52, panel * height + 18, width - 12, (panel + 1) * height - 30  # the panel's frame
+        x0, y0, x1, y1 = 52, panel * height + 18, width - 30, (panel + 1) * height - 30  # the panel's frame
         to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
         draw.rectangle((x0, y0, x1, y1), outline="gray")
-        now = f"last {points[-1][1]:.3f}" if points else "no value yet"
+        now = f"last = {points[-1][1]:.3f}" if points else "no value yet"  # "=": the font's space is 1 pixel wide
         draw.text((x0, y0 - 15), f"{key} ({now})", fill="black")
         for v in (low, (low + high) / 2, high):  # y ticks
             y = to_xy(0, v)[1]
             draw.line((x0 - 4, y, x0, y), fill="gray"), draw.text((4, y - 6), f"{v:.2f}", fill="black")
-        for e in sorted({0, last // 2, last}):  # x ticks
+        step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9) if last / s <= 10)
+        for e in range(0, last + 1, step):  # x ticks: every epoch up to 10, then a round step
             x = to_xy(e, low)[0]
-            draw.line((x, y1, x, y1 + 4), fill="gray"), draw.text((x - 6, y1 + 5), str(e), fill="black")
+            draw.line((x, y1, x, y1 + 4), fill="gray"), draw.text((x - 3 * len(str(e)), y1 + 5), str(e), fill="black")
         draw.text(((x0 + x1) / 2 - 14, y1 + 16), "epoch", fill="black")
         if key == "female_ratio":  # the balance target
             y = to_xy(0, 0.5)[1]
-            draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x1 - 48, y - 13), "q = 0.5", fill="gray")
+            draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x0 + 4, y - 13), "q = 0.5", fill="gray")
         lines = [("blue", 2, "", points)]
-        prompts = list(dict.fromkeys(r["prompt"] for m in metrics for r in m.get("per_prompt", [])))
-        if key == "female_ratio" and len(prompts) > 1:  # many prompts: each one's window q, labelled p0, p1, ...
+        if key == "female_ratio" and prompts:  # many prompts: each one's window q, labelled p0, p1, ...
             lines += [(PALETTE[i % len(PALETTE)], 1, f"p{i}", [(m["epoch"], r["window_female_ratio"]) for m in metrics
                       for r in m["per_prompt"] if r["prompt"] == prompt and r["window_female_ratio"] is not None])
                       for i, prompt in enumerate(prompts)]
+        ends = []  # (y, label, colour) of each labelled line's last point
         for colour, thickness, name, series in lines:
             xy = [to_xy(e, v) for e, v in series]
             if len(xy) > 1:
@@ -276,7 +280,13 @@ def save_plot(metrics, path, width=520, height=170):
             elif xy:
                 draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=colour)
             if name and xy:
-                draw.text((xy[-1][0] + 2, xy[-1][1] - 6), name, fill=colour)
+                ends.append((xy[-1][1], name, colour))
+        y_free = -math.inf
+        for y, name, colour in sorted(ends):  # labels right of the frame, pushed apart so that none hides another
+            y_free = max(y, y_free + 11)
+            draw.text((x1 + 4, y_free - 6), name, fill=colour)
+    for i, prompt in enumerate(prompts):  # the legend: which prompt each label is
+        draw.text((x0, 2 * height + 2 + 14 * i), f"p{i}  {prompt}", fill=PALETTE[i % len(PALETTE)])
     image.save(path)
 
 
@@ -494,38 +504,86 @@ def report_table(report: dict) -> str:
     return "\n".join(lines + ["overall: " + ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None)])
 
 
-def compare_reports(base_path: str, report: dict, png_path: str) -> str:
-    """Base -> this model, prompt by prompt: a bar chart of the bias in png_path, and the table it returns.
-    Raises ValueError for a file that is not an eval.json or not paired with this report (other prompts, images,
-    seed, steps or guidance)."""
-    from PIL import Image, ImageDraw
+PAIRED = ("images_per_prompt", "seed", "num_steps", "guidance_scale")  # what must match for the same noise per image
+
+
+def read_paired_report(base_path: str, settings: dict, prompts: list) -> dict:
+    """The eval.json at base_path, checked to be paired with an evaluation of `prompts` under `settings` (PAIRED's
+    keys): the same prompts in the same order and the same noise for each image. Cheap, so --evaluate checks it
+    before sampling. Raises ValueError for a file that is not an eval.json or not paired."""
     try:
         with open(base_path) as f:
             base = json.load(f)
-        paired = all(base[k] == report[k] for k in ("images_per_prompt", "seed", "num_steps", "guidance_scale"))
-        before = {r["prompt"]: r for r in base["prompts"]}
+        unpaired = [k for k in PAIRED if base[k] != settings[k]]
+        base_prompts = [r["prompt"] for r in base["prompts"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{base_path} is not an eval.json ({error})") from None
-    if not paired or [r["prompt"] for r in base["prompts"]] != [r["prompt"] for r in report["prompts"]]:
-        raise ValueError(f"{base_path} used other prompts, images, seed, steps or guidance: not paired")
+    if base_prompts != list(prompts):
+        unpaired.append("prompts")
+    if unpaired:
+        raise ValueError(f"{base_path} is not paired with this evaluation: other " + ", ".join(
+            f"{k} ({base[k]!r}, here {settings[k]!r})" for k in unpaired if k in settings) +
+            (" and other prompts" if "prompts" in unpaired else ""))
+    return base
+
+
+def compare_reports(base_path: str, report: dict, png_path: str) -> str:
+    """Base -> this model, prompt by prompt and overall: a bar chart of the bias in png_path, and the table it
+    returns. Raises ValueError as read_paired_report."""
+    from PIL import Image, ImageDraw
+    base = read_paired_report(base_path, report, [r["prompt"] for r in report["prompts"]])
+    before = {r["prompt"]: r for r in base["prompts"]}
     fmt = lambda v: "  -  " if v is None else f"{v:.2f}"
     lines = [f"{'prompt':48s} {'q: base -> this':>16s} {'bias: base -> this':>19s}"]
     for r in report["prompts"]:
         b = before[r["prompt"]]
         lines.append(f"{r['prompt'][-48:]:48s} {fmt(b['female_ratio']):>7s} -> {fmt(r['female_ratio']):5s} "
                      f"{fmt(b['bias']):>10s} -> {fmt(r['bias']):5s}")
-    bars = [(r["prompt"][-22:], before[r["prompt"]]["bias"] or 0.0, r["bias"] or 0.0) for r in report["prompts"]]
-    row, width, x0 = 18, 460, 140
-    image = Image.new("RGB", (width, row * len(bars) + 30), "white")
+    mean_bias = (overall(base["prompts"])["mean_bias"], report["overall"]["mean_bias"])
+    lines.append(f"{'overall (mean bias over the prompts)':48s} {'':16s} {fmt(mean_bias[0]):>10s} -> "
+                 f"{fmt(mean_bias[1]):5s}")
+    # The picture: a bar pair per prompt, named by what its words do not share with the others' (the occupation),
+    # then the overall mean bias.
+    words = [r["prompt"].split() for r in report["prompts"]]
+    shared = 0  # words at the start that every prompt has ("photo of the face of a"), but never a whole prompt
+    while len(words) > 1 and all(len(w) > shared + 1 and w[shared] == words[0][shared] for w in words):
+        shared += 1
+    bars = [(shorten(" ".join(w[shared:])), before[r["prompt"]]["bias"], r["bias"])
+            for w, r in zip(words, report["prompts"])]
+    bars.append(("overall (mean)", *mean_bias))
+    row, width, x0, top = 18, 560, 170, 24
+    scale = lambda v: x0 + (width - x0 - 14) * v  # bias 0..1 -> x
+    image = Image.new("RGB", (width, top + row * len(bars) + 26), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((4, 4), "bias |f_male - f_female| per prompt: grey base, blue this model", fill="black")
+    common = f' "{" ".join(words[0][:shared])} ..."' if shared else ""
+    draw.text((4, 4), f"bias |f_male - f_female| per prompt{common}: grey base, blue this model", fill="black")
     for i, (name, b, t) in enumerate(bars):
-        y = 24 + i * row
+        y = top + i * row
+        if i == len(bars) - 1:  # the overall row, under a rule
+            draw.line((4, y - 2, width - 4, y - 2), fill="gray")
         draw.text((4, y), name, fill="black")
-        draw.rectangle((x0, y, x0 + (width - x0 - 10) * b, y + 6), fill="gray")
-        draw.rectangle((x0, y + 7, x0 + (width - x0 - 10) * t, y + 13), fill="blue")
+        for value, offset, colour in ((b, 0, "gray"), (t, 7, "blue")):
+            if value is None:
+                draw.text((x0 + 2, y + offset - 3), "n/a (no image labelled)", fill=colour)
+            else:
+                draw.rectangle((x0, y + offset, scale(value), y + offset + 6), fill=colour)
+    axis = top + row * len(bars) + 2
+    draw.line((x0, axis, scale(1.0), axis), fill="gray")
+    for v in (0.0, 0.25, 0.5, 0.75, 1.0):  # the x-axis scale
+        draw.line((scale(v), axis, scale(v), axis + 4), fill="gray")
+        draw.text((scale(v) - 8, axis + 6), f"{v:g}", fill="black")
     image.save(png_path)
     return "\n".join(lines)
+
+
+def shorten(prompt: str, limit: int = 26) -> str:
+    """A prompt's label in a picture: its end, where the occupation is, cut at a word ("...software developer")."""
+    if len(prompt) <= limit:
+        return prompt
+    words, label = prompt.split(), ""
+    while words and len(words[-1]) + len(label) + 1 <= limit - 3:
+        label = f"{words.pop()} {label}".strip()
+    return "..." + (label or prompt[-(limit - 3):])
 
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.

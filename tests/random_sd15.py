@@ -10,11 +10,23 @@ Then: python ddpo_debias.py --model OUT_DIR --classifier OUT_DIR/classifier ...
 The images are noise, so the rewards mean nothing: use it for speed and memory only.
 """
 import argparse
+import logging
 import os
 import sys
 import tempfile
 
 import torch
+
+
+class NoTorchvisionNotice(logging.Filter):
+    """Drop transformers' "`ViTImageProcessor` requires torchvision; falling back to ...Pil" notices (one per
+    processor class that diffusers and this script import): the PIL processors they fall back to are the ones meant."""
+
+    def filter(self, record):
+        return "requires torchvision" not in record.getMessage()
+
+
+logging.getLogger("transformers.utils.import_utils").addFilter(NoTorchvisionNotice())  # before transformers loads
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` from any folder
 
