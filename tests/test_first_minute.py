@@ -251,3 +251,19 @@ def test_comparison_has_an_overall_line_and_bar(tmp_path):
     overall = table.splitlines()[-1]
     assert overall.startswith("overall") and overall.split()[-3:] == ["0.00", "->", "0.50"], table
     assert (tmp_path / "compare.png").exists()
+
+
+def test_startup_line_names_the_threads_and_a_loaded_machine_gets_a_hint(monkeypatch, capsys):
+    """The count is torch's own (never chosen from the load: it changes a CPU run's numbers); the hint comes only
+    when other programs load the cores and the user has not set OMP_NUM_THREADS."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(dd.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert dd.cpu_threads("cpu") == " (2 threads)"
+    assert "OMP_NUM_THREADS=1" in capsys.readouterr().err
+    monkeypatch.setattr(dd.os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert dd.cpu_threads("cpu") == " (2 threads)" and capsys.readouterr().err == ""
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(dd.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert dd.cpu_threads("cpu") == " (2 threads)" and capsys.readouterr().err == ""
+    assert dd.cpu_threads("cuda:0") == ""
