@@ -486,7 +486,7 @@ def compute_rewards(run, images, prompt_ids, reward):
     mine = [run.history.prompts[p] for p in prompt_ids[run.rows]]  # with several processes, the judge ranks
     ranks = gather(run.judge.rank(images, mine), run) if reward == "rank" else None  # within each one's images
     values, labels, per_prompt = run.history.score(rewards.REWARDS[reward], p_female, prompt_ids, reward == "shift",
-                                                   ranks)  # the epoch's two host syncs are in score()
+                                                   ranks, rescore=reward in rewards.RESCORED)  # two host syncs
     return values, p_female, labels, per_prompt
 
 

@@ -164,11 +164,14 @@ class PromptHistory:
         self.windows[key][prompt] = window
         return window
 
-    def score(self, reward, p_female: torch.Tensor, prompt_ids: list, choose_u: bool, ranks=None):
+    def score(self, reward, p_female: torch.Tensor, prompt_ids: list, choose_u: bool, ranks=None,
+              rescore: bool = False):
         """Each prompt's images scored by `reward` (a REWARDS entry) against the prompt's own window; both windows
         updated. choose_u: R_shift with U auto, chosen per prompt as the rarer gender in its first images (the
-        paper's step 1), then kept. ranks: the judge's (B,) for --reward rank. -> rewards (B,) on p_female's device,
-        the labels [B], a metrics row per prompt present. Two host copies: P(female) and the rewards."""
+        paper's step 1), then kept. ranks: the judge's (B,) for --reward rank. rescore: the reward depends on the
+        window's q (RESCORED), so its window of rewards is the whole P(female) window scored under today's q.
+        -> rewards (B,) on p_female's device, the labels [B], a metrics row per prompt present. Two host copies:
+        P(female) and the rewards."""
         p_list, values, rows = p_female.tolist(), torch.zeros_like(p_female), {}
         labels = label_images(p_list)
         groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
@@ -189,7 +192,16 @@ class PromptHistory:
         per_image = values.tolist()  # one host sync for the rewards' windows (the advantages' statistics)
         for p, idx in groups.items():
             mine = [per_image[i] for i in idx]
-            self.add("rewards", p, mine)
+            # The window's rewards give the mean and std that standardise today's (compute_advantages). R_balance's
+            # size |q - 0.5| and its rewarded class are today's q's, so a reward stored under an older q would skew
+            # them: re-score the whole window under today's q (on the CPU, where the window already is). R_shift
+            # (U is fixed once chosen) and rank (Borda scores within a group, which only the judge could re-score)
+            # keep their rewards as given.
+            if rescore:
+                window = torch.tensor(self.windows["p_female"][p])  # (N,)
+                self.windows["rewards"][p] = reward(window, label_images(window), None, window).tolist()
+            else:
+                self.add("rewards", p, mine)
             rows[p]["reward_mean"] = sum(mine) / len(mine) if all(map(math.isfinite, mine)) else None  # JSON: no NaN
         return values, labels, list(rows.values())
 
@@ -590,6 +602,7 @@ def shorten(prompt: str, limit: int = 26) -> str:
 # Every reward takes (p_female (B,), labels [B], underrepresented, window, ranks) and returns (B,) on p_female's
 # device; window: the P(female) (N,) of the prompt's last N images (PromptHistory), which q is taken over (None: the
 # batch); ranks: the judge's Borda scores (B,) (Judge.rank), computed only for --reward rank.
+RESCORED = ("balance", "soft_balance")  # rewards that depend on the window's q: PromptHistory.score re-scores them
 REWARDS = {
     "shift": lambda p_female, labels, underrepresented, window=None, ranks=None: r_shift(p_female, underrepresented),
     "balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_balance(

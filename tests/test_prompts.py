@@ -167,3 +167,93 @@ def test_blank_lines_are_skipped_with_a_warning(tiny_sd, tiny_classifier, tmp_pa
     assert result.returncode == 0 and "skipped 3 blank line(s)" in result.stderr
     with open(tmp_path / "run" / "metrics.jsonl") as f:
         assert [r["prompt"] for r in json.loads(f.readline())["per_prompt"]] == ["a nurse", "a pilot"]
+
+
+FEMALE, MALE = 0.9, 0.1  # P(female) of a confidently female and a confidently male image
+
+
+def epoch_of(n_female, n=10):
+    return torch.tensor([FEMALE] * n_female + [MALE] * (n - n_female))
+
+
+def test_a_window_of_three_epochs_is_rescored_under_todays_q():
+    """One prompt, window N = 30 over epochs of 10 images with 1, 3, 8 and 9 "female" ones: the window spans three
+    epochs once full, and its q moves from 0.4 (female the minority) to 0.67 (male the minority). Today's minority
+    images must get positive advantages and its majority negative ones, and the statistics must be the window's
+    labels scored by eq. (3) under today's q, counted by hand. (The code before issue 25 kept each reward as scored
+    under its own epoch's q: in the third epoch the male images got +0.10 on average.)"""
+    import statistics
+    history, window = rewards.PromptHistory(["p"], 30), []
+    for epoch, n_female in enumerate((1, 3, 8, 9)):
+        p_female = epoch_of(n_female)
+        values, labels, _ = history.score(rewards.REWARDS["balance"], p_female, [0] * 10, choose_u=False,
+                                          rescore=True)
+        window = (window + labels)[-30:]
+        if epoch < 2:
+            continue  # not full: compute_advantages uses the batch's statistics
+        q = window.count("female") / 30  # eq. (2) over the window, by hand
+        minority, d = ("female" if q < 0.5 else "male"), abs(q - 0.5)
+        by_hand = [d if label == minority else -d for label in window]  # eq. (3) under today's q
+        assert history.windows["rewards"][0] == pytest.approx(by_hand, abs=1e-7)
+        mean, std = statistics.fmean(by_hand), statistics.stdev(by_hand)
+        advantages = dd.compute_advantages(values, torch.zeros(10, dtype=torch.long), history, adv_clip=5.0)
+        expected = [(r - mean) / (std + 1e-8) for r in values.tolist()]
+        assert advantages.tolist() == pytest.approx(expected, rel=1e-5)
+        today = torch.tensor([label == minority for label in labels])
+        assert (advantages[today] > 0).all() and (advantages[~today] < 0).all(), (epoch, q, advantages)
+    assert minority == "male"  # q crossed 0.5 inside the test
+
+
+def test_soft_balance_window_is_rescored_under_todays_q():
+    history = rewards.PromptHistory(["p"], 20)
+    for n_female in (2, 9):
+        p_female = epoch_of(n_female)
+        history.score(rewards.REWARDS["soft_balance"], p_female, [0] * 10, choose_u=False, rescore=True)
+    window = torch.cat([epoch_of(2), epoch_of(9)])
+    assert history.windows["rewards"][0] == rewards.r_soft_balance(window, window).tolist()
+
+
+@pytest.mark.parametrize("reward", ["shift", "rank"])
+def test_shift_and_rank_keep_their_rewards_as_given(reward):
+    """R_shift's U is fixed once chosen and rank's scores are relative to their ranking group: their window keeps
+    the rewards as they were given, epoch after epoch."""
+    history, given = rewards.PromptHistory(["p"], 30, "female"), []
+    for epoch, n_female in enumerate((1, 3, 8)):
+        p_female = epoch_of(n_female)
+        ranks = torch.linspace(-1, 1, 10) * (epoch + 1) if reward == "rank" else None
+        values, _, _ = history.score(rewards.REWARDS[reward], p_female, [0] * 10, choose_u=False, ranks=ranks,
+                                     rescore=reward in rewards.RESCORED)
+        given += values.tolist()
+    assert reward not in rewards.RESCORED and history.windows["rewards"][0] == given
+
+
+def runs_with_and_without_rescoring(tmp_path, monkeypatch, flags):
+    """The same run twice through main(): as it is, and with no reward re-scored (the code before issue 25)."""
+    out = {}
+    for name, rescored in (("now", rewards.RESCORED), ("before", ())):
+        monkeypatch.setattr(rewards, "RESCORED", rescored)
+        assert dd.main([*flags, "--output-dir", str(tmp_path / name)]) == 0
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            metrics = [{k: v for k, v in json.loads(line).items() if "seconds" not in k and k != "images_per_second"}
+                       for line in f]
+        out[name] = metrics, torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["weights"]
+    return out["now"], out["before"]
+
+
+@pytest.mark.parametrize("reward", ["balance", "soft_balance"])
+def test_one_prompt_with_the_batch_as_window_is_unchanged_to_the_bit(tiny_sd, tiny_classifier, tmp_path,
+                                                                     monkeypatch, reward):
+    """N = B with one prompt: the window is the batch, scored under its own q either way."""
+    flags = ["--model", tiny_sd, "--classifier", tiny_classifier, "--reward", reward, "--epochs", "3", "--batch-size",
+             "4", "--num-steps", "3", "--mixed-precision", "no", "--lr", "1e-3"]
+    (now, weights_now), (before, weights_before) = runs_with_and_without_rescoring(tmp_path, monkeypatch, flags)
+    assert now == before and weights_now.keys() == weights_before.keys()
+    assert all(torch.equal(weights_now[k], weights_before[k]) for k in weights_now)
+    assert any(not m["equal_rewards"] for m in now)  # an update was taken: the weights were compared after it
+
+
+def test_toy_world_with_the_batch_as_window_is_unchanged_to_the_bit(tmp_path, monkeypatch):
+    from tests import toyworld
+    flags = toyworld.cli_flags() + ["--reward=balance", "--epochs=2"]
+    (now, weights_now), (before, weights_before) = runs_with_and_without_rescoring(tmp_path, monkeypatch, flags)
+    assert now == before and all(torch.equal(weights_now[k], weights_before[k]) for k in weights_now)

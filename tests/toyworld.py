@@ -336,9 +336,9 @@ class PooledHistory:
         self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
         self.underrepresented = self.shadow.underrepresented
 
-    def score(self, reward, p_female, prompt_ids, choose_u, ranks=None):
-        _, labels, rows = self.shadow.score(reward, p_female, prompt_ids, choose_u, ranks)
-        values, _, _ = self.pooled.score(reward, p_female, [0] * len(prompt_ids), choose_u, ranks)
+    def score(self, reward, p_female, prompt_ids, choose_u, ranks=None, rescore=False):
+        _, labels, rows = self.shadow.score(reward, p_female, prompt_ids, choose_u, ranks, rescore)
+        values, _, _ = self.pooled.score(reward, p_female, [0] * len(prompt_ids), choose_u, ranks, rescore)
         return values, labels, rows  # compute_advantages: prompt 0's pooled window (= the batch), the batch's for prompt 1
 
     def state_dict(self):
