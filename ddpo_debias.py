@@ -991,13 +991,18 @@ def run_epoch(epoch, run, config):
     advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip)  # (B,)
     spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
     sync(device), (t_reward := time.perf_counter())
-    skipped, grad_norms, (loss, approx_kl, clipfrac, kl, rollback_frac) = 0, None, [None] * 5
+    skipped, grad_norms, (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = 0, None, [None] * 5, [None] * 5
     if not math.isfinite(spread):  # a non-finite reward would poison every weight: skip this epoch's update
         skipped = config.updates_per_epoch
-    elif spread > 0:  # equal rewards (q = 0.5 exactly, no minority image, all "none") mean A = 0: no signal, and
-        stats, skipped, grad_norms = update(run, samples, advantages[run.rows], config)  # AdamW's momentum and
-        stats = gather(stats.mean(dim=0, keepdim=True), run).mean(dim=0)  # decay would still move θ. The ranks'
-        loss, approx_kl, clipfrac, kl, rollback_frac = map(finite_or_none, stats.tolist())  # mean, (5,)
+    # Equal rewards (q = 0.5 exactly, no minority image, all "none") make every A = 0: no signal, and AdamW's
+    # momentum and weight decay would still move θ, so such an epoch has no update.
+    elif spread > 0:
+        stats, skipped, grad_norms = update(run, samples, advantages[run.rows], config)  # (micro-steps, 5)
+        on_policy = stats[:len(stats) // config.updates_per_epoch]  # the first update's: r = 1 but for precision
+        means = torch.stack([stats.mean(dim=0), on_policy.mean(dim=0)])  # (2, 5)
+        means = gather(means[None], run).mean(dim=0)  # the ranks' mean
+        (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = [[finite_or_none(x) for x in row]
+                                                                        for row in means.tolist()]
     sync(device), (t_train := time.perf_counter())
     shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
@@ -1006,6 +1011,8 @@ def run_epoch(epoch, run, config):
               "underrepresented": shared.pop() if config.reward == "shift" and len(shared) == 1 else None,
               "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
               "rollback_frac": rollback_frac, "grad_norm": grad_norms, "skipped_steps": skipped,
+              "onpolicy_log_ratio_rms": None if first_update[1] is None else math.sqrt(2 * first_update[1]),
+              "onpolicy_clipfrac": first_update[2],  # the rms of log r from approx_kl = ½·mean (log r)²
               "equal_rewards": spread == 0,
               "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
               "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start), "per_prompt": per_prompt}
