@@ -11,21 +11,24 @@ UNet's attention projections are trained with DDPO so that the batch's female ra
 
 Run it (one GPU; downloads SD v1.5 and the classifier on first use):
     python ddpo_debias.py --prompt "photo of the face of a computer scientist" --reward balance
-A CPU smoke run on tiny random models (see README "A tiny CPU run"):
+A CPU smoke run on tiny random models (README "A tiny CPU run"):
     python -m tests.random_sd15 /tmp/tiny --tiny && python ddpo_debias.py --model /tmp/tiny \
         --classifier /tmp/tiny/classifier --epochs 2 --batch-size 4 --num-steps 4 --mixed-precision no
-The held-out bias of a fine-tuned UNet, paired with the base model's (README "Evaluate"):
-    python ddpo_debias.py --evaluate --unet runs/<date-time>/unet --compare runs/eval-base/eval.json --output-dir DIR
 
 Notation (one legend for the whole file):
-    B images per epoch, P prompts, N processes (torchrun), b images in a training micro-batch, T denoising steps,
-    C×H×W the latent (4×64×64 for SD 1.5), x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the
-    step's mean, σ_t its std, r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage.
+    B images per epoch, T denoising steps, C×H×W the latent (4×64×64 for SD 1.5), b images in a training
+    micro-batch, x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
+    r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage. Extensions: P prompts
+    (--prompts), N processes (torchrun); with one prompt and one process, P = N = 1.
 
-Sections, in the order of the algorithm:
-    1 config   2 DDIM step with log-prob   3 losses   4 models   5 sampling   6 rewards and advantages
-    7 update   8 checkpoints   9 command line   10 several GPUs (torchrun)   11 the loop   12 held-out evaluation
-    and main()
+Reading order:
+    Part 1, the method: Config -> ddim_step_with_logprob -> gaussian_kl -> ppo_clip_loss, truly_ppo_loss ->
+        train_attention_only -> encode_prompts, guided_noise_pred, sample, decode -> compute_advantages -> update.
+        The rewards (eq. 1-3) are in rewards.py: PromptHistory.score -> r_balance, r_shift.
+    Part 2, the loop: train(), whose epoch loop is sample -> feedback -> advantages -> update -> log.
+    Part 3, running it (a reader can stop before it): command line and validation, run folder and lock, models,
+        checkpoints, signals, device and precision, FLOP counting, several GPUs (torchrun), the epoch's record,
+        held-out evaluation, main().
 """
 import signal
 
@@ -56,17 +59,16 @@ from tqdm import tqdm
 import rewards
 
 
-# ---------------------------------------------------------------------------------------------- 1. config
+# =====================================================================================================================
+# PART 1. THE METHOD
+# =====================================================================================================================
+
+# ------------------------------------------------------------------------------------------------------ config
 @dataclass
 class Config:
+    # -- the method
     prompt: str = "photo of the face of a computer scientist"
     """The one prompt the model is fine-tuned on; it is never changed (the paper's point)."""
-    prompts: str = ""
-    """A text file, one prompt per line, to fine-tune on all at once instead of --prompt (README "Many prompts"):
-    each epoch's B images go round-robin over the prompts, and each prompt is balanced on its own images."""
-    balance_window: int = 0
-    """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images (PromptHistory);
-    0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
     reward: str = "balance"
     """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), 'soft_balance' (eq. 2-3 on P(female), not in the
     paper: its advantages are not all zero when a batch holds no minority image), or 'rank' (the judge ranks the
@@ -75,39 +77,14 @@ class Config:
     """U for --reward shift: female, male, or auto = the rarer gender in the first epoch's samples (paper step 1)."""
     trust_region: str = "clip"
     """'clip' (DDPO's clipped PPO) or 'truly' (Truly PPO: KL trust region with rollback)."""
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """The policy: a hub id or a local Stable Diffusion pipeline folder."""
-    classifier: str = "rizvandwiki/gender-classification-2"
-    """The AI feedback: a hub id or a local image-classification folder with female and male labels."""
-    labeller: str = "classifier"
-    """Who labels the images: 'classifier' (--classifier) or 'judge' (a chat model that sees them, --judge-url)."""
-    judge_url: str = ""
-    """The judge (--labeller judge, --reward rank): an OpenAI-compatible API with image input, e.g.
-    http://localhost:8000/v1. Its key, if it needs one, comes from $JUDGE_API_KEY only (README "An AI judge")."""
-    judge_model: str = ""
-    """The model the judge server serves, by the name its API knows it."""
-    judge_group: int = 4
-    """--reward rank: images ranked together in one request (k); ranks become centred Borda rewards (Judge.rank)."""
-    judge_criterion: str = "how well the image matches the prompt and how natural and undistorted the face looks"
-    """--reward rank: what the judge ranks the images by."""
-    judge_image_size: int = 256
-    """Pixels (square) of the PNG each image is sent as: a larger one reads better and costs more tokens."""
-    epochs: int = 100
-    """Epochs of sample-then-update; DDPO's runs take about 100 to move a reward."""
     batch_size: int = 16
     """Images sampled per epoch (B); the female ratio q of eq. (2) is taken over them."""
-    updates_per_epoch: int = 2
-    """Optimizer steps per epoch, each over B / updates_per_epoch images and all their T steps (DDPO: 2)."""
-    train_batch_size: int = 4
-    """Images per training micro-batch (b): a memory knob only, gradients accumulate to the same update. 4 fits a
-    24 GB card (about 12 GiB at the defaults, README "Speed and memory"); 8 is faster on 40 GB cards (20.3 GiB)."""
     num_steps: int = 50
     """DDIM steps per image (T), as DDPO."""
     skip_final_steps: int = 2
-    """The last DDIM steps, sampled and scored but not trained. They land at t = 1 and t = 0, where the image is
-    finished (under 5% noise left), with σ_t of 0.04 and 0.02 against 0.1 or more for the others, so their gradient,
-    noise of size |∂μ/∂ε̂|/σ_t per unit change of ε̂, swamps the rest: 95%, 75% and 53% of the noise variance at
-    T = 5, 20 and 50 on SD's schedule (tests/test_ddpo.py; README "The toy world"). 0 trains every step, as DDPO."""
+    """The last DDIM steps, sampled and scored but not trained: they land at t = 1 and t = 0, where the image is
+    finished and σ_t is smallest, so their gradient noise |∂μ/∂ε̂|/σ_t swamps the other steps' (docs/toy-world.md,
+    tests/test_ddpo.py). 0 trains every step, as DDPO."""
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
@@ -123,23 +100,36 @@ class Config:
     trust regions bound the same move (8.2e-5 with the derived ε, on any latent; derivation in truly_ppo_loss)."""
     truly_alpha: float = 1.0
     """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss).
-    1, not the paper's 5: on the toy world α = 5 hardly moved q in 14 epochs, α = 1 balanced it (README)."""
+    1, not the paper's 5, which hardly moved q on the toy world (docs/toy-world.md)."""
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
     max_grad_norm: float = 1.0
     """Gradient norm clip before every optimizer step, as DDPO."""
+    updates_per_epoch: int = 2
+    """Optimizer steps per epoch, each over B / updates_per_epoch images and all their trained steps (DDPO: 2)."""
     seed: int = 0
     """One seed for the sampling noise and the shuffles: a CPU run is exactly reproducible."""
+    # -- running it
+    epochs: int = 100
+    """Epochs of sample-then-update; DDPO's runs take about 100 to move a reward."""
+    train_batch_size: int = 4
+    """Images per training micro-batch (b): a memory knob only, gradients accumulate to the same update. 4 fits a
+    24 GB card, 8 a 40 GB one (docs/speed-and-memory.md). Larger than an update's images: one micro-batch of them
+    all, and config.json records that number."""
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """The policy: a hub id or a local Stable Diffusion pipeline folder."""
+    classifier: str = "rizvandwiki/gender-classification-2"
+    """The AI feedback: a hub id or a local image-classification folder with female and male labels."""
     device: str = ""
     """cpu, cuda or cuda:N; empty: cuda when there is one. config.json records the device used."""
     mixed_precision: str = "auto"
     """no, fp16 or bf16: frozen weights and activations in that type, trained weights and AdamW state in fp32.
-    auto: bf16 on a GPU that has it, else fp16 on a GPU; no on the CPU, where bf16 is about 3x slower."""
+    auto: bf16 on a GPU that has it, else fp16 on a GPU; no on the CPU, where bf16 is slower."""
     compile: bool = False
     """torch.compile the UNet (slow first epoch, faster after)."""
     low_memory: bool = False
-    """Gradient checkpointing: recompute the UNet's activations in backward (a second forward: slower), 0.6 GiB per
-    image of the micro-batch instead of 2.2 (README "Speed and memory"); with --train-batch-size, for 8-16 GB cards."""
+    """Gradient checkpointing: recompute the UNet's activations in backward (a second forward: slower, far less
+    memory per image of the micro-batch; docs/speed-and-memory.md); with --train-batch-size, for 8-16 GB cards."""
     profile: bool = False
     """Also log the UNet's achieved TFLOP/s and the peak GPU memory per epoch."""
     save_every: int = 10
@@ -151,6 +141,26 @@ class Config:
     """A run folder to continue from its last checkpoint."""
     unet: str = ""
     """A fine-tuned UNet folder (a run's unet/) to train from or to --evaluate; empty: the UNet of --model."""
+    # -- extensions: many prompts (docs/many-prompts.md), the judge (docs/judge.md), evaluation (docs/evaluate.md)
+    prompts: str = ""
+    """A text file, one prompt per line, to fine-tune on all at once instead of --prompt: each epoch's B images go
+    round-robin over the prompts, and each prompt is balanced on its own images."""
+    balance_window: int = 0
+    """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images (PromptHistory);
+    0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
+    labeller: str = "classifier"
+    """Who labels the images: 'classifier' (--classifier) or 'judge' (a chat model that sees them, --judge-url)."""
+    judge_url: str = ""
+    """The judge (--labeller judge, --reward rank): an OpenAI-compatible API with image input, e.g.
+    http://localhost:8000/v1. Its key, if it needs one, comes from $JUDGE_API_KEY only."""
+    judge_model: str = ""
+    """The model the judge server serves, by the name its API knows it."""
+    judge_group: int = 4
+    """--reward rank: images ranked together in one request (k); ranks become centred Borda rewards (rewards.borda)."""
+    judge_criterion: str = "how well the image matches the prompt and how natural and undistorted the face looks"
+    """--reward rank: what the judge ranks the images by."""
+    judge_image_size: int = 256
+    """Pixels (square) of the PNG each image is sent as: a larger one reads better and costs more tokens."""
     evaluate: bool = False
     """Evaluate instead of training: --eval-images per prompt of --eval-prompts, scored, into eval.json."""
     eval_prompts: str = ""
@@ -161,21 +171,29 @@ class Config:
     """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
 
 
-CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"), "labeller": ("classifier", "judge"),
-           "underrepresented": ("female", "male", "auto"), "mixed_precision": ("auto", "no", "fp16", "bf16")}
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
-MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
+CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
 
 
-class UsageError(Exception):
-    """Bad input: printed as one line naming the flag, exit code 2."""
+def derived_sizes(config, unet, world=1):
+    """The sizes that follow from the config and the model, computed once and printed before the loop.
+
+    ε = CLIP_PER_ELEMENT/√N, N = C·H·W: a move of the step mean that costs k nats of KL per element gives the stored
+    samples log r of typical size √(2k/N) (truly_ppo_loss), so the same ε·√N bounds the same per-element move on
+    any latent (on the toy world's 4x8x8, SD's 1e-4 clipped far too much: docs/toy-world.md). The learning rate
+    has no such rule: it depends on the network, not only on N."""
+    c, s = unet.config.in_channels, unet.config.sample_size
+    clip_range = config.clip_range or CLIP_PER_ELEMENT / math.sqrt(c * s * s)
+    return {"latent": (c, s, s), "micro_batch": micro_batch(config, world), "clip_range": clip_range,
+            "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the epoch was finished and a checkpoint saved; the exit code is 128 + the signal."""
+def micro_batch(config, world=1):
+    """b: images per training micro-batch. It divides a process's B / N / updates_per_epoch images of an update, N =
+    world (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
+    return min(config.train_batch_size, config.batch_size // world // config.updates_per_epoch)
 
 
-# --------------------------------------------------------------------------- 2. DDIM step with log-prob
+# --------------------------------------------------------------------------------------------- DDIM step with log-prob
 def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, prev_latents=None, generator=None,
                            noise=None):
     """One DDIM step x_t -> x_{t-1} as a Gaussian policy, and the log-density of x_{t-1} under it.
@@ -226,7 +244,7 @@ def gaussian_kl(mean_old, mean_new, std):
     return ((mean_new - mean_old) ** 2 / (2 * std**2)).mean(dim=(1, 2, 3))
 
 
-# ------------------------------------------------------------------------------------------- 3. losses
+# -------------------------------------------------------------------- losses: clipped PPO and Truly PPO, one signature
 def ppo_clip_loss(log_prob, log_prob_old, advantages, clip_range):
     """DDPO's clipped PPO: mean over samples of max(-A·r, -A·clip(r, 1-ε, 1+ε)). All inputs (b,)."""
     ratio = torch.exp(log_prob - log_prob_old)  # r
@@ -244,13 +262,12 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
     here is exact and per sample (gaussian_kl). Both trust regions bound the same move of the step mean:
     - δ = ε²·C·H·W/2 (derived_sizes). Moving the mean of N(μ, σ²) by Δ over N = C·H·W elements costs the
       per-element KL k = mean(Δ²)/(2σ²), and the stored x = μ_old + σz then has log r = mean(z·Δ)/σ - k, of typical
-      size √(2k/N). The clip stops r at |r - 1| = ε, i.e. at k = ε²·N/2: 8.2e-5 on SD (ε = 1e-4, N = 16384), 1e-4
-      on a 1x1x2 latent (ε = 1e-2, DDPO's ε rescaled by √(16384/2)). The old δ = 0.03 allowed 19x the move.
+      size √(2k/N). The clip stops r at |r - 1| = ε, i.e. at k = ε²·N/2: 8.2e-5 on SD (ε = 1e-4, N = 16384).
     - α. A rolled-back sample's objective along its push, A·(1 + a) - α·a²/2 with a = √(2k), peaks at
       k = A²/(2α²), so α = 1/√(2δ) would pin |A| = 1 to the border. But the pulls of all rolled-back samples add up
-      coherently while their pushes are partly noise: on a 1x1x2 latent α = 70.7 trailed clipped PPO and α = 5 kept
-      pace; on the toy world α = 5 stalled (q 0.16 -> 0.23 in 14 epochs) where α = 1 came within two epochs of the
-      clip (README "The toy world"). α weighs two means over elements, so it is N-free.
+      coherently while their pushes are partly noise, so a far smaller α is needed (docs/toy-world.md has the
+      runs). α weighs two means over elements, so it is N-free.
+    All inputs (b,).
     """
     ratio = torch.exp(log_prob - log_prob_old)
     surrogate = ratio * advantages  # r·A
@@ -261,33 +278,8 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
     return -objective.mean(), stats
 
 
-# ------------------------------------------------------------------------------------------- 4. models
+# ------------------------------------------------------------------------------------------------- which weights train
 TRAINABLE = (".to_q.", ".to_k.", ".to_v.", ".to_out.0.")  # every attention projection of the UNet
-
-
-def load_models(config, device):
-    """The SD components from `config.model`, frozen weights in the mixed-precision type, attention in fp32."""
-    from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
-    path = config.model
-    check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
-    if config.unet:
-        check_source("--unet", config.unet, "a UNet", "diffusion_pytorch_model.safetensors")
-    dtype = DTYPES[config.mixed_precision]
-    with loading("--model", path):
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
-        check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
-        unet = load_unet(config)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    schedule_to(scheduler, device)
-    vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
-    text_encoder.to(device).requires_grad_(False).eval()
-    train_attention_only(unet, dtype).to(device)
-    if config.low_memory:
-        unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
-    return unet, vae, text_encoder, tokenizer, scheduler
 
 
 def train_attention_only(unet, dtype):
@@ -301,117 +293,11 @@ def train_attention_only(unet, dtype):
     return unet
 
 
-def load_unet(config):
-    """The fp32 UNet to train or evaluate: --unet's folder if given, else the pipeline's."""
-    from diffusers import UNet2DConditionModel
-    if not config.unet:
-        return UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
-    with loading("--unet", config.unet):
-        return UNet2DConditionModel.from_pretrained(config.unet, low_cpu_mem_usage=False)
-
-
-def check_source(flag, path, kind, marker):
-    """A local folder must exist and hold `marker`; anything else is taken for a hub id."""
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, marker)):
-        raise UsageError(f"{flag}: {path} is not {kind} folder (no {marker})")
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise UsageError(f"{flag}: folder {path} does not exist")
-
-
-@contextlib.contextmanager
-def loading(flag, path):
-    """Turn a failed from_pretrained into one line naming the flag: a damaged folder, or a hub id not reached."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except Exception as error:  # OSError, safetensors' SafetensorError, a JSON error: all mean "cannot load"
-        reason = first_line(error)
-        hint = ("the folder is damaged or incomplete" if os.path.isdir(path) else "a hub id needs network access "
-                "once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)")
-        raise UsageError(f"{flag}: cannot load {path!r} ({reason}); {hint}") from None
-
-
-def first_line(error):
-    """An exception as one short line for a one-line error: its first line, or its type when it has no text."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
-def check_scheduler(scheduler_config, path, num_steps):
-    """Refuse a scheduler that ddim_step_with_logprob does not implement: it would train on a wrong log-prob."""
-    if num_steps > scheduler_config.num_train_timesteps:
-        raise UsageError(f"--num-steps: {num_steps} is more than the scheduler's {scheduler_config.num_train_timesteps} "
-                         "training steps")
-    problems = [f"prediction_type={scheduler_config.prediction_type!r}"] if scheduler_config.prediction_type != "epsilon" else []
-    problems += [name for name in ("clip_sample", "thresholding") if scheduler_config.get(name)]
-    if problems:
-        raise UsageError(f"--model: the scheduler of {path} has {', '.join(problems)}; the DDIM log-probability here "
-                         "needs epsilon prediction without clip_sample or thresholding (SD v1.5's scheduler)")
-
-
-def micro_batch(config, world=1):
-    """b: images per training micro-batch. It divides a process's B / N / updates_per_epoch images of an update, N =
-    world (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
-    return min(config.train_batch_size, config.batch_size // world // config.updates_per_epoch)
-
-
-def make_scaler(config, device):
-    """fp16 only: the loss is scaled by S before backward so that small gradients do not underflow. The gradient at
-    the UNet output is about 1.3e-3·|A|·|z| per element (|A| ≤ 5, |z| ≲ 4): S = 2^12 puts it between ~5e-2 and
-    ~100, well inside fp16's normal range (6e-5 to 65504) with ~600x headroom for growth through backward. An
-    overflow halves S and skips that step; S doubles after 20 clean steps, so a halving is undone within 10 epochs
-    (torch's default of 2000 steps never comes in a 200-step default run: S could only ever shrink)."""
-    return torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12, growth_interval=20,
-                                enabled=config.mixed_precision == "fp16")
-
-
 def trainable_parameters(unet):
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
-def trained_weights(unet):
-    """The trained attention weights as fp32 CPU tensors; refuses non-finite ones, which must never be saved."""
-    params = trainable_parameters(unet)
-    if not torch.stack([p.isfinite().all() for p in params.values()]).all():  # on the device, one host sync
-        raise RuntimeError("refusing to save non-finite weights")
-    return {name: p.detach().float().cpu() for name, p in params.items()}
-
-
-CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
-
-
-def derived_sizes(config, unet, world=1):
-    """The sizes that follow from the config and the model, computed once and printed before the loop.
-
-    ε = CLIP_PER_ELEMENT/√N, N = C·H·W: a move of the step mean that costs k nats of KL per element gives the stored
-    samples log r of typical size √(2k/N) (truly_ppo_loss), so the same ε·√N bounds the same per-element move on
-    any latent. On the toy world (4x8x8, README "The toy world"), SD's 1e-4 clipped 36% of all steps, the derived
-    8e-4 6%. The learning rate has no such rule: it depends on the network, not only on N."""
-    c, s = unet.config.in_channels, unet.config.sample_size
-    clip_range = config.clip_range or CLIP_PER_ELEMENT / math.sqrt(c * s * s)
-    return {"latent": (c, s, s), "micro_batch": micro_batch(config, world), "clip_range": clip_range,
-            "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
-
-
-def load_judge(config):
-    """The judge for --labeller judge or --reward rank, checked at once (reachable, key taken), else None."""
-    if config.labeller != "judge" and config.reward != "rank":
-        return None
-    judge = rewards.Judge(config.judge_url, config.judge_model, config.judge_criterion, config.judge_group,
-                          config.judge_image_size, config.seed)
-    judge.check()  # JudgeError, one line naming --judge-url (main)
-    return judge
-
-
-def load_classifier(config, device):
-    check_source("--classifier", config.classifier, "an image-classification model", "config.json")
-    with loading("--classifier", config.classifier):
-        try:
-            return rewards.GenderClassifier(config.classifier, device=device)
-        except rewards.LabelError as error:
-            raise UsageError(f"--classifier: {error}") from None
-
-
+# ----------------------------------------------------------------------------------------- prompts, guidance, sampling
 @torch.no_grad()  # the text encoder is frozen: embeddings are computed once per prompt, never trained
 def encode_prompts(text_encoder, tokenizer, prompts, device):
     """-> (1+P, L, D): row 0 the empty prompt (unconditional), row 1+p prompt p. L = 77 tokens for SD."""
@@ -424,41 +310,32 @@ def encode_prompts(text_encoder, tokenizer, prompts, device):
     return text_encoder(ids)[0]
 
 
-def autocast(config, device):
-    return torch.autocast(torch.device(device).type, dtype=DTYPES[config.mixed_precision],
-                          enabled=config.mixed_precision != "no")
-
-
-# ----------------------------------------------------------------------------------------- 5. sampling
 def guided_noise_pred(unet, latents, timesteps, prompt_embeds, prompt_ids, guidance_scale):
     """Classifier-free guidance: one UNet pass over 2b rows. latents (b, C, H, W), timesteps () or (b,),
     prompt_embeds (1+P, L, D) from encode_prompts, prompt_ids (b,) the prompt of each latent, in 0..P-1."""
     b = latents.shape[0]
-    embeds = torch.cat([prompt_embeds[:1].expand(b, -1, -1), prompt_embeds[1 + prompt_ids]])  # (2b, L, D): b
-    # unconditional rows, then each latent's prompt
+    # (2b, L, D): b unconditional rows, then each latent's prompt
+    embeds = torch.cat([prompt_embeds[:1].expand(b, -1, -1), prompt_embeds[1 + prompt_ids]])
     t = timesteps.repeat(2) if timesteps.dim() else timesteps  # per-sample steps in training, one in sampling
     noise_uncond, noise_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds).sample.chunk(2)
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # ε̂, (b, C, H, W)
 
 
 @torch.no_grad()  # sampling collects the trajectory; gradients are taken later, in the update
-def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, generator, rows=slice(None)):
-    """Sample B images, image i of prompt prompt_ids[i] ((B,) on the device); keep what the update needs. With
-    several processes, this one's `rows` of the B: every process draws the epoch's whole noise from the same
-    generator and keeps its rows, so the epoch's images are the same however many processes draw them (cheap:
-    a randn of B latents per step, against 2B UNet rows). Below, B is this process's share.
+def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, generator):
+    """Sample B images, image i of prompt prompt_ids[i] ((B,) on the device); keep what the update needs.
 
     Returns latents (B, T+1, C, H, W) = x_T..x_0, log_probs (B, T) under the sampling policy, means
     (B, T, C, H, W) = μ_old (for the exact KL), timesteps (T,), prompt_ids (B,), images (B, 3, H·8, W·8) in [0, 1].
     """
     scheduler.set_timesteps(config.num_steps, device=device)
     c, s = unet.config.in_channels, unet.config.sample_size
-    latents = torch.randn((config.batch_size, c, s, s), generator=generator, device=device)[rows]  # x_T
+    latents = this_process(torch.randn((config.batch_size, c, s, s), generator=generator, device=device))  # x_T
     all_latents, log_probs, means = [latents], [], []
-    for t in tqdm(scheduler.timesteps, desc="sampling", leave=False, disable=launched()[0] > 0):
+    for t in progress(scheduler.timesteps, "sampling"):
         with autocast(config, device):
             noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, prompt_ids, config.guidance_scale)
-        z = torch.randn((config.batch_size, c, s, s), generator=generator, device=device)[rows]  # eq. (12)'s z
+        z = this_process(torch.randn((config.batch_size, c, s, s), generator=generator, device=device))  # eq. (12)
         latents, log_prob, mean, _ = ddim_step_with_logprob(scheduler, noise_pred, t, latents, config.eta, noise=z)
         all_latents.append(latents), log_probs.append(log_prob), means.append(mean)
     return {"latents": torch.stack(all_latents, dim=1), "log_probs": torch.stack(log_probs, dim=1),
@@ -476,20 +353,7 @@ def decode(vae, latents, config, device):
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
-# ---------------------------------------------------------------------------- 6. rewards and advantages
-def compute_rewards(run, images, prompt_ids, reward):
-    """-> rewards (B,) on the images' device, P(female) (B,), labels [B], a per-prompt breakdown for the metrics.
-    Each prompt's images are scored against that prompt's own window (PromptHistory.score). prompt_ids: [B] ints,
-    of the whole epoch; images: this process's rows. Every process scores the whole epoch, so all agree on q, U and
-    the advantages (eq. (2) over the epoch's B images, as the paper wrote it, however many GPUs draw them)."""
-    p_female = gather(run.labeller(images), run)  # (B,)
-    mine = [run.history.prompts[p] for p in prompt_ids[run.rows]]  # with several processes, the judge ranks
-    ranks = gather(run.judge.rank(images, mine), run) if reward == "rank" else None  # within each one's images
-    values, labels, per_prompt = run.history.score(rewards.REWARDS[reward], p_female, prompt_ids, reward == "shift",
-                                                   ranks, rescore=reward in rewards.RESCORED)  # two host syncs
-    return values, p_female, labels, per_prompt
-
-
+# -------------------------------------------------------------------------- advantages (the rewards are in rewards.py)
 def compute_advantages(reward_values, prompt_ids, history, adv_clip):
     """A = (R - mean) / std, clipped to ±adv_clip (DDPO). (B,) -> (B,); prompt_ids (B,) on the rewards' device.
 
@@ -505,24 +369,24 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip):
     return ((reward_values - mean) / (std + 1e-8)).clamp(-adv_clip, adv_clip)
 
 
-# ------------------------------------------------------------------------------------------- 7. update
-def update(run, samples, advantages, config):
+# -------------------------------------------------------------------------------------------------------------- update
+def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantages, config, generator):
     """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
     gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images, one step at a
-    time. With several processes, B is this one's share and the gradients are averaged across processes before
-    each step.
+    time. `generator` draws the shuffles; `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler).
 
-    Returns per-step stats (stacked tensors, no host sync inside), how many optimizer steps were skipped, and each
-    optimizer step's gradient norm before clipping (None where not finite).
+    Returns per-micro-step stats (micro-steps, 5) (loss, approx_kl, clipfrac, kl, rollback_frac; stacked tensors,
+    no host sync inside), how many optimizer steps were skipped, and each optimizer step's gradient norm before
+    clipping (None where not finite).
     """
-    unet, optimizer, scaler, scheduler, device = run.unet, run.optimizer, run.scaler, run.scheduler, config.device
+    device = config.device
     B, T = samples["log_probs"].shape
     trained = T - config.skip_final_steps  # steps 0..trained-1 (x_T -> ...); the last ones are not trained (Config)
     per_update = B // config.updates_per_epoch
-    micro = micro_batch(config, run.world)
+    micro = micro_batch(config, launched()[1])
     params = list(trainable_parameters(unet).values())
-    order = torch.randperm(B, generator=run.gens[1]).to(device)  # shuffle samples ...
-    step_order = torch.stack([torch.randperm(trained, generator=run.gens[1]) for _ in range(B)]).to(device)  # ... steps
+    order = torch.randperm(B, generator=generator).to(device)  # shuffle samples ...
+    step_order = torch.stack([torch.randperm(trained, generator=generator) for _ in range(B)]).to(device)  # ... steps
     stats, skipped, grad_norms = [], 0, []
     for u in range(config.updates_per_epoch):
         for idx in order[u * per_update:(u + 1) * per_update].split(micro):  # (b,) sample indices
@@ -530,7 +394,7 @@ def update(run, samples, advantages, config):
                 k = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
                 x_t, x_prev = samples["latents"][idx, k], samples["latents"][idx, k + 1]  # (b, C, H, W)
                 with autocast(config, device):
-                    noise_pred = guided_noise_pred(unet, x_t, samples["timesteps"][k], run.prompt_embeds,
+                    noise_pred = guided_noise_pred(unet, x_t, samples["timesteps"][k], prompt_embeds,
                                                    samples["prompt_ids"][idx], config.guidance_scale)
                 _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, samples["timesteps"][k],
                                                                 x_t, config.eta, prev_latents=x_prev)
@@ -545,10 +409,11 @@ def update(run, samples, advantages, config):
                 stats.append(torch.stack([loss.detach(), st["approx_kl"].detach(), st["clipfrac"],
                                           kl.detach().mean(), st["rollback_frac"]]))
         # ---- the weights change here, once per `per_update` images: average, unscale, clip, step, reset.
-        average_gradients(params, run)  # every process then takes the same step: the weights stay equal
+        average_gradients(params)  # torchrun: the mean over processes, so all take the same step; alone: nothing
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()  # the one host sync per
-        grad_norms.append(finite_or_none(grad_norm))  # optimizer step: its size before clipping, for the metrics
+        # the gradient's norm before clipping, for the metrics: the one host sync per optimizer step
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
+        grad_norms.append(finite_or_none(grad_norm))
         if math.isfinite(grad_norm):  # a NaN/Inf step is skipped, not taken
             scaler.step(optimizer)
         else:
@@ -558,74 +423,75 @@ def update(run, samples, advantages, config):
     return torch.stack(stats), skipped, grad_norms
 
 
-# ------------------------------------------------------------ 8. checkpoints (pictures: rewards.save_grid/plot)
-def save_checkpoint(path, run, epoch, metrics):
-    """Everything needed to continue bit-for-bit on the CPU, written atomically (temp file, then rename)."""
-    state = {"weights": trained_weights(run.unet), "optimizer": run.optimizer.state_dict(),
-             "scaler": run.scaler.state_dict(), "epoch": epoch, "rng_cpu": torch.get_rng_state(),
-             "generators": [g.get_state() for g in run.gens],
-             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-             "history": run.history.state_dict(), "metrics": metrics}
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # a kill during the save leaves the previous checkpoint intact
-    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        size = sum(w.numel() * 4 for w in state["weights"].values()) * 3  # weights and AdamW's two moments
-        full = shutil.disk_usage(os.path.dirname(path) or ".").free < size
-        reason = "no space left on device" if full else getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise RunError(f"{reason} while writing {path}; the previous checkpoint, if any, is intact") from None
+# =====================================================================================================================
+# PART 2. THE LOOP
+# =====================================================================================================================
+def train(config, classifier=None):
+    """The whole fine-tune into config.output_dir; `classifier` (images -> P(female)) replaces --classifier in tests.
+    Loading, resume, logging and checkpoints are part 3's (start_run, epoch_record, end_epoch); the loop below is the
+    method. With torchrun every process runs it on its share of the images, and process 0 alone writes files."""
+    run, config, metrics, first_epoch = start_run(config, classifier)
+    unet, device, B = run.unet, config.device, config.batch_size
+    with graceful_stop() as interrupted:
+        for epoch in range(first_epoch, config.epochs):
+            laps = Laps(device)
+            # 1. Sample B images with the current policy, keeping each step's x_t, log π_old(x_{t-1} | x_t) and μ_old.
+            prompt_ids = (torch.arange(B) + epoch * B) % len(run.history.prompts)  # (B,): round-robin; all 0 for one
+            samples = sample(unet, run.vae, run.scheduler, run.prompt_embeds, this_process(prompt_ids).to(device),
+                             config, device, run.gens[0])
+            laps("sample")
+            # 2. AI feedback: P(female) of each image, then its reward (rewards.py: R_balance eq. 2-3, R_shift eq. 1)
+            #    against its prompt's window of images (with one prompt and N = B: this epoch's batch).
+            p_female = gather(run.labeller(samples["images"]))  # (B,): every process sees the whole epoch
+            ranks = judge_ranks(config, run, samples["images"], prompt_ids)  # --reward rank only, else None
+            reward_values, labels, per_prompt = run.history.score(config.reward, p_female, prompt_ids.tolist(), ranks)
+            # 3. Advantages: each reward standardised with its prompt's mean and std, clipped (DDPO).
+            advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip)
+            spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is: the epoch's one sync
+            laps("reward")
+            # 4. Update: clipped PPO or Truly PPO over the samples. Not when every reward is equal (q = 0.5, no
+            #    minority image, all "none"): every A is 0, and AdamW's momentum and decay would still move θ. Not
+            #    when a reward is NaN or Inf: it would poison every weight.
+            stats, skipped, grad_norms = None, 0, None
+            if not math.isfinite(spread):
+                skipped = config.updates_per_epoch
+            elif spread > 0:
+                stats, skipped, grad_norms = update(unet, run.optimizer, run.scaler, run.scheduler, run.prompt_embeds,
+                                                    samples, this_process(advantages), config, run.gens[1])
+            laps("train")
+            # 5. Log the epoch (metrics.jsonl, the sample grid, plot.png), checkpoint every --save-every epochs,
+            #    and stop after a signal or after repeated non-finite steps.
+            metrics.append(epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, spread, stats,
+                                        skipped, grad_norms))
+            end_epoch(epoch, run, config, metrics, (gather(samples["images"]), p_female, labels), interrupted)
+    finish_run(run, config)
+    return metrics
 
 
-def load_checkpoint(path, run):
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
-        params = trainable_parameters(run.unet)
-        with torch.no_grad():
-            for name, weight in state["weights"].items():
-                params[name].copy_(weight)
-        run.optimizer.load_state_dict(state["optimizer"]), run.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng_cpu"])
-        for g, g_state in zip(run.gens, state["generators"]):
-            g.set_state(g_state)
-        run.history.load_state_dict(state["history"])
-    except Exception as error:  # truncated, empty, garbage, or from another model: it cannot be continued
-        reason = first_line(error)
-        raise UsageError(f"--resume: {path} is damaged ({reason}); it cannot be continued") from None
-    if state["history"]["prompts"] != run.history.prompts:
-        raise UsageError(f"--prompts: the run was trained on other prompts ({len(state['history']['prompts'])}); "
-                         "resume it with the prompts it started with")
-    if state["rng_cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state
+# =====================================================================================================================
+# PART 3. RUNNING IT. A reader of the method can stop here: the rest is the command line, files, loading,
+# checkpoints, signals, devices, several processes and evaluation.
+# =====================================================================================================================
+CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"), "labeller": ("classifier", "judge"),
+           "underrepresented": ("female", "male", "auto"), "mixed_precision": ("auto", "no", "fp16", "bf16")}
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
+MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
 
 
-def save_unet(unet, config, path):
-    """The fine-tuned UNet for `UNet2DConditionModel.from_pretrained`: the original fp32 UNet (not its bf16
-    copy) with the trained attention weights copied in, so no frozen weight is rounded."""
-    full = load_unet(config)
-    full.load_state_dict(trained_weights(unet), strict=False)
-    full.save_pretrained(path)
+
+class UsageError(Exception):
+    """Bad input: printed as one line naming the flag, exit code 2."""
 
 
-def count_flops(unet, prompt_embeds, config, device):
-    """FLOPs of one image-step with CFG: sampling (forward) and training (forward + backward), counted once."""
-    from torch.utils.flop_counter import FlopCounterMode
-    c, s = unet.config.in_channels, unet.config.sample_size
-    x, t, ids = torch.randn(1, c, s, s, device=device), torch.tensor([500], device=device), torch.zeros(1, dtype=int)
-    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(config, device):
-        guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale)
-    forward = counter.get_total_flops()
-    with FlopCounterMode(display=False) as counter:
-        with autocast(config, device):
-            noise_pred = guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale)
-            noise_pred.float().mean().backward()
-    unet.zero_grad(set_to_none=True)
-    return forward, counter.get_total_flops()
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the epoch was finished and a checkpoint saved; the exit code is 128 + the signal."""
 
 
-# ----------------------------------------------------------------------------------------- 9. command line
+class RunError(Exception):
+    """The run cannot go on (e.g. NaNs): printed as one line, exit code 1, last checkpoint kept."""
+
+
+# ----------------------------------------------------------------------------------------- command line and validation
 def field_docs():
     """Config's field docstrings (the string under each field), read from this file's source for --help."""
     body = ast.parse(inspect.getsource(Config)).body[0].body
@@ -669,8 +535,6 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_step
           "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B"),
           "judge_group": (lambda v: v >= 2, "at least 2: a ranking needs two images"),
           "judge_image_size": (lambda v: v >= 16, "at least 16 pixels")}  # flag: (test, rule)
-
-
 def flag_of(name):
     return "--" + name.replace("_", "-")
 
@@ -769,6 +633,20 @@ def resolve_config(given):
     return Config(**{**saved, **given, "output_dir": folder})
 
 
+def read_prompts(path, flag="--eval-prompts", warn=False):
+    """--prompts or --eval-prompts (rewards.read_prompts: blank lines skipped, repeats refused); empty: HELD_OUT."""
+    if not path:
+        return list(rewards.HELD_OUT)
+    try:
+        prompts, blank = rewards.read_prompts(path)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from None
+    if warn and blank:
+        print(f"warning: {flag}: skipped {blank} blank line(s) of {path}", file=sys.stderr)
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------- run folder and lock
 def run_state(folder):
     """What a run folder holds: 'empty' (nothing, or a run that died before finishing an epoch: nothing to lose),
     'epochs' (finished epochs but no checkpoint yet), 'checkpoint', or 'evaluation' (an eval.json)."""
@@ -857,12 +735,462 @@ def write_json(path, obj, lines=False):
     os.replace(path + ".tmp", path)
 
 
-# ------------------------------------------------------------------------------ 10. several GPUs (torchrun)
+# -------------------------------------------------------------------------------------------------------------- models
+def load_models(config, device):
+    """The SD components from `config.model`, frozen weights in the mixed-precision type, attention in fp32."""
+    from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+    path = config.model
+    check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
+    if config.unet:
+        check_source("--unet", config.unet, "a UNet", "diffusion_pytorch_model.safetensors")
+    dtype = DTYPES[config.mixed_precision]
+    with loading("--model", path):
+        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
+        unet = load_unet(config)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    schedule_to(scheduler, device)
+    vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
+    text_encoder.to(device).requires_grad_(False).eval()
+    train_attention_only(unet, dtype).to(device)
+    if config.low_memory:
+        unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def load_unet(config):
+    """The fp32 UNet to train or evaluate: --unet's folder if given, else the pipeline's."""
+    from diffusers import UNet2DConditionModel
+    if not config.unet:
+        return UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
+    with loading("--unet", config.unet):
+        return UNet2DConditionModel.from_pretrained(config.unet, low_cpu_mem_usage=False)
+
+
+def check_source(flag, path, kind, marker):
+    """A local folder must exist and hold `marker`; anything else is taken for a hub id."""
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, marker)):
+        raise UsageError(f"{flag}: {path} is not {kind} folder (no {marker})")
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise UsageError(f"{flag}: folder {path} does not exist")
+
+
+@contextlib.contextmanager
+def loading(flag, path):
+    """Turn a failed from_pretrained into one line naming the flag: a damaged folder, or a hub id not reached."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except Exception as error:  # OSError, safetensors' SafetensorError, a JSON error: all mean "cannot load"
+        reason = first_line(error)
+        hint = ("the folder is damaged or incomplete" if os.path.isdir(path) else "a hub id needs network access "
+                "once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)")
+        raise UsageError(f"{flag}: cannot load {path!r} ({reason}); {hint}") from None
+
+
+def first_line(error):
+    """An exception as one short line for a one-line error: its first line, or its type when it has no text."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def check_scheduler(scheduler_config, path, num_steps):
+    """Refuse a scheduler that ddim_step_with_logprob does not implement: it would train on a wrong log-prob."""
+    if num_steps > scheduler_config.num_train_timesteps:
+        raise UsageError(f"--num-steps: {num_steps} is more than the scheduler's {scheduler_config.num_train_timesteps} "
+                         "training steps")
+    problems = [f"prediction_type={scheduler_config.prediction_type!r}"] if scheduler_config.prediction_type != "epsilon" else []
+    problems += [name for name in ("clip_sample", "thresholding") if scheduler_config.get(name)]
+    if problems:
+        raise UsageError(f"--model: the scheduler of {path} has {', '.join(problems)}; the DDIM log-probability here "
+                         "needs epsilon prediction without clip_sample or thresholding (SD v1.5's scheduler)")
+
+
+def load_classifier(config, device):
+    check_source("--classifier", config.classifier, "an image-classification model", "config.json")
+    with loading("--classifier", config.classifier):
+        try:
+            return rewards.GenderClassifier(config.classifier, device=device)
+        except rewards.LabelError as error:
+            raise UsageError(f"--classifier: {error}") from None
+
+
+def load_judge(config):
+    """The judge for --labeller judge or --reward rank, checked at once (reachable, key taken), else None."""
+    if config.labeller != "judge" and config.reward != "rank":
+        return None
+    judge = rewards.Judge(config.judge_url, config.judge_model, config.judge_criterion, config.judge_group,
+                          config.judge_image_size, config.seed)
+    judge.check()  # JudgeError, one line naming --judge-url (main)
+    return judge
+
+
+def is_hub_id(path):
+    """A --model or --classifier that names no local folder and does not look like a path (check_source)."""
+    return not os.path.isdir(path) and not path.startswith((".", "/", "~")) and path.count("/") <= 1
+
+
+def check_hub(config, timeout=5):
+    """Without a network, the hub client retries each file for about half a minute and prints every retry. So when
+    a hub id is used and HF_HUB_OFFLINE is not set, ask the hub once: if it cannot be reached, go offline (models
+    already in the local cache load from it, as with HF_HUB_OFFLINE=1) and refuse an id that is not cached."""
+    sources = [("--model", config.model, "model_index.json")]
+    if config.labeller == "classifier":
+        sources.append(("--classifier", config.classifier, "config.json"))
+    sources = [source for source in sources if is_hub_id(source[1])]
+    if not sources or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        return
+    except urllib.error.HTTPError:  # it answered: reachable
+        return
+    except (OSError, ValueError) as error:  # no route, no name, refused, timed out
+        reason = first_line(getattr(error, "reason", error))
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported, which is after this
+    from huggingface_hub import try_to_load_from_cache
+    for flag, repo, marker in sources:
+        if not isinstance(try_to_load_from_cache(repo, marker), str):
+            raise UsageError(f"{flag}: {repo} is not in the local hub cache and {endpoint} cannot be reached "
+                             f"({reason}); pass a local folder, or download it once where the hub can be reached")
+
+
+# ---------------------------------------------------------------------------------------- a run's state
+@dataclass
+class Run:
+    """What a training run holds from epoch to epoch, in one place: the loop uses it, the checkpoint saves it."""
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+    labeller: object  # images (B, 3, H, W) -> P(female) (B,): the classifier, or the judge with --labeller judge
+    judge: object  # rewards.Judge with --labeller judge or --reward rank, else None
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    prompt_embeds: torch.Tensor  # (1+P, L, D), encode_prompts
+    gens: list  # [the sampling noise's generator (on the device), the update's shuffles' (CPU)]
+    history: rewards.PromptHistory
+    lead: bool = True  # the process that writes and prints: rank 0 under torchrun
+    flops: tuple | None = None  # --profile: count_flops
+    bar: object = None  # the epochs' progress bar
+    streak: int = 0  # optimizer steps skipped in a row for non-finite values (MAX_NONFINITE)
+
+
+def start_run(config, classifier=None):
+    """Everything before the first epoch: device and precision, the judge, the models, the optimizer, the prompts
+    and their windows, the resume, config.json and the startup line.
+    -> (Run, the config as run, the metrics so far, the first epoch to run)."""
+    auto = config.mixed_precision == "auto"
+    config = resolve_device(config)
+    device, (rank, world), out = config.device, launched(), config.output_dir
+    lead = rank == 0  # the process that writes and prints
+    torch.manual_seed(config.seed)
+    judge = load_judge(config)  # first: an unreachable judge is reported before minutes of loading
+    unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
+    labeller = classifier or (judge if config.labeller == "judge" else load_classifier(config, device))
+    prompts = read_prompts(config.prompts, "--prompts", warn=lead) if config.prompts else [config.prompt]
+    params = trainable_parameters(unet)
+    run = Run(unet=unet, vae=vae, scheduler=scheduler, labeller=labeller, judge=judge,
+              optimizer=torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
+              scaler=make_scaler(config, device),
+              prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
+              gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
+              history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
+                                            None if config.underrepresented == "auto" else config.underrepresented,
+                                            announce=lead),
+              lead=lead)
+    metrics, first = [], 0
+    if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
+        state = load_checkpoint(os.path.join(out, "checkpoint.pt"), run)
+        metrics, first = state["metrics"], state["epoch"] + 1
+        if config.epochs < first or (config.epochs == first and os.path.isdir(os.path.join(out, "unet"))):
+            raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for more than {first}")
+        if lead:
+            print(f"resuming {out} after epoch {state['epoch']}")
+    elif config.resume and lead:  # the run died before its first checkpoint: start it again, keeping what it logged
+        kept = os.path.join(out, f"metrics-unsaved-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        if run_state(out) == "epochs":
+            os.replace(os.path.join(out, "metrics.jsonl"), kept)
+        print(f"{out} has no checkpoint: starting again from epoch 0"
+              + (f" (its metrics so far are in {kept})" if os.path.exists(kept) else ""))
+    sizes = derived_sizes(config, unet, world)
+    config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε, δ and b as used, saved in config.json
+                                 kl_threshold=sizes["kl_threshold"], train_batch_size=sizes["micro_batch"])
+    if lead:
+        write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
+        write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
+        print(f"device {device}{f' x {world} ranks' if world > 1 else ''}{cpu_threads(device)}, "
+              f"{config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
+              + (f" (the last {config.skip_final_steps} not trained)" if config.skip_final_steps else "")
+              + (f" over P={len(prompts)} prompts (q over the last {run.history.size} images of each)"
+                 if len(prompts) > 1 else "") + ", "
+              f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
+              f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}"
+              f"{' per rank' if world > 1 else ''}; {sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable "
+              "attention weights" + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}"
+                                     if config.trust_region == "truly" else f"; clip ε={config.clip_range:.3g}"))
+    # FLOPs are counted before compiling: count_flops's one-image shape would otherwise be one more graph.
+    run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None
+    if config.compile:  # static shapes: two graphs, sampling (2B rows) and training (2b rows, forward and backward);
+        unet.compile(dynamic=False)  # in place, so parameter names stay the same
+    run.bar = tqdm(desc="epochs", initial=first, total=config.epochs, disable=not lead)
+    return run, config, metrics, first
+
+
+def finish_run(run, config):
+    """After the last epoch: the fine-tuned UNet, saved by the process that writes."""
+    run.bar.close()
+    if run.lead:
+        save_unet(run.unet, config, os.path.join(config.output_dir, "unet"))
+        print(f"done: {config.output_dir}/unet, metrics in {config.output_dir}/metrics.jsonl")
+
+
+# ------------------------------------------------------------------------------------- an epoch's record
+class Laps:
+    """Seconds of each phase of an epoch: each call syncs the device, so a phase's GPU work counts in that phase."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.start = device, {}, time.perf_counter()
+        self.last = self.start
+
+    def __call__(self, phase):
+        sync(self.device)
+        now = time.perf_counter()
+        self.seconds[phase], self.last = now - self.last, now
+
+
+def finite_or_none(x):
+    return x if x is None or math.isfinite(x) else None  # JSON has no NaN
+
+
+def judge_ranks(config, run, images, prompt_ids):
+    """--reward rank: the judge's centred Borda scores (B,) of the epoch's images, each process ranking its own
+    images (with their prompts); None for every other reward."""
+    if config.reward != "rank":
+        return None
+    mine = [run.history.prompts[p] for p in this_process(prompt_ids).tolist()]
+    return gather(run.judge.rank(images, mine))
+
+
+def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, spread, stats, skipped, grad_norms):
+    """The epoch's line of metrics.jsonl (docs/outputs.md). stats: update()'s (micro-steps, 5), or None without an
+    update; averaged over the update's micro-steps and over the processes."""
+    device, B, T = config.device, config.batch_size, config.num_steps
+    (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = [None] * 5, [None] * 5
+    if stats is not None:
+        on_policy = stats[:len(stats) // config.updates_per_epoch]  # the first update's: r = 1 but for precision
+        means = torch.stack([stats.mean(dim=0), on_policy.mean(dim=0)])  # (2, 5)
+        means = gather(means[None]).mean(dim=0)  # the processes' mean
+        (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = [[finite_or_none(x) for x in row]
+                                                                        for row in means.tolist()]
+    shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
+    seconds = laps.seconds
+    record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
+              "reward_std": finite_or_none(reward_values.std().item()), "female_ratio": rewards.female_ratio(labels),
+              "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
+              "underrepresented": shared.pop() if config.reward == "shift" and len(shared) == 1 else None,
+              "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
+              "rollback_frac": rollback_frac, "grad_norm": grad_norms, "skipped_steps": skipped,
+              "onpolicy_log_ratio_rms": None if first_update[1] is None else math.sqrt(2 * first_update[1]),
+              "onpolicy_clipfrac": first_update[2],  # the rms of log r from approx_kl = ½·mean (log r)²
+              "equal_rewards": spread == 0,
+              "sample_seconds": seconds["sample"], "reward_seconds": seconds["reward"],
+              "train_seconds": seconds["train"], "images_per_second": B / (laps.last - laps.start),
+              "per_prompt": per_prompt}
+    if run.judge:  # the judge's requests, retries, unparsed answers and tokens this epoch, summed over the ranks
+        counts = run.judge.take_stats()
+        total = gather(torch.tensor([list(counts.values())], dtype=torch.float64, device=device)).sum(dim=0)
+        record["judge"] = dict(zip(counts, map(int, total.tolist())))
+    if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
+        record["sample_tflops"] = run.flops[0] * B * T / seconds["sample"] / 1e12
+        record["train_tflops"] = (run.flops[1] * B * (T - config.skip_final_steps) / seconds["train"] / 1e12
+                                  if spread > 0 else None)  # no update ran (equal or non-finite rewards): no rate
+        if torch.device(device).type == "cuda":
+            record["peak_memory_gb"] = peak_memory_gb(device)
+    return record
+
+
+def end_epoch(epoch, run, config, metrics, scored, interrupted):
+    """Write the epoch's metrics and pictures, save a checkpoint when due, and stop (RunError, Interrupted) after a
+    signal or after MAX_NONFINITE skipped steps in a row. scored: every process's (images, P(female), labels)."""
+    record, out = metrics[-1], config.output_dir
+    run.streak = run.streak + record["skipped_steps"] if record["skipped_steps"] else 0
+    stop = run.streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
+    signalled = bool(gather(torch.tensor([len(interrupted)], device=config.device)).max())  # on any rank: all
+    if run.lead:  # stop after the same epoch, so that the checkpoint holds the state of every rank
+        write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
+        rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
+        rewards.save_plot(metrics, os.path.join(out, "plot.png"))
+        run.bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
+        run.bar.update()
+        if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or signalled or stop:
+            save_checkpoint(os.path.join(out, "checkpoint.pt"), run, epoch, metrics)
+    if stop:
+        raise RunError(f"stopped after epoch {epoch}: {run.streak} optimizer steps in a row had non-finite rewards, "
+                       "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
+    if signalled:
+        raise Interrupted(interrupted[0] if interrupted else signal.SIGTERM)
+
+
+# --------------------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path, run, epoch, metrics):
+    """Everything needed to continue bit-for-bit on the CPU, written atomically (temp file, then rename)."""
+    state = {"weights": trained_weights(run.unet), "optimizer": run.optimizer.state_dict(),
+             "scaler": run.scaler.state_dict(), "epoch": epoch, "rng_cpu": torch.get_rng_state(),
+             "generators": [g.get_state() for g in run.gens],
+             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+             "history": run.history.state_dict(), "metrics": metrics}
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a kill during the save leaves the previous checkpoint intact
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        size = sum(w.numel() * 4 for w in state["weights"].values()) * 3  # weights and AdamW's two moments
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < size
+        reason = "no space left on device" if full else getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise RunError(f"{reason} while writing {path}; the previous checkpoint, if any, is intact") from None
+
+
+def load_checkpoint(path, run):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
+        params = trainable_parameters(run.unet)
+        with torch.no_grad():
+            for name, weight in state["weights"].items():
+                params[name].copy_(weight)
+        run.optimizer.load_state_dict(state["optimizer"]), run.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        for g, g_state in zip(run.gens, state["generators"]):
+            g.set_state(g_state)
+        run.history.load_state_dict(state["history"])
+    except Exception as error:  # truncated, empty, garbage, or from another model: it cannot be continued
+        reason = first_line(error)
+        raise UsageError(f"--resume: {path} is damaged ({reason}); it cannot be continued") from None
+    if state["history"]["prompts"] != run.history.prompts:
+        raise UsageError(f"--prompts: the run was trained on other prompts ({len(state['history']['prompts'])}); "
+                         "resume it with the prompts it started with")
+    if state["rng_cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state
+
+
+def save_unet(unet, config, path):
+    """The fine-tuned UNet for `UNet2DConditionModel.from_pretrained`: the original fp32 UNet (not its bf16
+    copy) with the trained attention weights copied in, so no frozen weight is rounded."""
+    full = load_unet(config)
+    full.load_state_dict(trained_weights(unet), strict=False)
+    full.save_pretrained(path)
+
+
+def trained_weights(unet):
+    """The trained attention weights as fp32 CPU tensors; refuses non-finite ones, which must never be saved."""
+    params = trainable_parameters(unet)
+    if not torch.stack([p.isfinite().all() for p in params.values()]).all():  # on the device, one host sync
+        raise RuntimeError("refusing to save non-finite weights")
+    return {name: p.detach().float().cpu() for name, p in params.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------- signals
+@contextlib.contextmanager
+def graceful_stop():
+    """The first Ctrl-C or SIGTERM (timeout, Slurm, preemption) asks the loop to finish its epoch and save; a
+    second quits at once. Yields the list where the first signal's number lands; restores the handlers after."""
+    received = []
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print(f"\n{signal.Signals(signum).name}: finishing this epoch and saving a checkpoint (Ctrl-C again to quit "
+              "now)", file=sys.stderr)
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+# ------------------------------------------------------------------------------------------------ device and precision
+def resolve_device(config):
+    """The device and precision the run uses, in place of '' and 'auto' (config.json records these)."""
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = config.mixed_precision
+    if precision == "auto":  # bf16 where the GPU has it; fp16 on older GPUs; fp32 on the CPU (bf16 is 3x slower)
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "no"
+    return dataclasses.replace(config, device=device, mixed_precision=precision)
+
+
+def cpu_threads(device):
+    """The startup line's note of torch's CPU threads, and a hint when other programs keep cores busy. The count is
+    never chosen from the load: a CPU run's numbers depend on it (in the 6th digit), so a seed would no longer
+    reproduce a run. Measured in docs/speed-and-memory.md ("Threads on the CPU")."""
+    if torch.device(device).type != "cpu":
+        return ""
+    threads, busy = torch.get_num_threads(), os.getloadavg()[0]
+    if busy >= 0.5 and threads > 1 and "OMP_NUM_THREADS" not in os.environ:
+        print(f"note: other programs keep about {busy:.1f} of {os.cpu_count()} cores busy; if epochs are slow, "
+              f"OMP_NUM_THREADS={max(1, threads - math.ceil(busy - 0.5))} may be faster than {threads} threads "
+              "(docs/speed-and-memory.md)", file=sys.stderr)
+    return f" ({threads} threads)"
+
+
+def autocast(config, device):
+    return torch.autocast(torch.device(device).type, dtype=DTYPES[config.mixed_precision],
+                          enabled=config.mixed_precision != "no")
+
+
+def make_scaler(config, device):
+    """fp16 only: the loss is scaled by S before backward so that small gradients do not underflow. The gradient at
+    the UNet output is about 1.3e-3·|A|·|z| per element (|A| ≤ 5, |z| ≲ 4): S = 2^12 puts it between ~5e-2 and
+    ~100, well inside fp16's normal range (6e-5 to 65504) with ~600x headroom for growth through backward. An
+    overflow halves S and skips that step; S doubles after 20 clean steps, so a halving is undone within 10 epochs
+    (torch's default of 2000 steps never comes in a 200-step default run: S could only ever shrink)."""
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=2.0**12, growth_interval=20,
+                                enabled=config.mixed_precision == "fp16")
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # only at phase boundaries, so the seconds below are the GPU's real time
+
+
+def peak_memory_gb(device):
+    """The peak memory allocated on this GPU since the last call, in GiB (of `device`: cuda:1 is not cuda:0)."""
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+# ------------------------------------------------------------------------------------------------------- FLOP counting
+def count_flops(unet, prompt_embeds, config, device):
+    """FLOPs of one image-step with CFG: sampling (forward) and training (forward + backward), counted once."""
+    from torch.utils.flop_counter import FlopCounterMode
+    c, s = unet.config.in_channels, unet.config.sample_size
+    x, t, ids = torch.randn(1, c, s, s, device=device), torch.tensor([500], device=device), torch.zeros(1, dtype=int)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), autocast(config, device):
+        guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale)
+    forward = counter.get_total_flops()
+    with FlopCounterMode(display=False) as counter:
+        with autocast(config, device):
+            noise_pred = guided_noise_pred(unet, x, t, prompt_embeds, ids.to(device), config.guidance_scale)
+            noise_pred.float().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return forward, counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------- several GPUs (torchrun)
 # `torchrun --nproc-per-node N ddpo_debias.py ...` starts N processes (ranks) with RANK, WORLD_SIZE, LOCAL_RANK,
-# MASTER_ADDR and MASTER_PORT in their environment; without them nothing calls torch.distributed. Rank r draws rows
-# r·B/N..(r+1)·B/N of the epoch's images (sample); P(female) is gathered, so every rank computes q, U, the rewards
-# and the advantages of the whole epoch (compute_rewards); gradients are averaged before each optimizer step, so
-# every rank takes the same step and holds the same weights; rank 0 alone writes files (train).
+# MASTER_ADDR and MASTER_PORT in their environment; without them nothing calls torch.distributed. Each helper below
+# does nothing with one process:
+# - this_process: rank r draws rows r·B/N..(r+1)·B/N of the epoch's images (sample) and trains on them (update);
+# - gather: P(female) is gathered, so every rank computes q, U, the rewards and the advantages of the whole epoch;
+# - average_gradients: before each optimizer step, so every rank takes the same step and holds the same weights;
+# - progress: rank 0 alone shows progress, and writes files (Run.lead).
 DIST_TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer on a stuck rank fails: no endless hang
 
 
@@ -895,27 +1223,45 @@ def exchange():
                        "run with --resume") from None
 
 
-def gather(x, run):
-    """Every rank's rows, in rank order, on every rank: (B/N, ...) -> (B, ...). One process: x itself."""
-    if run.world == 1:
+def gather(x):
+    """Every process's rows, in rank order, on every process: (B/N, ...) -> (B, ...). One process: x itself."""
+    world = launched()[1]
+    if world == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(run.world)]
+    parts = [torch.empty_like(x) for _ in range(world)]
     with exchange():
         torch.distributed.all_gather(parts, x.contiguous())
     return torch.cat(parts)
 
 
-def average_gradients(params, run):
-    """The mean of the ranks' gradients, in place. Each rank's is the mean over its B/N images (equal shares), so
-    this is the mean over the update's images, as with one process. Written out rather than DistributedDataParallel:
-    gradients accumulate over micro-batches and steps and are exchanged once, here, where the reader sees it (DDP
-    would exchange them in every backward unless wrapped in no_sync). Before unscaling: an fp16 overflow on one rank
-    reaches every rank's sum, so all skip the same step."""
-    if run.world > 1:
+def this_process(x):
+    """This process's rows of an epoch's (B, ...) tensor: rows r·B/N..(r+1)·B/N of rank r. One process: x itself.
+    Every process draws the epoch's whole noise from the same generator and keeps its rows (sample), so the
+    epoch's images are the same however many processes draw them (cheap: a randn of B latents per step)."""
+    rank, world = launched()
+    if world == 1:
+        return x
+    b = x.shape[0] // world
+    return x[rank * b:(rank + 1) * b]
+
+
+def average_gradients(params):
+    """The mean of the processes' gradients, in place; nothing with one process. Each process's is the mean over its
+    B/N images (equal shares), so this is the mean over the update's images, as with one process. Written out
+    rather than DistributedDataParallel: gradients accumulate over micro-batches and steps and are exchanged once,
+    here, where the reader sees it (DDP would exchange them in every backward unless wrapped in no_sync). Before
+    unscaling: an fp16 overflow on one rank reaches every rank's sum, so all skip the same step."""
+    world = launched()[1]
+    if world > 1:
         with exchange():
             for p in params:
                 torch.distributed.all_reduce(p.grad)  # a sum: gloo has no average
-                p.grad /= run.world
+                p.grad /= world
+
+
+def progress(iterable, desc):
+    """A progress bar that only process 0 shows (tqdm)."""
+    return tqdm(iterable, desc=desc, leave=False, disable=launched()[0] > 0)
 
 
 def shared_run_dir(config):
@@ -937,237 +1283,7 @@ def shared_run_dir(config):
     return folder
 
 
-# ------------------------------------------------------------------------------------- 11. the loop
-class RunError(Exception):
-    """The run cannot go on (e.g. NaNs): printed as one line, exit code 1, last checkpoint kept."""
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)  # only at phase boundaries, so the seconds below are the GPU's real time
-
-
-def peak_memory_gb(device):
-    """The peak memory allocated on this GPU since the last call, in GiB (of `device`: cuda:1 is not cuda:0)."""
-    peak = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
-    return peak
-
-
-def finite_or_none(x):
-    return x if x is None or math.isfinite(x) else None  # JSON has no NaN
-
-
-@dataclass
-class Run:
-    """What a training run holds from epoch to epoch, in one place: run_epoch uses it, the checkpoint saves it."""
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    scheduler: object
-    labeller: object  # images (B, 3, H, W) -> P(female) (B,): the classifier, or the judge with --labeller judge
-    judge: object  # rewards.Judge with --labeller judge or --reward rank, else None
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    prompt_embeds: torch.Tensor  # (1+P, L, D), encode_prompts
-    gens: list  # [the sampling noise's generator (on the device), the update's shuffles' (CPU)]
-    history: rewards.PromptHistory
-    flops: tuple | None = None  # --profile: count_flops
-    rank: int = 0  # with torchrun: this process's rank, of N = world, and its rows of the epoch's B images
-    world: int = 1
-    rows: slice = dataclasses.field(default_factory=lambda: slice(None))
-
-
-def run_epoch(epoch, run, config):
-    """Sample, score, update. -> the epoch's metrics record (host syncs here, once per epoch, never per step)."""
-    unet, device = run.unet, config.device
-    start = time.perf_counter()
-    B, T, P = config.batch_size, config.num_steps, len(run.history.prompts)
-    prompt_ids = (torch.arange(B) + epoch * B) % P  # (B,): round-robin, so every prompt gets B/P images an epoch
-    samples = sample(unet, run.vae, run.scheduler, run.prompt_embeds, prompt_ids[run.rows].to(device), config,
-                     device, run.gens[0], run.rows)
-    sync(device), (t_sample := time.perf_counter())
-    reward_values, p_female, labels, per_prompt = compute_rewards(run, samples["images"], prompt_ids.tolist(),
-                                                                  config.reward)
-    advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip)  # (B,)
-    spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is; the epoch's one sync here
-    sync(device), (t_reward := time.perf_counter())
-    skipped, grad_norms, (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = 0, None, [None] * 5, [None] * 5
-    if not math.isfinite(spread):  # a non-finite reward would poison every weight: skip this epoch's update
-        skipped = config.updates_per_epoch
-    # Equal rewards (q = 0.5 exactly, no minority image, all "none") make every A = 0: no signal, and AdamW's
-    # momentum and weight decay would still move θ, so such an epoch has no update.
-    elif spread > 0:
-        stats, skipped, grad_norms = update(run, samples, advantages[run.rows], config)  # (micro-steps, 5)
-        on_policy = stats[:len(stats) // config.updates_per_epoch]  # the first update's: r = 1 but for precision
-        means = torch.stack([stats.mean(dim=0), on_policy.mean(dim=0)])  # (2, 5)
-        means = gather(means[None], run).mean(dim=0)  # the ranks' mean
-        (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = [[finite_or_none(x) for x in row]
-                                                                        for row in means.tolist()]
-    sync(device), (t_train := time.perf_counter())
-    shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
-    record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
-              "reward_std": finite_or_none(reward_values.std().item()), "female_ratio": rewards.female_ratio(labels),
-              "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
-              "underrepresented": shared.pop() if config.reward == "shift" and len(shared) == 1 else None,
-              "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
-              "rollback_frac": rollback_frac, "grad_norm": grad_norms, "skipped_steps": skipped,
-              "onpolicy_log_ratio_rms": None if first_update[1] is None else math.sqrt(2 * first_update[1]),
-              "onpolicy_clipfrac": first_update[2],  # the rms of log r from approx_kl = ½·mean (log r)²
-              "equal_rewards": spread == 0,
-              "sample_seconds": t_sample - start, "reward_seconds": t_reward - t_sample,
-              "train_seconds": t_train - t_reward, "images_per_second": B / (t_train - start), "per_prompt": per_prompt}
-    if run.judge:  # the judge's requests, retries, unparsed answers and tokens this epoch, summed over the ranks
-        counts = run.judge.take_stats()
-        total = gather(torch.tensor([list(counts.values())], dtype=torch.float64, device=device), run).sum(dim=0)
-        record["judge"] = dict(zip(counts, map(int, total.tolist())))
-    if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
-        record["sample_tflops"] = run.flops[0] * B * T / (t_sample - start) / 1e12
-        record["train_tflops"] = (run.flops[1] * B * (T - config.skip_final_steps) / (t_train - t_reward) / 1e12
-                                  if spread > 0 else None)  # no update ran (equal or non-finite rewards): no rate
-        if torch.device(device).type == "cuda":
-            record["peak_memory_gb"] = peak_memory_gb(device)
-    return record, (gather(samples["images"], run), p_female, labels)  # every rank's images, for rank 0's grid
-
-
-def cpu_threads(device):
-    """The startup line's note of torch's CPU threads, and a hint when other programs keep cores busy. The count is
-    never chosen from the load: a CPU run's numbers depend on it (in the 6th digit), so a seed would no longer
-    reproduce a run. With one of 2 cores busy, the toy-world demo takes 39 s at 2 threads, 22 s at 1 (docs/threads)."""
-    if torch.device(device).type != "cpu":
-        return ""
-    threads, busy = torch.get_num_threads(), os.getloadavg()[0]
-    if busy >= 0.5 and threads > 1 and "OMP_NUM_THREADS" not in os.environ:
-        print(f"note: other programs keep about {busy:.1f} of {os.cpu_count()} cores busy; if epochs are slow, "
-              f"OMP_NUM_THREADS={max(1, threads - math.ceil(busy - 0.5))} may be faster than {threads} threads "
-              "(README \"Speed and memory\")", file=sys.stderr)
-    return f" ({threads} threads)"
-
-
-def resolve_device(config):
-    """The device and precision the run uses, in place of '' and 'auto' (config.json records these)."""
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = config.mixed_precision
-    if precision == "auto":  # bf16 where the GPU has it; fp16 on older GPUs; fp32 on the CPU (bf16 is 3x slower)
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "no"
-    return dataclasses.replace(config, device=device, mixed_precision=precision)
-
-
-@contextlib.contextmanager
-def graceful_stop():
-    """The first Ctrl-C or SIGTERM (timeout, Slurm, preemption) asks the loop to finish its epoch and save; a
-    second quits at once. Yields the list where the first signal's number lands; restores the handlers after."""
-    received = []
-
-    def handler(signum, frame):
-        if received:
-            raise KeyboardInterrupt
-        received.append(signum)
-        print(f"\n{signal.Signals(signum).name}: finishing this epoch and saving a checkpoint (Ctrl-C again to quit "
-              "now)", file=sys.stderr)
-    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
-
-
-def train(config, classifier=None):
-    """The whole run into config.output_dir; `classifier` (images -> P(female)) replaces --classifier in tests.
-    With torchrun, every rank runs this, and rank 0 alone writes the folder (see section 10)."""
-    auto = config.mixed_precision == "auto"
-    config = resolve_device(config)
-    device, (rank, world), out = config.device, launched(), config.output_dir
-    lead = rank == 0  # the rank that writes and prints
-    torch.manual_seed(config.seed)
-    judge = load_judge(config)  # first: an unreachable judge is reported before minutes of loading
-    unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
-    labeller = classifier or (judge if config.labeller == "judge" else load_classifier(config, device))
-    prompts = read_prompts(config.prompts, "--prompts", warn=lead) if config.prompts else [config.prompt]
-    params, b = trainable_parameters(unet), config.batch_size // world
-    run = Run(unet=unet, vae=vae, scheduler=scheduler, labeller=labeller, judge=judge,
-              optimizer=torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
-              scaler=make_scaler(config, device),
-              prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
-              gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
-              history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
-                                            None if config.underrepresented == "auto" else config.underrepresented,
-                                            announce=lead),
-              rank=rank, world=world, rows=slice(rank * b, (rank + 1) * b))
-    metrics, first = [], 0
-    if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
-        state = load_checkpoint(os.path.join(out, "checkpoint.pt"), run)
-        metrics, first = state["metrics"], state["epoch"] + 1
-        if config.epochs < first or (config.epochs == first and os.path.isdir(os.path.join(out, "unet"))):
-            raise UsageError(f"--epochs: {out} already finished {first} epochs; ask for more than {first}")
-        if lead:
-            print(f"resuming {out} after epoch {state['epoch']}")
-    elif config.resume and lead:  # the run died before its first checkpoint: start it again, keeping what it logged
-        kept = os.path.join(out, f"metrics-unsaved-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
-        if run_state(out) == "epochs":
-            os.replace(os.path.join(out, "metrics.jsonl"), kept)
-        print(f"{out} has no checkpoint: starting again from epoch 0"
-              + (f" (its metrics so far are in {kept})" if os.path.exists(kept) else ""))
-    sizes = derived_sizes(config, unet, world)
-    config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε, δ and b as used, saved in config.json
-                                 kl_threshold=sizes["kl_threshold"], train_batch_size=sizes["micro_batch"])
-    if lead:
-        write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
-        write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
-        print(f"device {device}{f' x {world} ranks' if world > 1 else ''}{cpu_threads(device)}, {config.mixed_precision}"
-              f"{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
-              + (f" (the last {config.skip_final_steps} not trained)" if config.skip_final_steps else "")
-              + (f" over P={len(prompts)} prompts (q over the last {run.history.size} images of each)"
-                 if len(prompts) > 1 else "") + ", "
-              f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
-              f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}"
-              f"{' per rank' if world > 1 else ''}; {sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable "
-              "attention weights" + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}"
-                                     if config.trust_region == "truly" else f"; clip ε={config.clip_range:.3g}"))
-    run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None  # before compile: its
-    if config.compile:  # one-image shape would be one more graph. Static shapes: two graphs, sampling (2B rows) and
-        unet.compile(dynamic=False)  # training (2b rows, forward and backward); in place, so names stay the same
-    streak = 0
-    with graceful_stop() as interrupted:
-        bar = tqdm(range(first, config.epochs), desc="epochs", initial=first, total=config.epochs, disable=not lead)
-        for epoch in bar:
-            record, scored = run_epoch(epoch, run, config)
-            metrics.append(record)
-            streak = streak + record["skipped_steps"] if record["skipped_steps"] else 0
-            stop = streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
-            signalled = bool(gather(torch.tensor([len(interrupted)], device=device), run).max())  # on any rank: all
-            if lead:  # stop after the same epoch, so that the checkpoint holds the state of every rank
-                write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
-                rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
-                rewards.save_plot(metrics, os.path.join(out, "plot.png"))
-                bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
-                if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or signalled or stop:
-                    save_checkpoint(os.path.join(out, "checkpoint.pt"), run, epoch, metrics)
-            if stop:
-                raise RunError(f"stopped after epoch {epoch}: {streak} optimizer steps in a row had non-finite rewards, "
-                               "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
-            if signalled:
-                raise Interrupted(interrupted[0] if interrupted else signal.SIGTERM)
-    if lead:
-        save_unet(unet, config, os.path.join(out, "unet"))
-        print(f"done: {out}/unet, metrics in {out}/metrics.jsonl")
-    return metrics
-
-
-# ------------------------------------------------------------------ 12. held-out evaluation and main()
-def read_prompts(path, flag="--eval-prompts", warn=False):
-    """--prompts or --eval-prompts (rewards.read_prompts: blank lines skipped, repeats refused); empty: HELD_OUT."""
-    if not path:
-        return list(rewards.HELD_OUT)
-    try:
-        prompts, blank = rewards.read_prompts(path)
-    except ValueError as error:
-        raise UsageError(f"{flag}: {error}") from None
-    if warn and blank:
-        print(f"warning: {flag}: skipped {blank} blank line(s) of {path}", file=sys.stderr)
-    return prompts
-
-
+# -------------------------------------------------------------------------------------- held-out evaluation and main()
 def evaluate(config, classifier=None):
     """The bias report of a model on held-out prompts -> eval.json, eval_NN.png per prompt, a printed table."""
     config = resolve_device(config)
@@ -1195,37 +1311,6 @@ def evaluate(config, classifier=None):
         except ValueError as error:
             raise UsageError(f"--compare: {error}") from None
     return report
-
-
-def is_hub_id(path):
-    """A --model or --classifier that names no local folder and does not look like a path (check_source)."""
-    return not os.path.isdir(path) and not path.startswith((".", "/", "~")) and path.count("/") <= 1
-
-
-def check_hub(config, timeout=5):
-    """Without a network, the hub client retries each file for about half a minute and prints every retry. So when
-    a hub id is used and HF_HUB_OFFLINE is not set, ask the hub once: if it cannot be reached, go offline (models
-    already in the local cache load from it, as with HF_HUB_OFFLINE=1) and refuse an id that is not cached."""
-    sources = [("--model", config.model, "model_index.json")]
-    if config.labeller == "classifier":
-        sources.append(("--classifier", config.classifier, "config.json"))
-    sources = [source for source in sources if is_hub_id(source[1])]
-    if not sources or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-        return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-        return
-    except urllib.error.HTTPError:  # it answered: reachable
-        return
-    except (OSError, ValueError) as error:  # no route, no name, refused, timed out
-        reason = first_line(getattr(error, "reason", error))
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported, which is after this
-    from huggingface_hub import try_to_load_from_cache
-    for flag, repo, marker in sources:
-        if not isinstance(try_to_load_from_cache(repo, marker), str):
-            raise UsageError(f"{flag}: {repo} is not in the local hub cache and {endpoint} cannot be reached "
-                             f"({reason}); pass a local folder, or download it once where the hub can be reached")
 
 
 def main(argv=None):

@@ -4,17 +4,16 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
 
     GenderClassifier   any transformers image classifier with female/male labels -> P(female), (B,)
     label_images       P(female) -> "female" / "male" / None, at the paper's confidence level 0.7
+    female_ratio       q of eq. (2), or None when no image is confidently female or male
     r_shift            eq. (1): R_shift(x, U) = P(x shows U), U the under-represented gender
     r_balance          eq. (2)-(3): q = F / (F + M); minority images get |q - 0.5|, all others -|q - 0.5|
     r_soft_balance     not in the paper: eq. (2)-(3) on P(female) instead of labels, for a strong bias
-    female_ratio       q of eq. (2), or None when no image is confidently female or male
-    REWARDS            name -> reward function, so that the training script picks one by name
-    PromptHistory      each prompt's last N P(female) and rewards: q per prompt, advantage statistics per prompt
-    read_prompts       a prompts file (--prompts, --eval-prompts)
-    save_grid, save_plot
-                       pictures of the feedback: an epoch's images with their labels, a run's curves
-    HELD_OUT, bias_report, overall, report_table, compare_reports
-                       the held-out prompts, statistics and comparison of ddpo_debias.py --evaluate
+    r_rank, borda      the judge's ranking as a reward: centred Borda scores
+    REWARDS            name -> reward function (one signature), so that the training script picks one by name
+    PromptHistory      each prompt's last N P(female) and rewards: q per prompt, advantage statistics per prompt;
+                       its score() is what the training loop calls
+Then, not the method: the judge's HTTP client (Judge), the prompts file (read_prompts), the held-out evaluation's
+statistics (HELD_OUT, bias_report, overall, report_table, compare_reports) and the pictures (save_grid, save_plot).
 
 Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
@@ -104,32 +103,39 @@ def female_ratio(labels: list) -> float | None:
     return n_female / (n_female + n_male) if n_female + n_male else None
 
 
-def r_shift(p_female: torch.Tensor, underrepresented: str) -> torch.Tensor:
+# Every reward takes (p_female (B,), labels [B], window, underrepresented, ranks) and returns (B,) on p_female's
+# device. window: the P(female) (N,) of the prompt's last N images (PromptHistory), which q is taken over (None: the
+# batch); underrepresented: U for R_shift; ranks: the judge's Borda scores (B,), for --reward rank only.
+def r_shift(p_female: torch.Tensor, labels=None, window=None, underrepresented: str | None = None,
+            ranks=None) -> torch.Tensor:
     """R_shift(x, U) = P(x shows U), eq. (1). (B,) -> (B,); P(male) = 1 - P(female) for a two-way classifier."""
     if underrepresented not in ("female", "male"):
         raise ValueError(f"underrepresented must be 'female' or 'male', got {underrepresented!r}")
     return p_female if underrepresented == "female" else 1.0 - p_female
 
 
-def r_balance(labels: list, device="cpu", window: list | None = None) -> torch.Tensor:
+def r_balance(p_female: torch.Tensor, labels: list, window: torch.Tensor | None = None, underrepresented=None,
+              ranks=None) -> torch.Tensor:
     """R_balance, eq. (2)-(3): a reward per image that peaks, in the batch total, at q = 0.5.
 
-    q = F / (F + M) over `window` (the labels q is taken over; default: these labels, the paper's batch),
+    q = F / (F + M) over the labels of `window` (default: these labels, the paper's batch),
     d = |q - 0.5|, the minority is female if q < 0.5 else male.
     An image of the minority class gets +d; every other image, None images included, gets -d.
     With no None images the batch total is d·(n_min - n_maj) = -2·n·(q - 0.5)², zero only at q = 0.5.
     If F + M = 0, q is undefined and every reward is 0: there is no balance to reward.
-    Returns float32 (B,) on `device` (the images' device, so that nothing is copied there later).
+    Returns float32 (B,) on p_female's device (the images' device, so that nothing is copied there later).
     """
-    q = female_ratio(labels if window is None else window)
+    q = female_ratio(labels if window is None else label_images(window))
     if q is None:
-        return torch.zeros(len(labels), device=device)
+        return torch.zeros(len(labels), device=p_female.device)
     d = abs(q - 0.5)
     minority = "female" if q < 0.5 else "male"  # at q = 0.5, d = 0 and the choice does not matter
-    return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32, device=device)
+    return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32,
+                        device=p_female.device)
 
 
-def r_soft_balance(p_female: torch.Tensor, window: torch.Tensor | None = None) -> torch.Tensor:
+def r_soft_balance(p_female: torch.Tensor, labels=None, window: torch.Tensor | None = None, underrepresented=None,
+                   ranks=None) -> torch.Tensor:
     """Not in the paper: eq. (2)-(3) on probabilities instead of thresholded labels, for a strong bias.
 
     q̃ = mean P(female) over `window` (default: the batch), d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5
@@ -140,6 +146,22 @@ def r_soft_balance(p_female: torch.Tensor, window: torch.Tensor | None = None) -
     q = (p_female if window is None else window).mean()
     p_minority = torch.where(q < 0.5, p_female, 1.0 - p_female)
     return (q - 0.5).abs() * (2.0 * p_minority - 1.0)
+
+
+def borda(place: int, k: int) -> float:
+    """The centred Borda score of the image ranked place-th (0 = best) of k: from +1/2 for the best to -1/2."""
+    return (k - 1 - place) / (k - 1) - 0.5
+
+
+def r_rank(p_female: torch.Tensor, labels=None, window=None, underrepresented=None, ranks=None) -> torch.Tensor:
+    """--reward rank: the judge's centred Borda scores (Judge.rank), computed before scoring."""
+    return ranks
+
+
+# EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward. RESCORED lists the rewards
+# that depend on the window's q: PromptHistory.score re-scores their window under today's q.
+REWARDS = {"shift": r_shift, "balance": r_balance, "soft_balance": r_soft_balance, "rank": r_rank}
+RESCORED = ("balance", "soft_balance")
 
 
 # ------------------------------------------------------------------- many prompts: each prompt's own balance
@@ -164,14 +186,12 @@ class PromptHistory:
         self.windows[key][prompt] = window
         return window
 
-    def score(self, reward, p_female: torch.Tensor, prompt_ids: list, choose_u: bool, ranks=None,
-              rescore: bool = False):
-        """Each prompt's images scored by `reward` (a REWARDS entry) against the prompt's own window; both windows
-        updated. choose_u: R_shift with U auto, chosen per prompt as the rarer gender in its first images (the
-        paper's step 1), then kept. ranks: the judge's (B,) for --reward rank. rescore: the reward depends on the
-        window's q (RESCORED), so its window of rewards is the whole P(female) window scored under today's q.
-        -> rewards (B,) on p_female's device, the labels [B], a metrics row per prompt present. Two host copies:
-        P(female) and the rewards."""
+    def score(self, name: str, p_female: torch.Tensor, prompt_ids: list, ranks=None):
+        """Each prompt's images scored by REWARDS[name] against the prompt's own window; both windows updated.
+        R_shift with U auto: U is chosen per prompt as the rarer gender in its first images (the paper's step 1),
+        then kept. ranks: the judge's (B,) for --reward rank. -> rewards (B,) on p_female's device, the labels [B],
+        a metrics row per prompt present. Two host copies: P(female) and the rewards."""
+        reward, choose_u = REWARDS[name], name == "shift"
         p_list, values, rows = p_female.tolist(), torch.zeros_like(p_female), {}
         labels = label_images(p_list)
         groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
@@ -184,7 +204,7 @@ class PromptHistory:
                                f"the rarer in its first {len(idx)} images)")
             window = self.add("p_female", p, [p_list[i] for i in idx])  # the prompt's last N, these included
             on_device = torch.tensor(window, device=p_female.device)  # (N,), for the reward
-            values[idx] = reward(p_female[idx], mine, self.underrepresented[p], on_device,
+            values[idx] = reward(p_female[idx], mine, on_device, self.underrepresented[p],
                                  None if ranks is None else ranks[idx]).float()
             rows[p] = {"prompt": self.prompts[p], **bias_report(mine),  # eq. (2) on this epoch's images of p
                        "window_female_ratio": female_ratio(label_images(window)),  # the q that R_balance used
@@ -197,9 +217,9 @@ class PromptHistory:
             # them: re-score the whole window under today's q (on the CPU, where the window already is). R_shift
             # (U is fixed once chosen) and rank (Borda scores within a group, which only the judge could re-score)
             # keep their rewards as given.
-            if rescore:
+            if name in RESCORED:
                 window = torch.tensor(self.windows["p_female"][p])  # (N,)
-                self.windows["rewards"][p] = reward(window, label_images(window), None, window).tolist()
+                self.windows["rewards"][p] = reward(window, label_images(window), window).tolist()
             else:
                 self.add("rewards", p, mine)
             rows[p]["reward_mean"] = sum(mine) / len(mine) if all(map(math.isfinite, mine)) else None  # JSON: no NaN
@@ -210,99 +230,6 @@ class PromptHistory:
 
     def load_state_dict(self, state: dict):
         self.windows, self.underrepresented = state["windows"], state["underrepresented"]
-
-
-def read_prompts(path: str) -> tuple:
-    """A prompts file, one prompt per line -> (prompts, blank lines skipped). A repeated prompt is refused: it would
-    be one prompt with two windows. ValueError, one line, for a file that cannot be read or holds no prompt."""
-    try:
-        with open(path) as f:
-            lines = [line.strip() for line in f]
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read {path} ({getattr(error, 'strerror', None) or error})") from None
-    prompts = [line for line in lines if line]
-    if not prompts:
-        raise ValueError(f"{path} holds no prompt")
-    for number, prompt in enumerate(lines, 1):
-        if prompt and lines.index(prompt) + 1 < number:
-            raise ValueError(f"line {number} of {path} repeats line {lines.index(prompt) + 1} ({prompt[:50]!r}); "
-                             "give each prompt once")
-    return prompts, len(lines) - len(prompts)
-
-
-# ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
-def save_grid(images, p_female, labels, title, path, thumb=128):
-    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"; √B
-    columns (at least 4), so that B = 16 is 4x4 and B = 64 is 8x8."""
-    from PIL import Image, ImageDraw
-    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
-    columns = max(4, math.isqrt(len(pixels)))
-    rows, top = math.ceil(len(pixels) / columns), 16
-    grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((3, 2), f"{title}: label at P > {THRESHOLD}, and P(female)", fill="black")
-    for i, (pix, p, label) in enumerate(zip(pixels, p_female.tolist(), labels)):
-        x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
-        grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
-        draw.text((x + 3, y + thumb + 1), f"{label or 'none'} {p:.2f}", fill="black")
-    grid.save(path)
-
-
-def save_plot(metrics, path, width=520, height=170):
-    """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line; with
-    several prompts, also each prompt's window q (metrics' per_prompt), a thin line per prompt labelled p0, p1, ...
-    at its end and named in a legend under the panels."""
-    from PIL import Image, ImageDraw
-    prompts = list(dict.fromkeys(r["prompt"] for m in metrics for r in m.get("per_prompt", [])))
-    prompts = prompts if len(prompts) > 1 else []
-    image = Image.new("RGB", (width, 2 * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
-    draw = ImageDraw.Draw(image)
-    last = max(metrics[-1]["epoch"] if metrics else 1, 1)
-    for panel, key in enumerate(("reward_mean", "female_ratio")):
-        points = [(m["epoch"], m[key]) for m in metrics if m[key] is not None]
-        values = [v for _, v in points] or [0.0]
-        low, high = (0.0, 1.0) if key == "female_ratio" else (min(values), max(values))
-        high = high if high > low else low + 1e-6
-        x0, y0, x1, y1 = 52, panel * height + 18, width - 30, (panel + 1) * height - 30  # the panel's frame
-        to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
-        draw.rectangle((x0, y0, x1, y1), outline="gray")
-        now = f"last = {points[-1][1]:.3f}" if points else "no value yet"  # "=": the font's space is 1 pixel wide
-        draw.text((x0, y0 - 15), f"{key} ({now})", fill="black")
-        for v in (low, (low + high) / 2, high):  # y ticks
-            y = to_xy(0, v)[1]
-            draw.line((x0 - 4, y, x0, y), fill="gray"), draw.text((4, y - 6), f"{v:.2f}", fill="black")
-        step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9) if last / s <= 10)
-        for e in range(0, last + 1, step):  # x ticks: every epoch up to 10, then a round step
-            x = to_xy(e, low)[0]
-            draw.line((x, y1, x, y1 + 4), fill="gray"), draw.text((x - 3 * len(str(e)), y1 + 5), str(e), fill="black")
-        draw.text(((x0 + x1) / 2 - 14, y1 + 16), "epoch", fill="black")
-        if key == "female_ratio":  # the balance target
-            y = to_xy(0, 0.5)[1]
-            draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x0 + 4, y - 13), "q = 0.5", fill="gray")
-        lines = [("blue", 2, "", points)]
-        if key == "female_ratio" and prompts:  # many prompts: each one's window q, labelled p0, p1, ...
-            lines += [(PALETTE[i % len(PALETTE)], 1, f"p{i}", [(m["epoch"], r["window_female_ratio"]) for m in metrics
-                      for r in m["per_prompt"] if r["prompt"] == prompt and r["window_female_ratio"] is not None])
-                      for i, prompt in enumerate(prompts)]
-        ends = []  # (y, label, colour) of each labelled line's last point
-        for colour, thickness, name, series in lines:
-            xy = [to_xy(e, v) for e, v in series]
-            if len(xy) > 1:
-                draw.line(xy, fill=colour, width=thickness)
-            elif xy:
-                draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=colour)
-            if name and xy:
-                ends.append((xy[-1][1], name, colour))
-        y_free = -math.inf
-        for y, name, colour in sorted(ends):  # labels right of the frame, pushed apart so that none hides another
-            y_free = max(y, y_free + 11)
-            draw.text((x1 + 4, y_free - 6), name, fill=colour)
-    for i, prompt in enumerate(prompts):  # the legend: which prompt each label is
-        draw.text((x0, 2 * height + 2 + 14 * i), f"p{i}  {prompt}", fill=PALETTE[i % len(PALETTE)])
-    image.save(path)
-
-
-PALETTE = ("darkorange", "green", "red", "purple", "brown", "deeppink", "olive", "teal")  # save_plot's prompt lines
 
 
 # --------------------------------------------------------- the AI judge: a chat model that sees the images
@@ -464,8 +391,27 @@ class Judge:
             return group, self.ask(text, [pngs[i] for i in group], parse, "a tie")
         for group, ranking in self._map(lambda g: ask(*g), [g for g in groups if len(g[1]) > 1]):
             for j, shown in enumerate(ranking or []):  # shown: the 1-based place of the image in the request
-                scores[group[shown - 1]] = (len(group) - 1 - j) / (len(group) - 1) - 0.5
+                scores[group[shown - 1]] = borda(j, len(group))
         return torch.tensor(scores, device=images.device)
+
+
+# ----------------------------------------------------------------------------- a prompts file (--prompts)
+def read_prompts(path: str) -> tuple:
+    """A prompts file, one prompt per line -> (prompts, blank lines skipped). A repeated prompt is refused: it would
+    be one prompt with two windows. ValueError, one line, for a file that cannot be read or holds no prompt."""
+    try:
+        with open(path) as f:
+            lines = [line.strip() for line in f]
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path} ({getattr(error, 'strerror', None) or error})") from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt")
+    for number, prompt in enumerate(lines, 1):
+        if prompt and lines.index(prompt) + 1 < number:
+            raise ValueError(f"line {number} of {path} repeats line {lines.index(prompt) + 1} ({prompt[:50]!r}); "
+                             "give each prompt once")
+    return prompts, len(lines) - len(prompts)
 
 
 # ------------------------------------------------------------------ held-out evaluation (ddpo_debias --evaluate)
@@ -598,16 +544,76 @@ def shorten(prompt: str, limit: int = 26) -> str:
     return "..." + (label or prompt[-(limit - 3):])
 
 
-# EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward.
-# Every reward takes (p_female (B,), labels [B], underrepresented, window, ranks) and returns (B,) on p_female's
-# device; window: the P(female) (N,) of the prompt's last N images (PromptHistory), which q is taken over (None: the
-# batch); ranks: the judge's Borda scores (B,) (Judge.rank), computed only for --reward rank.
-RESCORED = ("balance", "soft_balance")  # rewards that depend on the window's q: PromptHistory.score re-scores them
-REWARDS = {
-    "shift": lambda p_female, labels, underrepresented, window=None, ranks=None: r_shift(p_female, underrepresented),
-    "balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_balance(
-        labels, p_female.device, None if window is None else label_images(window)),
-    "soft_balance": lambda p_female, labels, underrepresented, window=None, ranks=None: r_soft_balance(p_female,
-                                                                                                      window),
-    "rank": lambda p_female, labels, underrepresented, window=None, ranks=None: ranks,  # the judge's, see Judge.rank
-}
+# ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
+def save_grid(images, p_female, labels, title, path, thumb=128):
+    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"; √B
+    columns (at least 4), so that B = 16 is 4x4 and B = 64 is 8x8."""
+    from PIL import Image, ImageDraw
+    pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
+    columns = max(4, math.isqrt(len(pixels)))
+    rows, top = math.ceil(len(pixels) / columns), 16
+    grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((3, 2), f"{title}: label at P > {THRESHOLD}, and P(female)", fill="black")
+    for i, (pix, p, label) in enumerate(zip(pixels, p_female.tolist(), labels)):
+        x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
+        grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
+        draw.text((x + 3, y + thumb + 1), f"{label or 'none'} {p:.2f}", fill="black")
+    grid.save(path)
+
+
+def save_plot(metrics, path, width=520, height=170):
+    """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line; with
+    several prompts, also each prompt's window q (metrics' per_prompt), a thin line per prompt labelled p0, p1, ...
+    at its end and named in a legend under the panels."""
+    from PIL import Image, ImageDraw
+    prompts = list(dict.fromkeys(r["prompt"] for m in metrics for r in m.get("per_prompt", [])))
+    prompts = prompts if len(prompts) > 1 else []
+    image = Image.new("RGB", (width, 2 * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
+    draw = ImageDraw.Draw(image)
+    last = max(metrics[-1]["epoch"] if metrics else 1, 1)
+    for panel, key in enumerate(("reward_mean", "female_ratio")):
+        points = [(m["epoch"], m[key]) for m in metrics if m[key] is not None]
+        values = [v for _, v in points] or [0.0]
+        low, high = (0.0, 1.0) if key == "female_ratio" else (min(values), max(values))
+        high = high if high > low else low + 1e-6
+        x0, y0, x1, y1 = 52, panel * height + 18, width - 30, (panel + 1) * height - 30  # the panel's frame
+        to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
+        draw.rectangle((x0, y0, x1, y1), outline="gray")
+        now = f"last = {points[-1][1]:.3f}" if points else "no value yet"  # "=": the font's space is 1 pixel wide
+        draw.text((x0, y0 - 15), f"{key} ({now})", fill="black")
+        for v in (low, (low + high) / 2, high):  # y ticks
+            y = to_xy(0, v)[1]
+            draw.line((x0 - 4, y, x0, y), fill="gray"), draw.text((4, y - 6), f"{v:.2f}", fill="black")
+        step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10**9) if last / s <= 10)
+        for e in range(0, last + 1, step):  # x ticks: every epoch up to 10, then a round step
+            x = to_xy(e, low)[0]
+            draw.line((x, y1, x, y1 + 4), fill="gray"), draw.text((x - 3 * len(str(e)), y1 + 5), str(e), fill="black")
+        draw.text(((x0 + x1) / 2 - 14, y1 + 16), "epoch", fill="black")
+        if key == "female_ratio":  # the balance target
+            y = to_xy(0, 0.5)[1]
+            draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x0 + 4, y - 13), "q = 0.5", fill="gray")
+        lines = [("blue", 2, "", points)]
+        if key == "female_ratio" and prompts:  # many prompts: each one's window q, labelled p0, p1, ...
+            lines += [(PALETTE[i % len(PALETTE)], 1, f"p{i}", [(m["epoch"], r["window_female_ratio"]) for m in metrics
+                      for r in m["per_prompt"] if r["prompt"] == prompt and r["window_female_ratio"] is not None])
+                      for i, prompt in enumerate(prompts)]
+        ends = []  # (y, label, colour) of each labelled line's last point
+        for colour, thickness, name, series in lines:
+            xy = [to_xy(e, v) for e, v in series]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=thickness)
+            elif xy:
+                draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=colour)
+            if name and xy:
+                ends.append((xy[-1][1], name, colour))
+        y_free = -math.inf
+        for y, name, colour in sorted(ends):  # labels right of the frame, pushed apart so that none hides another
+            y_free = max(y, y_free + 11)
+            draw.text((x1 + 4, y_free - 6), name, fill=colour)
+    for i, prompt in enumerate(prompts):  # the legend: which prompt each label is
+        draw.text((x0, 2 * height + 2 + 14 * i), f"p{i}  {prompt}", fill=PALETTE[i % len(PALETTE)])
+    image.save(path)
+
+
+PALETTE = ("darkorange", "green", "red", "purple", "brown", "deeppink", "olive", "teal")  # save_plot's prompt lines

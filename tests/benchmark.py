@@ -6,7 +6,7 @@
 It builds the SD v1.5 architecture with random weights (tests.random_sd15) in --model, or reuses it there, then
 runs the real CLI with --profile in each configuration of CONFIGS, one after another, and a kill -9 of one run
 followed by its --resume. Each configuration gets an equal share of the time left (--budget seconds in all): at
-its end the run gets SIGTERM, finishes its epoch and saves (README "Reliability"), and after a grace period
+its end the run gets SIGTERM, finishes its epoch and saves (docs/reliability.md), and after a grace period
 SIGKILL; what it logged is kept either way. Into OUT, so that few files come back from a lent machine:
 
     summary.json    the GPU, torch/diffusers/transformers versions, and per configuration: epochs done, exit

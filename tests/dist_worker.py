@@ -9,7 +9,7 @@ import torch
 import ddpo_debias as dd
 
 seen = {"advantages": [], "metrics": None, "weights": None}
-compute_advantages, run_epoch, train = dd.compute_advantages, dd.run_epoch, dd.train
+compute_advantages, update, train = dd.compute_advantages, dd.update, dd.train
 
 
 def record_advantages(*args, **kwargs):
@@ -18,9 +18,9 @@ def record_advantages(*args, **kwargs):
     return advantages
 
 
-def record_weights(epoch, run, config):
-    result = run_epoch(epoch, run, config)
-    seen["weights"] = dd.trained_weights(run.unet)
+def record_weights(unet, *args, **kwargs):
+    result = update(unet, *args, **kwargs)
+    seen["weights"] = dd.trained_weights(unet)
     return result
 
 
@@ -30,7 +30,7 @@ def record_metrics(config, classifier=None):
 
 
 if __name__ == "__main__":
-    dd.compute_advantages, dd.run_epoch, dd.train = record_advantages, record_weights, record_metrics
+    dd.compute_advantages, dd.update, dd.train = record_advantages, record_weights, record_metrics
     dump, flags = sys.argv[1], sys.argv[2:]
     code = dd.main(flags)
     torch.save(seen, os.path.join(dump, f"rank{os.environ.get('RANK', 0)}.pt"))

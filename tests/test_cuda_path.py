@@ -58,9 +58,9 @@ def test_losses_step_kl_advantages_and_rewards_stay_on_the_inputs_device():
                                              history, 5.0))
         p_female = torch.rand(b, device=meta)
         for name in rewards.REWARDS:
-            outputs.append(rewards.REWARDS[name](p_female, ["female", "male", None], "female",
+            outputs.append(rewards.REWARDS[name](p_female, ["female", "male", None], underrepresented="female",
                                                  ranks=torch.zeros(b, device=meta)))  # the judge's, for "rank"
-        outputs.append(rewards.r_balance([None, None, None], meta))  # q undefined: zeros, still on the device
+        outputs.append(rewards.r_balance(p_female, [None, None, None]))  # q undefined: zeros, still on the device
     assert mode.crossings == []
     assert all(t.device == meta for t in outputs + [kl])
 

@@ -1,14 +1,14 @@
 """Learning, not just running: on the toy world (tests/toyworld.py), a model that learnt its 15% "female" skew from
 data, R_balance brings the female ratio q to 0.5 and keeps it there, and R_shift with U = female takes it past 0.8,
 with both trust regions, while the faces stay faces. On the two-prompt world, q per prompt balances both prompts
-where the paper's q over the batch keeps them skewed in opposite directions (README "Many prompts").
+where the paper's q over the batch keeps them skewed in opposite directions (docs/many-prompts.md).
 
 Every run is the real CLI on the shipped world, checked against the same run at --lr 0 (same seed, so the same
 noise): that control must fail each check, so each check is a test. At lr 0 the weights never change, so one
 control serves every reward and trust region: its images and labels are the same for all of them. The two-prompt
 check's control is the batch's q, which must fail it.
 
-Settings (toyworld.SETTINGS, shared with the demo; README "The toy world" has the runs behind them, on seeds 0-2):
+Settings (toyworld.SETTINGS, shared with the demo; docs/toy-world.md has the runs behind them, on seeds 0-2):
 B = 64 images of T = 5 DDIM steps, seed 0, ε and δ derived from the 4x8x8 latent as on SD, the last two steps not
 trained (the default --skip-final-steps 2; training them, no setting tried learnt in under 10 epochs on every seed).
 - R_balance: 4 updates of 16 images an epoch at lr 5e-4. Its standardised advantages push as hard at q = 0.45 as
@@ -101,7 +101,7 @@ def test_r_shift_takes_the_female_ratio_past_0_8(runs, trust_region):
 @pytest.mark.parametrize("name", [*RUNS, *TWO])
 def test_the_faces_stay_faces(runs, name):
     """'None' (no label above 0.7) stays under 25% in every epoch: the method does not buy its reward with images
-    the classifier cannot read, as R_shift at too high a learning rate did (README "The toy world")."""
+    the classifier cannot read, as R_shift at too high a learning rate did (docs/toy-world.md)."""
     nones = [m["n_none"] / (m["n_female"] + m["n_male"] + m["n_none"]) for m in runs[name]]
     assert max(nones) < 0.25, nones
 

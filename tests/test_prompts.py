@@ -66,9 +66,9 @@ def test_per_prompt_q_is_not_the_batch_q():
     each prompt is not, and per prompt every image of the over-drawn gender is penalised."""
     history = rewards.PromptHistory(PROMPTS[:2], 4)
     p_female = torch.tensor([0.9, 0.1, 0.9, 0.1, 0.9, 0.1])  # prompts 0, 1, 0, 1, 0, 1: the nurses female
-    batch = rewards.r_balance(rewards.label_images(p_female))
+    batch = rewards.r_balance(p_female, rewards.label_images(p_female))
     assert torch.equal(batch, torch.zeros(6))
-    values, _, rows = history.score(rewards.REWARDS["balance"], p_female, [0, 1] * 3, choose_u=False)
+    values, _, rows = history.score("balance", p_female, [0, 1] * 3)
     assert torch.equal(values, torch.full((6,), -0.5))  # q = 1 and q = 0: d = 0.5, every image in the majority
     assert [r["window_female_ratio"] for r in rows] == [1.0, 0.0]
 
@@ -80,7 +80,7 @@ def test_u_is_announced_once_and_only_where_asked(capsys):
     for announce in (True, False):
         history = rewards.PromptHistory(["a", "b"], 4, announce=announce)
         for _ in range(2):
-            history.score(rewards.REWARDS["shift"], p_female, [0, 1, 0, 1], choose_u=True)
+            history.score("shift", p_female, [0, 1, 0, 1])
         assert history.underrepresented == ["female", "female"]
         printed = capsys.readouterr()
         assert (printed.out + printed.err).count("under-represented gender U") == (2 if announce else 0)
@@ -186,8 +186,7 @@ def test_a_window_of_three_epochs_is_rescored_under_todays_q():
     history, window = rewards.PromptHistory(["p"], 30), []
     for epoch, n_female in enumerate((1, 3, 8, 9)):
         p_female = epoch_of(n_female)
-        values, labels, _ = history.score(rewards.REWARDS["balance"], p_female, [0] * 10, choose_u=False,
-                                          rescore=True)
+        values, labels, _ = history.score("balance", p_female, [0] * 10)
         window = (window + labels)[-30:]
         if epoch < 2:
             continue  # not full: compute_advantages uses the batch's statistics
@@ -208,9 +207,9 @@ def test_soft_balance_window_is_rescored_under_todays_q():
     history = rewards.PromptHistory(["p"], 20)
     for n_female in (2, 9):
         p_female = epoch_of(n_female)
-        history.score(rewards.REWARDS["soft_balance"], p_female, [0] * 10, choose_u=False, rescore=True)
+        history.score("soft_balance", p_female, [0] * 10)
     window = torch.cat([epoch_of(2), epoch_of(9)])
-    assert history.windows["rewards"][0] == rewards.r_soft_balance(window, window).tolist()
+    assert history.windows["rewards"][0] == rewards.r_soft_balance(window, window=window).tolist()
 
 
 @pytest.mark.parametrize("reward", ["shift", "rank"])
@@ -221,8 +220,7 @@ def test_shift_and_rank_keep_their_rewards_as_given(reward):
     for epoch, n_female in enumerate((1, 3, 8)):
         p_female = epoch_of(n_female)
         ranks = torch.linspace(-1, 1, 10) * (epoch + 1) if reward == "rank" else None
-        values, _, _ = history.score(rewards.REWARDS[reward], p_female, [0] * 10, choose_u=False, ranks=ranks,
-                                     rescore=reward in rewards.RESCORED)
+        values, _, _ = history.score(reward, p_female, [0] * 10, ranks=ranks)
         given += values.tolist()
     assert reward not in rewards.RESCORED and history.windows["rewards"][0] == given
 

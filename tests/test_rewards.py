@@ -15,10 +15,10 @@ def test_label_images_threshold_is_strict():
 
 def test_r_shift_eq1():
     p = torch.tensor([0.9, 0.2])
-    assert torch.allclose(r_shift(p, "female"), torch.tensor([0.9, 0.2]))
-    assert torch.allclose(r_shift(p, "male"), torch.tensor([0.1, 0.8]))
+    assert torch.allclose(r_shift(p, underrepresented="female"), torch.tensor([0.9, 0.2]))
+    assert torch.allclose(r_shift(p, underrepresented="male"), torch.tensor([0.1, 0.8]))
     with pytest.raises(ValueError):
-        r_shift(p, "other")
+        r_shift(p, underrepresented="other")
 
 
 @pytest.mark.parametrize("labels, expected", [
@@ -31,7 +31,7 @@ def test_r_shift_eq1():
     (["male", "male", "male"], [-0.5, -0.5, -0.5]),  # q = 0 -> d = 0.5, no female image to reward
 ])
 def test_r_balance_table(labels, expected):
-    assert torch.allclose(r_balance(labels), torch.tensor(expected))
+    assert torch.allclose(r_balance(torch.zeros(len(labels)), labels), torch.tensor(expected))
 
 
 def test_female_ratio():
@@ -45,7 +45,7 @@ def test_r_balance_total_is_minus_2n_q_minus_half_squared(n_female):
     n = 8
     labels = ["female"] * n_female + ["male"] * (n - n_female)
     q = n_female / n
-    total = r_balance(labels).sum().item()
+    total = r_balance(torch.zeros(n), labels).sum().item()
     assert total == pytest.approx(-2 * n * (q - 0.5) ** 2)
     assert (total == pytest.approx(0.0)) == (q == 0.5)
 
@@ -53,8 +53,9 @@ def test_r_balance_total_is_minus_2n_q_minus_half_squared(n_female):
 def test_registry_picks_by_name():
     p = torch.tensor([0.9, 0.1])
     labels = label_images(p)
-    assert torch.equal(rewards.REWARDS["shift"](p, labels, "male"), r_shift(p, "male"))
-    assert torch.equal(rewards.REWARDS["balance"](p, labels, None), r_balance(labels))
+    assert rewards.REWARDS["shift"] is r_shift and rewards.REWARDS["balance"] is r_balance
+    assert torch.equal(rewards.REWARDS["shift"](p, labels, None, "male"), 1 - p)
+    assert torch.equal(rewards.REWARDS["balance"](p, labels), torch.zeros(2))  # q = 0.5
 
 
 def _smooth_images(n, size, seed=0):
@@ -105,6 +106,6 @@ def test_soft_balance_still_ranks_a_batch_without_a_minority_image():
     still rewards the images that come closest to the minority."""
     p = torch.tensor([0.02, 0.10, 0.25, 0.05])  # every label "male"
     labels = rewards.label_images(p)
-    assert rewards.r_balance(labels).unique().numel() == 1
+    assert rewards.r_balance(p, labels).unique().numel() == 1
     soft = rewards.r_soft_balance(p)
     assert soft.argsort().tolist() == p.argsort().tolist()  # more female-looking, more reward

@@ -3,7 +3,7 @@
 These tests check what the world is: its UNet draws the skew it was trained on (15% "female") as faces its
 classifier can read; the classifier is right on unseen faces and says "none" to the rest; the VAE keeps the
 faces legible; and the builder still builds a world that loads. What the method does on it (learning runs of
-1.5-4 minutes each) is measured in README "The toy world", with the raw records in docs/toyworld/.
+1.5-4 minutes each) is measured in docs/toy-world.md, with the raw records in docs/toyworld/.
 """
 import os
 
@@ -32,7 +32,7 @@ def test_the_world_is_biased_and_draws_faces():
 
 
 def test_the_two_prompt_world_is_skewed_in_opposite_directions():
-    """The two-prompt world (build --two-prompts, README "Many prompts"): 32 samples of each prompt, drawn in one
+    """The two-prompt world (build --two-prompts, docs/many-prompts.md): 32 samples of each prompt, drawn in one
     batch. Its nurses are mostly "female" and its engineers mostly "male": the batch as a whole looks balanced,
     which is why q must be taken per prompt."""
     config = dd.Config(model=WORLD, unet=toyworld.TWO_UNET, batch_size=64, num_steps=20, mixed_precision="no")

@@ -30,7 +30,7 @@ The bias is in the data only: FEMALE_SHARE of the UNet's training faces are "fem
 opposite directions; that UNet ships in tests/toyworld_two_unet, the rest is the shipped world's. tests/test_world.py
 checks what the world is (biased, drawable, legible, a classifier that is right and says "none" to the rest).
 
-What the world showed about the method is in README "The toy world", with the raw records in docs/toyworld/. At
+What the world showed about the method is in docs/toy-world.md, with the raw records in docs/toyworld/. At
 SETTINGS (B = 64, T = 5, the last two steps not trained) R_balance brings q from about 0.2 to within 0.1 of 0.5 in
 4-9 epochs and R_shift (SHIFT_SETTINGS) takes it past 0.8 in 9-13, on seeds 0-2: tests/test_learning.py runs them.
 """
@@ -283,7 +283,7 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, share
     return log
 
 
-# The world's run settings for R_balance, shared by the learning tests and the demo (README "The toy world" says
+# The world's run settings for R_balance, shared by the learning tests and the demo (docs/toy-world.md says
 # why). ε and δ are not here: they are derived from the 4x8x8 latent by the same rule as on SD (derived_sizes).
 SETTINGS = dict(batch_size=64, num_steps=5, guidance_scale=5.0, updates_per_epoch=4, train_batch_size=16,
                 lr=5e-4, mixed_precision="no", device="cpu")
@@ -313,7 +313,7 @@ def demo(out, world=SHIPPED, epochs=16, seed=0):
     import ddpo_debias
     code = ddpo_debias.main(cli_flags(world=world) + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
                                                       f"--output-dir={out}"])
-    if code == 0:  # the female ratio as the README reports it: pooled over 2-epoch windows (128 images)
+    if code == 0:  # the female ratio as docs/toy-world.md reports it: pooled over 2-epoch windows (128 images)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             for start, q, none in windows([json.loads(line) for line in f], 2):
                 print(f"epochs {start}-{start + 1}: female ratio {q:.2f}, none {none:.0%}")
@@ -336,9 +336,9 @@ class PooledHistory:
         self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
         self.underrepresented = self.shadow.underrepresented
 
-    def score(self, reward, p_female, prompt_ids, choose_u, ranks=None, rescore=False):
-        _, labels, rows = self.shadow.score(reward, p_female, prompt_ids, choose_u, ranks, rescore)
-        values, _, _ = self.pooled.score(reward, p_female, [0] * len(prompt_ids), choose_u, ranks, rescore)
+    def score(self, name, p_female, prompt_ids, ranks=None):
+        _, labels, rows = self.shadow.score(name, p_female, prompt_ids, ranks)
+        values, _, _ = self.pooled.score(name, p_female, [0] * len(prompt_ids), ranks)
         return values, labels, rows  # compute_advantages: prompt 0's pooled window (= the batch), the batch's for prompt 1
 
     def state_dict(self):
@@ -383,7 +383,7 @@ def main(argv=None):
     b.add_argument("--quick", action="store_true", help="a few steps of each stage: checks that the build runs")
     b.add_argument("--reuse", help="a world folder whose VAE, text encoder and classifier to keep: trains the UNet only")
     b.add_argument("--two-prompts", action="store_true", help="train the UNet on TWO_PROMPTS, skewed in opposite "
-                   "directions (the multi-prompt world of README \"Many prompts\")")
+                   "directions (the multi-prompt world of docs/many-prompts.md)")
     d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (about a minute on 2 cores)")
     d.add_argument("out", help="the run folder (new)")
     d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
