@@ -1120,7 +1120,7 @@ def resolve_device(config):
     """The device and precision the run uses, in place of '' and 'auto' (config.json records these)."""
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = config.mixed_precision
-    if precision == "auto":  # bf16 where the GPU has it; fp16 on older GPUs; fp32 on the CPU (bf16 is 3x slower)
+    if precision == "auto":  # bf16 where the GPU has it; fp16 on older GPUs; fp32 on the CPU, where bf16 is slower
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "no"
     return dataclasses.replace(config, device=device, mixed_precision=precision)
 

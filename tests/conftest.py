@@ -22,3 +22,13 @@ def tiny_sd(models_dir):
 @pytest.fixture(scope="session")
 def tiny_classifier(models_dir):
     return str(make_tiny_classifier(models_dir / "tiny-classifier"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_sd, tiny_classifier):
+    """A finished run of the tiny models (tests.test_cli.TINY: 2 epochs), for tests that resume or inspect one."""
+    import ddpo_debias
+    from tests.test_cli import TINY
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert ddpo_debias.main(["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--output-dir", str(out)]) == 0
+    return out

@@ -142,13 +142,6 @@ def test_resume_problems_are_one_line(finished_run, tmp_path, capsys, damage, fl
         assert not (tmp_path / "elsewhere").exists()
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, tiny_sd, tiny_classifier):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert dd.main(["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--output-dir", str(out)]) == 0
-    return out
-
-
 def test_damaged_model_and_classifier_files_are_one_line(tiny_sd, tiny_classifier, tmp_path, capsys):
     import shutil
     for flag, source, weights in (("--classifier", tiny_classifier, "model.safetensors"),

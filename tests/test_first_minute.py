@@ -115,10 +115,8 @@ def test_a_judge_that_is_not_running_leaves_no_folder(tiny_sd, tmp_path, capsys)
     assert not out.exists()
 
 
-def test_a_finished_run_removes_its_lock_file(tiny_sd, tiny_classifier, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--output-dir", out).returncode == 0
-    assert not (out / ".lock").exists() and (out / "unet").exists()
+def test_a_finished_run_removes_its_lock_file(finished_run):
+    assert not (finished_run / ".lock").exists() and (finished_run / "unet").exists()
 
 
 def test_removing_the_lock_file_opens_no_race(tmp_path, monkeypatch):
@@ -168,16 +166,9 @@ def test_offline_hub_is_one_line_at_once(tiny_sd, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, tiny_sd, tiny_classifier):
-    out = tmp_path_factory.mktemp("finished") / "run"
-    assert dd.main(["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--output-dir", str(out)]) == 0
-    return out
-
-
-def test_resume_of_a_folder_in_use_names_resume(finished, tmp_path, capsys):
+def test_resume_of_a_folder_in_use_names_resume(finished_run, tmp_path, capsys):
     out = tmp_path / "run"
-    shutil.copytree(finished, out)
+    shutil.copytree(finished_run, out)
     held = dd.prepare_run_dir(dd.Config(output_dir=str(out), resume=str(out)))  # another run holds it
     result = run_main(capsys, "--resume", out, "--epochs", "3")
     held.release()
@@ -185,9 +176,9 @@ def test_resume_of_a_folder_in_use_names_resume(finished, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("epochs", ["1", "2"])
-def test_resume_asks_for_more_epochs_than_finished(finished, tmp_path, capsys, epochs):
+def test_resume_asks_for_more_epochs_than_finished(finished_run, tmp_path, capsys, epochs):
     out = tmp_path / "run"
-    shutil.copytree(finished, out)
+    shutil.copytree(finished_run, out)
     result = run_main(capsys, "--resume", out, "--epochs", epochs)
     assert one_error_line(result, "--epochs") and "more than 2" in result.stderr, result.stderr
     assert len(read_metrics(out)) == 2
