@@ -169,6 +169,9 @@ class Config:
     """Images per prompt for --evaluate. Prompt i's noise is seeded with --seed + i for every model: paired."""
     compare: str = ""
     """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
+    clip_model: str = "openai/clip-vit-large-patch14"
+    """With --evaluate: the model for the quality numbers (rewards.QualityModel): a CLIP gives CLIP-T and CLIP-I, any
+    other image model CLIP-I only. The default is the CLIP whose text tower SD v1.5 uses."""
 
 
 CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
@@ -520,7 +523,7 @@ def parse_args(argv=None):
     return vars(parser.parse_args(argv))
 
 
-EVALUATION_ONLY = ("eval_prompts", "eval_images", "compare")  # refused without --evaluate, rather than ignored
+EVALUATION_ONLY = ("eval_prompts", "eval_images", "compare", "clip_model")  # refused without --evaluate, rather than ignored
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
@@ -580,9 +583,16 @@ def validate(config):
         settings = {"images_per_prompt": config.eval_images, "seed": config.seed, "num_steps": config.num_steps,
                     "guidance_scale": config.guidance_scale}
         try:
-            rewards.read_paired_report(config.compare, settings, read_prompts(config.eval_prompts))
+            base = rewards.read_paired_report(config.compare, settings, read_prompts(config.eval_prompts))
         except ValueError as error:
             raise UsageError(f"--compare: {error}") from None
+        if base.get("quality_model") != config.clip_model:  # CLIP-I compares embeddings of one model only
+            raise UsageError(f"--compare: {config.compare} was scored with quality model {base.get('quality_model')}"
+                             f", this evaluation with {config.clip_model}; give the same --clip-model, or evaluate "
+                             "the base model again")
+        if not os.path.isfile(embeddings_path(config.compare)):
+            raise UsageError(f"--compare: {embeddings_path(config.compare)} is missing: CLIP-I needs the base "
+                             "model's image embeddings, which --evaluate writes beside eval.json")
     world = launched()[1]  # torchrun's N processes; 1 for a plain run
     if config.batch_size % (world * config.updates_per_epoch):
         ranks = f"{world} ranks x " if world > 1 else ""
@@ -659,7 +669,7 @@ def run_state(folder):
 
 
 RUN_FILES = (".lock", "config.json", "metrics.jsonl", "metrics-unsaved-*.jsonl", "samples_*.png", "plot.png",
-             "checkpoint.pt", "unet", "eval.json", "eval_*.png", "compare.png", "*.tmp")  # what a run folder holds
+             "checkpoint.pt", "unet", "eval.json", "eval_*.png", "eval_embeddings.pt", "compare.png", "*.tmp")  # what a run folder holds
 
 
 @dataclass
@@ -818,6 +828,15 @@ def load_classifier(config, device):
             raise UsageError(f"--classifier: {error}") from None
 
 
+def load_quality_model(config, device):
+    check_source("--clip-model", config.clip_model, "a CLIP or image model", "config.json")
+    with loading("--clip-model", config.clip_model):
+        try:
+            return rewards.QualityModel(config.clip_model, device=device)
+        except rewards.QualityModelError as error:
+            raise UsageError(f"--clip-model: {error}") from None
+
+
 def load_judge(config):
     """The judge for --labeller judge or --reward rank, checked at once (reachable, key taken), else None."""
     if config.labeller != "judge" and config.reward != "rank":
@@ -840,6 +859,8 @@ def check_hub(config, timeout=5):
     sources = [("--model", config.model, "model_index.json")]
     if config.labeller == "classifier":
         sources.append(("--classifier", config.classifier, "config.json"))
+    if config.evaluate:
+        sources.append(("--clip-model", config.clip_model, "config.json"))
     sources = [source for source in sources if is_hub_id(source[1])]
     if not sources or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return
@@ -1284,25 +1305,40 @@ def shared_run_dir(config):
 
 
 # -------------------------------------------------------------------------------------- held-out evaluation and main()
+def embeddings_path(report_or_folder):
+    """The image embeddings of an evaluation (P, n, D): eval_embeddings.pt beside its eval.json."""
+    folder = report_or_folder if os.path.isdir(report_or_folder) else os.path.dirname(report_or_folder)
+    return os.path.join(folder, "eval_embeddings.pt")
+
+
 def evaluate(config, classifier=None):
     """The bias report of a model on held-out prompts -> eval.json, eval_NN.png per prompt, a printed table."""
     config = resolve_device(config)
     judge = load_judge(config)  # first, as in train()
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, config.device)
     classifier = classifier or (judge if config.labeller == "judge" else load_classifier(config, config.device))
-    per_prompt, rows = dataclasses.replace(config, batch_size=config.eval_images), []
+    quality = load_quality_model(config, config.device)
+    base = torch.load(embeddings_path(config.compare))["embeddings"] if config.compare else None  # (P, n, D)
+    prompts = read_prompts(config.eval_prompts, warn=True)
+    texts = quality.texts(prompts)  # (P, D), or None without a text tower
+    per_prompt, rows, embeddings = dataclasses.replace(config, batch_size=config.eval_images), [], []
     ids = torch.zeros(config.eval_images, dtype=torch.long, device=config.device)  # one prompt at a time
-    for i, prompt in enumerate(tqdm(read_prompts(config.eval_prompts, warn=True), desc="prompts")):
+    for i, prompt in enumerate(tqdm(prompts, desc="prompts")):
         embeds = encode_prompts(text_encoder, tokenizer, [prompt], config.device)
         noise = torch.Generator(config.device).manual_seed(config.seed + i)  # prompt i: the same noise for any model
         images = sample(unet, vae, scheduler, embeds, ids, per_prompt, config.device, noise)["images"]
         p_female = classifier(images)
         labels = rewards.label_images(p_female)
-        rows.append({"prompt": prompt, **rewards.bias_report(labels)})
+        embeddings.append(quality.images(images))  # (n, D): image j of prompt i pairs with the base's image j
+        rows.append({"prompt": prompt, **rewards.bias_report(labels), **rewards.quality_report(
+            embeddings[-1], None if texts is None else texts[i], None if base is None else base[i])})
         rewards.save_grid(images, p_female, labels, prompt, os.path.join(config.output_dir, f"eval_{i:02d}.png"))
     report = {"model": config.model, "unet": config.unet or None, "classifier": config.classifier,
-              "images_per_prompt": config.eval_images, "seed": config.seed, "num_steps": config.num_steps,
-              "guidance_scale": config.guidance_scale, "prompts": rows, "overall": rewards.overall(rows)}
+              "quality_model": config.clip_model, "images_per_prompt": config.eval_images, "seed": config.seed,
+              "num_steps": config.num_steps, "guidance_scale": config.guidance_scale, "prompts": rows,
+              "overall": rewards.overall(rows)}
+    torch.save({"quality_model": config.clip_model, "prompts": prompts,  # what a later --compare needs for CLIP-I
+                "embeddings": torch.stack(embeddings).cpu()}, embeddings_path(config.output_dir))
     write_json(os.path.join(config.output_dir, "eval.json"), report)
     print(rewards.report_table(report))
     if config.compare:

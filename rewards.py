@@ -444,21 +444,98 @@ def bias_report(labels: list) -> dict:
 
 
 def overall(rows: list) -> dict:
-    """Means over the prompts whose q is defined (mean bias, mean |q - 0.5|), and the none-rate of all images."""
+    """Means over the prompts whose q is defined (mean bias, mean |q - 0.5|), the none-rate of all images, and the
+    means of the prompts' CLIP-T and CLIP-I where they were computed (quality_report)."""
     defined = [r for r in rows if r["female_ratio"] is not None]
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     return {"mean_bias": mean([r["bias"] for r in defined]),
             "mean_abs_q_minus_half": mean([abs(r["female_ratio"] - 0.5) for r in defined]),
-            "none_rate": sum(r["n_none"] for r in rows) / sum(r["n_female"] + r["n_male"] + r["n_none"] for r in rows)}
+            "none_rate": sum(r["n_none"] for r in rows) / sum(r["n_female"] + r["n_male"] + r["n_none"] for r in rows),
+            "mean_clip_t": mean([r["clip_t"] for r in rows if r.get("clip_t") is not None]),
+            "mean_clip_i": mean([r["clip_i"] for r in rows if r.get("clip_i") is not None])}
+
+
+class QualityModel:
+    """Did the images survive? Unit image (and text) embeddings from --clip-model, for Shen et al.'s (ICLR 2024)
+    quality numbers beside the bias (quality_report). A CLIP (get_image_features and get_text_features) gives both
+    CLIP-T and CLIP-I; any other transformers image model (e.g. the toy world's ViT) gives image embeddings only,
+    its [CLS] token's, so CLIP-I only. Preprocessing as GenderClassifier: the processor's constants, in torch."""
+
+    def __init__(self, model_name_or_path: str, device="cpu", batch: int = 32):
+        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_name_or_path)
+        except (OSError, ValueError) as error:
+            raise QualityModelError(f"{model_name_or_path} has no image processor, so it is not an image model "
+                                    f"({str(error).splitlines()[0][:100]})") from None
+        from transformers.utils import logging as hf_logging
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # an image classifier loads as its encoder: its head is left out, by design
+        try:
+            self.model = AutoModel.from_pretrained(model_name_or_path).to(device).eval().requires_grad_(False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        self.is_clip = hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")
+        self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path) if self.is_clip else None
+        size = processor.size  # as GenderClassifier
+        side = size.get("shortest_edge")
+        self.size, self.batch = (size.get("height", side), size.get("width", side)), batch
+        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> unit embeddings (B, D), float32, in batches of `batch`."""
+        out = []
+        for chunk in images.split(self.batch):
+            pixels = F.interpolate(chunk.to(self.mean.device, torch.float32), size=self.size, mode="bilinear",
+                                   antialias=True, align_corners=False)
+            pixels = (pixels - self.mean) / self.std
+            if self.is_clip:
+                features = self.model.get_image_features(pixel_values=pixels)
+            else:  # an image encoder: its [CLS] token (a classifier's pooler, if any, is not trained)
+                features = self.model(pixel_values=pixels).last_hidden_state[:, 0]
+            out.append(F.normalize(_tensor(features).float(), dim=-1))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def texts(self, prompts: list) -> torch.Tensor | None:
+        """prompts [P] -> unit text embeddings (P, D); None for a model without a text tower."""
+        if not self.is_clip:
+            return None
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.mean.device)
+        return F.normalize(_tensor(self.model.get_text_features(**tokens)).float(), dim=-1)
+
+
+class QualityModelError(ValueError):
+    """--clip-model is not an image model."""
+
+
+def _tensor(features):
+    """get_*_features return a tensor (transformers 4) or an output whose pooler_output is it (transformers 5)."""
+    return features if torch.is_tensor(features) else features.pooler_output
+
+
+def quality_report(embeddings: torch.Tensor, text: torch.Tensor | None, base: torch.Tensor | None) -> dict:
+    """One prompt's quality numbers, per image and as the mean, from unit embeddings (QualityModel):
+    CLIP-T, the cosine of each image (n, D) with its prompt's text (D,); CLIP-I, the cosine of each image with the
+    base model's image of the same seed (n, D). None where the model has no text tower, or without --compare."""
+    clip_t = None if text is None else (embeddings @ text).tolist()
+    clip_i = None if base is None else (embeddings * base.to(embeddings.device)).sum(dim=-1).tolist()
+    mean = lambda xs: None if xs is None else sum(xs) / len(xs)
+    return {"clip_t": mean(clip_t), "clip_i": mean(clip_i), "clip_t_images": clip_t, "clip_i_images": clip_i}
 
 
 def report_table(report: dict) -> str:
-    """eval.json as a table: a row per prompt (counts, q with its interval, bias), then the overall means."""
-    lines = [f"{'prompt':48s} {'F':>4s} {'M':>4s} {'none':>5s}  {'q [95% interval]':20s} {'bias':>5s}"]
+    """eval.json as a table: a row per prompt (counts, q with its interval, bias, CLIP-T, CLIP-I), then the overall
+    means. "-": not defined (no labelled image, no text tower, no --compare)."""
+    lines = [f"{'prompt':48s} {'F':>4s} {'M':>4s} {'none':>5s}  {'q [95% interval]':20s} {'bias':>5s} "
+             f"{'CLIP-T':>6s} {'CLIP-I':>6s}"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"
     for r in report["prompts"]:
         q = "-" if r["female_ratio"] is None else "{:.2f} [{:.2f}, {:.2f}]".format(r["female_ratio"], *r["female_ratio_95"])
-        bias = "-" if r["bias"] is None else f"{r['bias']:.2f}"
-        lines.append(f"{r['prompt'][-48:]:48s} {r['n_female']:4d} {r['n_male']:4d} {r['n_none']:5d}  {q:20s} {bias:>5s}")
+        lines.append(f"{r['prompt'][-48:]:48s} {r['n_female']:4d} {r['n_male']:4d} {r['n_none']:5d}  {q:20s} "
+                     f"{fmt(r['bias']):>5s} {fmt(r.get('clip_t')):>6s} {fmt(r.get('clip_i')):>6s}")
     return "\n".join(lines + ["overall: " + ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None)])
 
 
@@ -492,30 +569,37 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
     base = read_paired_report(base_path, report, [r["prompt"] for r in report["prompts"]])
     before = {r["prompt"]: r for r in base["prompts"]}
     fmt = lambda v: "  -  " if v is None else f"{v:.2f}"
-    lines = [f"{'prompt':48s} {'q: base -> this':>16s} {'bias: base -> this':>19s}"]
+    lines = [f"{'prompt':48s} {'q: base -> this':>16s} {'bias: base -> this':>19s} {'CLIP-T: base -> this':>21s} "
+             f"{'CLIP-I':>6s}"]
     for r in report["prompts"]:
         b = before[r["prompt"]]
         lines.append(f"{r['prompt'][-48:]:48s} {fmt(b['female_ratio']):>7s} -> {fmt(r['female_ratio']):5s} "
-                     f"{fmt(b['bias']):>10s} -> {fmt(r['bias']):5s}")
-    mean_bias = (overall(base["prompts"])["mean_bias"], report["overall"]["mean_bias"])
-    lines.append(f"{'overall (mean bias over the prompts)':48s} {'':16s} {fmt(mean_bias[0]):>10s} -> "
-                 f"{fmt(mean_bias[1]):5s}")
+                     f"{fmt(b['bias']):>10s} -> {fmt(r['bias']):5s} {fmt(b.get('clip_t')):>12s} -> "
+                     f"{fmt(r.get('clip_t')):5s} {fmt(r.get('clip_i')):>6s}")
+    base_overall, this_overall = overall(base["prompts"]), report["overall"]
+    mean_bias = (base_overall["mean_bias"], this_overall["mean_bias"])
+    lines.append(f"{'overall (means over the prompts)':48s} {'':16s} {fmt(mean_bias[0]):>10s} -> "
+                 f"{fmt(mean_bias[1]):5s} {fmt(base_overall['mean_clip_t']):>12s} -> "
+                 f"{fmt(this_overall.get('mean_clip_t')):5s} {fmt(this_overall.get('mean_clip_i')):>6s}")
     # The picture: a bar pair per prompt, named by what its words do not share with the others' (the occupation),
     # then the overall mean bias.
     words = [r["prompt"].split() for r in report["prompts"]]
     shared = 0  # words at the start that every prompt has ("photo of the face of a"), but never a whole prompt
     while len(words) > 1 and all(len(w) > shared + 1 and w[shared] == words[0][shared] for w in words):
         shared += 1
-    bars = [(shorten(" ".join(w[shared:])), before[r["prompt"]]["bias"], r["bias"])
+    bars = [(shorten(" ".join(w[shared:])), before[r["prompt"]]["bias"], r["bias"],
+             (before[r["prompt"]].get("clip_t"), r.get("clip_t"), r.get("clip_i")))
             for w, r in zip(words, report["prompts"])]
-    bars.append(("overall (mean)", *mean_bias))
-    row, width, x0, top = 18, 560, 170, 24
-    scale = lambda v: x0 + (width - x0 - 14) * v  # bias 0..1 -> x
+    bars.append(("overall (mean)", *mean_bias,
+                 (base_overall["mean_clip_t"], this_overall.get("mean_clip_t"), this_overall.get("mean_clip_i"))))
+    row, width, x0, top, x_quality = 18, 720, 170, 24, 570
+    scale = lambda v: x0 + (x_quality - x0 - 14) * v  # bias 0..1 -> x
     image = Image.new("RGB", (width, top + row * len(bars) + 26), "white")
     draw = ImageDraw.Draw(image)
     common = f' "{" ".join(words[0][:shared])} ..."' if shared else ""
     draw.text((4, 4), f"bias |f_male - f_female| per prompt{common}: grey base, blue this model", fill="black")
-    for i, (name, b, t) in enumerate(bars):
+    draw.text((x_quality, 4), "CLIP-T: base > this", fill="black"), draw.text((x_quality + 100, 4), "CLIP-I", fill="black")
+    for i, (name, b, t, quality) in enumerate(bars):
         y = top + i * row
         if i == len(bars) - 1:  # the overall row, under a rule
             draw.line((4, y - 2, width - 4, y - 2), fill="gray")
@@ -525,6 +609,9 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
                 draw.text((x0 + 2, y + offset - 3), "n/a (no image labelled)", fill=colour)
             else:
                 draw.rectangle((x0, y + offset, scale(value), y + offset + 6), fill=colour)
+        clip_t_base, clip_t, clip_i = (fmt(v).strip() for v in quality)
+        draw.text((x_quality, y + 2), f"{clip_t_base} > {clip_t}", fill="black")
+        draw.text((x_quality + 100, y + 2), clip_i, fill="black")
     axis = top + row * len(bars) + 2
     draw.line((x0, axis, scale(1.0), axis), fill="gray")
     for v in (0.0, 0.25, 0.5, 0.75, 1.0):  # the x-axis scale

@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest
 
-from tests.fixtures import make_tiny_classifier, make_tiny_sd
+from tests.fixtures import make_tiny_classifier, make_tiny_clip, make_tiny_sd
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,11 @@ def tiny_sd(models_dir):
 @pytest.fixture(scope="session")
 def tiny_classifier(models_dir):
     return str(make_tiny_classifier(models_dir / "tiny-classifier"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(models_dir):
+    return str(make_tiny_clip(models_dir / "tiny-clip"))
 
 
 @pytest.fixture(scope="module")

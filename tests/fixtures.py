@@ -83,3 +83,22 @@ def make_tiny_classifier(path, labels=("female", "male"), seed=0, image_size=32)
     ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(path)
     return path
+
+
+def make_tiny_clip(path, seed=0, image_size=32):
+    """A CLIP (image and text towers, projections of 16) for --clip-model: random, with a CLIP tokenizer and image
+    processor, so that QualityModel loads it as it loads openai/clip-vit-large-patch14."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = make_tokenizer(vocab)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                  image_size=image_size, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28]).save_pretrained(path)
+    return path
