@@ -170,8 +170,12 @@ class Config:
     compare: str = ""
     """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
     clip_model: str = "openai/clip-vit-large-patch14"
-    """With --evaluate: the model for the quality numbers (rewards.QualityModel): a CLIP gives CLIP-T and CLIP-I, any
-    other image model CLIP-I only. The default is the CLIP whose text tower SD v1.5 uses."""
+    """With --evaluate or --eval-every: the model for the quality numbers (rewards.QualityModel): a CLIP gives CLIP-T
+    and CLIP-I, any other image model CLIP-I only. The default is the CLIP whose text tower SD v1.5 uses."""
+    eval_every: int = 0
+    """Every N epochs of training, a held-out check: HELD_OUT_IMAGES images of each of the first HELD_OUT_PROMPTS
+    --eval-prompts, from seeds of their own, scored for bias, none-rate, CLIP-T and CLIP-I against the images of
+    the same seeds before training (HeldOutCheck). It changes no training result. 0: never."""
 
 
 CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
@@ -535,6 +539,7 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_step
           "guidance_scale": (lambda v: v >= 1, "at least 1: 1 is no guidance, below it the prompt is pushed away"),
           "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range"),
           "skip_final_steps": (lambda v: v >= 0, "0 or more"),
+          "eval_every": (lambda v: v >= 0, "0 or more (0: no held-out check)"),
           "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B"),
           "judge_group": (lambda v: v >= 2, "at least 2: a ranking needs two images"),
           "judge_image_size": (lambda v: v >= 16, "at least 16 pixels")}  # flag: (test, rule)
@@ -559,8 +564,12 @@ def validate(config):
         raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
                          f"batch), got it with --reward {config.reward}")
     for name in EVALUATION_ONLY:
-        if getattr(config, name) != getattr(Config, name) and not config.evaluate:
-            raise UsageError(f"{flag_of(name)}: only used with --evaluate")
+        also = config.eval_every and name in ("eval_prompts", "clip_model")  # the held-out check uses these too
+        if getattr(config, name) != getattr(Config, name) and not (config.evaluate or also):
+            raise UsageError(f"{flag_of(name)}: only used with --evaluate" +
+                             (" or --eval-every" if name in ("eval_prompts", "clip_model") else ""))
+    if config.eval_every and config.evaluate:
+        raise UsageError("--eval-every: a check during training; --evaluate evaluates once")
     if config.evaluate and config.resume:
         raise UsageError("--evaluate: cannot be combined with --resume; evaluate a run's unet/ with --unet")
     if config.evaluate:
@@ -598,6 +607,8 @@ def validate(config):
         ranks = f"{world} ranks x " if world > 1 else ""
         raise UsageError(f"--batch-size: {config.batch_size} images do not split into {ranks}--updates-per-epoch "
                          f"{config.updates_per_epoch} equal updates")
+    if world > 1 and config.eval_every:
+        raise UsageError("--eval-every: runs in one process, without torchrun")
     if world > 1 and (config.evaluate or config.device.startswith("cuda:")):
         raise UsageError("--evaluate: runs in one process, without torchrun" if config.evaluate else
                          f"--device: with torchrun each rank uses cuda:LOCAL_RANK; give cuda, not {config.device}")
@@ -669,7 +680,8 @@ def run_state(folder):
 
 
 RUN_FILES = (".lock", "config.json", "metrics.jsonl", "metrics-unsaved-*.jsonl", "samples_*.png", "plot.png",
-             "checkpoint.pt", "unet", "eval.json", "eval_*.png", "eval_embeddings.pt", "compare.png", "*.tmp")  # what a run folder holds
+             "checkpoint.pt", "unet", "eval.json", "eval_*.png", "eval_embeddings.pt", "compare.png",
+             "held_out_reference.pt", "*.tmp")  # what a run folder holds
 
 
 @dataclass
@@ -859,7 +871,7 @@ def check_hub(config, timeout=5):
     sources = [("--model", config.model, "model_index.json")]
     if config.labeller == "classifier":
         sources.append(("--classifier", config.classifier, "config.json"))
-    if config.evaluate:
+    if config.evaluate or config.eval_every:
         sources.append(("--clip-model", config.clip_model, "config.json"))
     sources = [source for source in sources if is_hub_id(source[1])]
     if not sources or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
@@ -898,6 +910,7 @@ class Run:
     flops: tuple | None = None  # --profile: count_flops
     bar: object = None  # the epochs' progress bar
     streak: int = 0  # optimizer steps skipped in a row for non-finite values (MAX_NONFINITE)
+    held_out: object = None  # --eval-every: HeldOutCheck
 
 
 def start_run(config, classifier=None):
@@ -953,6 +966,8 @@ def start_run(config, classifier=None):
               f"{' per rank' if world > 1 else ''}; {sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable "
               "attention weights" + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}"
                                      if config.trust_region == "truly" else f"; clip ε={config.clip_range:.3g}"))
+    if config.eval_every:  # before training: its reference images are the model's before any update
+        run.held_out = HeldOutCheck(config, run, text_encoder, tokenizer, os.path.join(out, "held_out_reference.pt"))
     # FLOPs are counted before compiling: count_flops's one-image shape would otherwise be one more graph.
     run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None
     if config.compile:  # static shapes: two graphs, sampling (2B rows) and training (2b rows, forward and backward);
@@ -1025,6 +1040,8 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
         counts = run.judge.take_stats()
         total = gather(torch.tensor([list(counts.values())], dtype=torch.float64, device=device)).sum(dim=0)
         record["judge"] = dict(zip(counts, map(int, total.tolist())))
+    if run.held_out and (epoch + 1) % config.eval_every == 0:  # --eval-every: after this epoch's update
+        record["held_out"] = run.held_out(run, config, epoch)
     if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = run.flops[0] * B * T / seconds["sample"] / 1e12
         record["train_tflops"] = (run.flops[1] * B * (T - config.skip_final_steps) / seconds["train"] / 1e12
@@ -1305,6 +1322,54 @@ def shared_run_dir(config):
 
 
 # -------------------------------------------------------------------------------------- held-out evaluation and main()
+HELD_OUT_PROMPTS, HELD_OUT_IMAGES = 4, 8  # --eval-every's check: small, so that it costs a fraction of an epoch
+
+
+class HeldOutCheck:
+    """--eval-every: the held-out bias and quality during training. The first HELD_OUT_PROMPTS of --eval-prompts
+    (HELD_OUT by default), HELD_OUT_IMAGES images each, prompt i's noise from a generator of its own seeded with
+    --seed + i at every call, so its images pair across calls and it draws nothing from the training's generators:
+    the training's metrics and weights are those of a run without it (tested). CLIP-I compares each image with the
+    same seed's image before training, kept in the run folder for --resume."""
+
+    def __init__(self, config, run, text_encoder, tokenizer, reference_path):
+        self.prompts = read_prompts(config.eval_prompts)[:HELD_OUT_PROMPTS]
+        self.embeds = [encode_prompts(text_encoder, tokenizer, [p], config.device) for p in self.prompts]
+        with torch.random.fork_rng(devices=[]):  # loading may draw weights it leaves out; not from training's RNG
+            self.quality = load_quality_model(config, config.device)
+        self.texts, self.reference = self.quality.texts(self.prompts), None
+        if os.path.exists(reference_path):  # resumed: the images before training, as the run first drew them
+            self.reference = torch.load(reference_path)["embeddings"]
+        else:
+            self.reference = self.embed_images(run, config)[0]  # (prompts, n, D)
+            if run.lead:
+                torch.save({"prompts": self.prompts, "embeddings": self.reference}, reference_path)
+
+    def embed_images(self, run, config):
+        """-> unit embeddings (prompts, n, D) and each prompt's labels of this model's held-out images."""
+        settings = dataclasses.replace(config, batch_size=HELD_OUT_IMAGES)
+        ids = torch.zeros(HELD_OUT_IMAGES, dtype=torch.long, device=config.device)
+        embeddings, labels = [], []
+        for i, embeds in enumerate(self.embeds):
+            noise = torch.Generator(config.device).manual_seed(config.seed + i)
+            images = sample(run.unet, run.vae, run.scheduler, embeds, ids, settings, config.device, noise)["images"]
+            labels.append(rewards.label_images(run.labeller(images)))
+            embeddings.append(self.quality.images(images).cpu())
+        return torch.stack(embeddings), labels
+
+    def __call__(self, run, config, epoch):
+        """-> the metrics record's "held_out": overall bias, none-rate, CLIP-T, CLIP-I and the seconds it took."""
+        start = time.perf_counter()
+        embeddings, labels = self.embed_images(run, config)
+        rows = [{"prompt": p, **rewards.bias_report(l), **rewards.quality_report(
+            e, None if self.texts is None else self.texts[i].cpu(), self.reference[i])}
+            for i, (p, l, e) in enumerate(zip(self.prompts, labels, embeddings))]
+        seconds = time.perf_counter() - start
+        if run.lead:
+            tqdm.write(f"held-out check after epoch {epoch}: {seconds:.1f} s")
+        return {**rewards.overall(rows), "seconds": seconds}
+
+
 def embeddings_path(report_or_folder):
     """The image embeddings of an evaluation (P, n, D): eval_embeddings.pt beside its eval.json."""
     folder = report_or_folder if os.path.isdir(report_or_folder) else os.path.dirname(report_or_folder)

@@ -652,23 +652,26 @@ def save_grid(images, p_female, labels, title, path, thumb=128):
 def save_plot(metrics, path, width=520, height=170):
     """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line; with
     several prompts, also each prompt's window q (metrics' per_prompt), a thin line per prompt labelled p0, p1, ...
-    at its end and named in a legend under the panels."""
+    at its end and named in a legend under the panels; with --eval-every, a third panel of the held-out check's
+    bias, none-rate, CLIP-T and CLIP-I."""
     from PIL import Image, ImageDraw
     prompts = list(dict.fromkeys(r["prompt"] for m in metrics for r in m.get("per_prompt", [])))
     prompts = prompts if len(prompts) > 1 else []
-    image = Image.new("RGB", (width, 2 * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
+    keys = ("reward_mean", "female_ratio") + (("held_out",) if any(m.get("held_out") for m in metrics) else ())
+    image = Image.new("RGB", (width, len(keys) * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
     draw = ImageDraw.Draw(image)
     last = max(metrics[-1]["epoch"] if metrics else 1, 1)
-    for panel, key in enumerate(("reward_mean", "female_ratio")):
-        points = [(m["epoch"], m[key]) for m in metrics if m[key] is not None]
+    for panel, key in enumerate(keys):
+        points = [(m["epoch"], m[key]) for m in metrics if key != "held_out" and m[key] is not None]
         values = [v for _, v in points] or [0.0]
-        low, high = (0.0, 1.0) if key == "female_ratio" else (min(values), max(values))
+        low, high = (0.0, 1.0) if key in ("female_ratio", "held_out") else (min(values), max(values))
         high = high if high > low else low + 1e-6
         x0, y0, x1, y1 = 52, panel * height + 18, width - 30, (panel + 1) * height - 30  # the panel's frame
         to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
         draw.rectangle((x0, y0, x1, y1), outline="gray")
         now = f"last = {points[-1][1]:.3f}" if points else "no value yet"  # "=": the font's space is 1 pixel wide
-        draw.text((x0, y0 - 15), f"{key} ({now})", fill="black")
+        draw.text((x0, y0 - 15), "held-out check (--eval-every)" if key == "held_out" else f"{key} ({now})",
+                  fill="black")
         for v in (low, (low + high) / 2, high):  # y ticks
             y = to_xy(0, v)[1]
             draw.line((x0 - 4, y, x0, y), fill="gray"), draw.text((4, y - 6), f"{v:.2f}", fill="black")
@@ -681,6 +684,11 @@ def save_plot(metrics, path, width=520, height=170):
             y = to_xy(0, 0.5)[1]
             draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x0 + 4, y - 13), "q = 0.5", fill="gray")
         lines = [("blue", 2, "", points)]
+        if key == "held_out":  # the held-out check's numbers, each a line labelled at its end
+            lines = [(colour, 1, name, [(m["epoch"], m["held_out"][field]) for m in metrics if m.get("held_out")
+                                        and m["held_out"][field] is not None])
+                     for colour, name, field in (("red", "bias", "mean_bias"), ("gray", "none", "none_rate"),
+                                                 ("green", "CLIP-T", "mean_clip_t"), ("blue", "CLIP-I", "mean_clip_i"))]
         if key == "female_ratio" and prompts:  # many prompts: each one's window q, labelled p0, p1, ...
             lines += [(PALETTE[i % len(PALETTE)], 1, f"p{i}", [(m["epoch"], r["window_female_ratio"]) for m in metrics
                       for r in m["per_prompt"] if r["prompt"] == prompt and r["window_female_ratio"] is not None])
@@ -699,7 +707,7 @@ def save_plot(metrics, path, width=520, height=170):
             y_free = max(y, y_free + 11)
             draw.text((x1 + 4, y_free - 6), name, fill=colour)
     for i, prompt in enumerate(prompts):  # the legend: which prompt each label is
-        draw.text((x0, 2 * height + 2 + 14 * i), f"p{i}  {prompt}", fill=PALETTE[i % len(PALETTE)])
+        draw.text((x0, len(keys) * height + 2 + 14 * i), f"p{i}  {prompt}", fill=PALETTE[i % len(PALETTE)])
     image.save(path)
 
 

@@ -1,6 +1,8 @@
 """Quality next to bias in --evaluate (Shen et al., ICLR 2024): CLIP-T and CLIP-I from --clip-model, checked against
 a hand computation with get_image_features / get_text_features on the tests' tiny CLIP; CLIP-I of a model with
 itself is 1 and of a perturbed UNet less; an image model without a text tower gives CLIP-I only."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -67,3 +69,57 @@ def test_an_image_model_without_text_gives_clip_i_only(tiny_sd, tiny_classifier,
     again = evaluate(tiny_sd, tmp_path, "again", compare=str(tmp_path / "base" / "eval.json"), **kwargs)
     assert all(r["clip_t"] is None and r["clip_i"] == pytest.approx(1.0, abs=1e-6) for r in again["prompts"])
     assert again["overall"]["mean_clip_t"] is None and dd.rewards.report_table(again).count(" - ") >= 2
+
+
+def training_run(tmp_path, name, tiny_sd, tiny_classifier, *extra):
+    from tests.test_cli import TINY
+    out = tmp_path / name
+    args = ["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--epochs", "3", "--lr", "1e-3",
+            "--save-every", "1", "--output-dir", str(out), *extra]
+    assert dd.main([str(a) for a in args]) == 0
+    with open(out / "metrics.jsonl") as f:
+        metrics = [json.loads(line) for line in f]
+    return out, metrics, torch.load(out / "checkpoint.pt", weights_only=False)["weights"]
+
+
+def test_eval_every_changes_no_training_result(tiny_sd, tiny_classifier, tiny_clip, tmp_path):
+    plain, metrics, weights = training_run(tmp_path, "plain", tiny_sd, tiny_classifier)
+    checked, metrics_checked, weights_checked = training_run(tmp_path, "checked", tiny_sd, tiny_classifier,
+                                                             "--eval-every", "1", "--clip-model", tiny_clip)
+    timing = lambda k: "seconds" in k or k == "images_per_second"
+    strip = lambda ms: [{k: v for k, v in m.items() if not timing(k) and k != "held_out"} for m in ms]
+    assert strip(metrics_checked) == strip(metrics)
+    assert weights.keys() == weights_checked.keys() and all(torch.equal(weights[k], weights_checked[k]) for k in weights)
+    assert any(m["grad_norm"] for m in metrics)  # the weights moved: the check ran between real updates
+    held_out = [m["held_out"] for m in metrics_checked]
+    for h in held_out:
+        assert 0 <= h["none_rate"] <= 1 and -1 <= h["mean_clip_t"] <= 1 and -1 <= h["mean_clip_i"] <= 1 + 1e-6
+        assert h["seconds"] > 0
+    assert "held_out" not in metrics[0] and (checked / "held_out_reference.pt").exists()
+    from PIL import Image
+    assert Image.open(checked / "plot.png").height == 3 * Image.open(plain / "plot.png").height // 2  # 3 panels
+
+
+def test_eval_every_resumes_against_the_same_reference(tiny_sd, tiny_classifier, tiny_clip, tmp_path):
+    _, straight, _ = training_run(tmp_path, "straight", tiny_sd, tiny_classifier, "--eval-every", "1",
+                                  "--clip-model", tiny_clip)
+    out, _, _ = training_run(tmp_path, "resumed", tiny_sd, tiny_classifier, "--eval-every", "1", "--clip-model",
+                             tiny_clip, "--epochs", "2")
+    reference = (out / "held_out_reference.pt").read_bytes()
+    assert dd.main(["--resume", str(out), "--epochs", "3"]) == 0
+    with open(out / "metrics.jsonl") as f:
+        resumed = [json.loads(line) for line in f]
+    no_seconds = lambda ms: [{**m, "held_out": {k: v for k, v in m["held_out"].items() if k != "seconds"}}
+                             for m in ms]
+    timing = lambda ms: [{k: v for k, v in m.items() if "seconds" not in k and k != "images_per_second"} for m in ms]
+    assert timing(no_seconds(resumed)) == timing(no_seconds(straight))
+    assert (out / "held_out_reference.pt").read_bytes() == reference
+
+
+@pytest.mark.parametrize("args, flag", [(["--eval-every", "-1"], "--eval-every"),
+                                        (["--eval-every", "2", "--evaluate"], "--eval-every"),
+                                        (["--clip-model", "x/y"], "--clip-model")])
+def test_bad_quality_flags_are_one_line(tmp_path, capsys, args, flag):
+    from tests.test_edges import one_error_line, run_main
+    result = run_main(capsys, *args, "--output-dir", tmp_path / "run")
+    assert one_error_line(result, flag), result.stderr
