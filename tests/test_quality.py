@@ -50,15 +50,15 @@ def test_clip_i_is_1_for_the_same_model_and_less_for_a_perturbed_one(tiny_sd, ti
     base = str(tmp_path / "base" / "eval.json")
     same = evaluate(tiny_sd, tmp_path, "same", compare=base, **kwargs)
     assert all(v == pytest.approx(1.0, abs=1e-6) for r in same["prompts"] for v in r["clip_i_images"])
-    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
+    unet, noise = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet"), torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in unet.named_parameters():
-            if ".to_v." in name:
-                p.add_(0.5 * torch.randn_like(p))
+            if any(key in name for key in dd.TRAINABLE):  # what training changes, changed much
+                p.add_(torch.randn(p.shape, generator=noise))
     unet.save_pretrained(tmp_path / "perturbed")
     other = evaluate(tiny_sd, tmp_path, "other", compare=base, unet=str(tmp_path / "perturbed"), **kwargs)
-    assert other["overall"]["mean_clip_i"] < 1 - 1e-3
-    assert all(v < 1 - 1e-4 for r in other["prompts"] for v in r["clip_i_images"])
+    assert other["overall"]["mean_clip_i"] < 1 - 1e-3  # random CLIPs see noise images as alike: a small margin
+    assert all(v < 1 - 1e-5 for r in other["prompts"] for v in r["clip_i_images"])
     assert (tmp_path / "other" / "compare.png").exists()
 
 
