@@ -85,6 +85,9 @@ class Config:
     """The last DDIM steps, sampled and scored but not trained: they land at t = 1 and t = 0, where the image is
     finished and σ_t is smallest, so their gradient noise |∂μ/∂ε̂|/σ_t swamps the other steps' (docs/toy-world.md,
     tests/test_ddpo.py). 0 trains every step, as DDPO."""
+    train_fraction: float = 1.0
+    """The share of each image's trained steps that the update trains, a random subset per image and epoch (DDPO's
+    timestep_fraction): fewer steps, a cheaper update. 1 trains them all."""
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
@@ -103,6 +106,8 @@ class Config:
     1, not the paper's 5, which hardly moved q on the toy world (docs/toy-world.md)."""
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
+    advantage_scale: float = 0.0
+    """0: advantages divided by the rewards' std (DDPO). > 0: by this fixed number instead (compute_advantages)."""
     max_grad_norm: float = 1.0
     """Gradient norm clip before every optimizer step, as DDPO."""
     updates_per_epoch: int = 2
@@ -192,6 +197,11 @@ def derived_sizes(config, unet, world=1):
     clip_range = config.clip_range or CLIP_PER_ELEMENT / math.sqrt(c * s * s)
     return {"latent": (c, s, s), "micro_batch": micro_batch(config, world), "clip_range": clip_range,
             "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
+
+
+def trained_steps(config):
+    """The steps each image trains per epoch: --train-fraction of the T - skip_final_steps trainable ones."""
+    return math.ceil(config.train_fraction * (config.num_steps - config.skip_final_steps))
 
 
 def micro_batch(config, world=1):
@@ -361,11 +371,13 @@ def decode(vae, latents, config, device):
 
 
 # -------------------------------------------------------------------------- advantages (the rewards are in rewards.py)
-def compute_advantages(reward_values, prompt_ids, history, adv_clip):
+def compute_advantages(reward_values, prompt_ids, history, adv_clip, scale=0.0):
     """A = (R - mean) / std, clipped to ±adv_clip (DDPO). (B,) -> (B,); prompt_ids (B,) on the rewards' device.
 
     The mean and std are those of the image's prompt over its last N rewards once it has N (DDPO's per-prompt stat
     tracking), of the whole batch until then. With one prompt and N = B both are the batch's, as in DDPO's paper.
+    scale > 0 (--advantage-scale) divides by that fixed number instead of the std: R_balance's push then shrinks
+    with |q - 0.5| as q nears its target, where the std would rescale it to full size.
     """
     stats = torch.stack([reward_values.mean(), reward_values.std()]).repeat(len(history.prompts), 1)  # (P, 2)
     for p, window in enumerate(history.windows["rewards"]):
@@ -373,6 +385,8 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip):
             window = torch.tensor(window, device=reward_values.device)
             stats[p] = torch.stack([window.mean(), window.std()])
     mean, std = stats[prompt_ids].unbind(dim=1)  # (B,) each
+    if scale > 0:
+        return ((reward_values - mean) / scale).clamp(-adv_clip, adv_clip)
     return ((reward_values - mean) / (std + 1e-8)).clamp(-adv_clip, adv_clip)
 
 
@@ -388,12 +402,13 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
     """
     device = config.device
     B, T = samples["log_probs"].shape
-    trained = T - config.skip_final_steps  # steps 0..trained-1 (x_T -> ...); the last ones are not trained (Config)
+    steps = T - config.skip_final_steps  # steps 0..steps-1 (x_T -> ...); the last ones are not trained (Config)
+    trained = trained_steps(config)  # of those, each image trains this many, the first of its shuffled order
     per_update = B // config.updates_per_epoch
     micro = micro_batch(config, launched()[1])
     params = list(trainable_parameters(unet).values())
     order = torch.randperm(B, generator=generator).to(device)  # shuffle samples ...
-    step_order = torch.stack([torch.randperm(trained, generator=generator) for _ in range(B)]).to(device)  # ... steps
+    step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(B)]).to(device)  # ... steps
     stats, skipped, grad_norms = [], 0, []
     for u in range(config.updates_per_epoch):
         for idx in order[u * per_update:(u + 1) * per_update].split(micro):  # (b,) sample indices
@@ -453,7 +468,8 @@ def train(config, classifier=None):
             ranks = judge_ranks(config, run, samples["images"], prompt_ids)  # --reward rank only, else None
             reward_values, labels, per_prompt = run.history.score(config.reward, p_female, prompt_ids.tolist(), ranks)
             # 3. Advantages: each reward standardised with its prompt's mean and std, clipped (DDPO).
-            advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip)
+            advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip,
+                                            config.advantage_scale)
             spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is: the epoch's one sync
             laps("reward")
             # 4. Update: clipped PPO or Truly PPO over the samples. Not when every reward is equal (q = 0.5, no
@@ -540,6 +556,8 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_step
           "kl_threshold": (lambda v: v >= 0, "> 0, or 0 to derive it from --clip-range"),
           "skip_final_steps": (lambda v: v >= 0, "0 or more"),
           "eval_every": (lambda v: v >= 0, "0 or more (0: no held-out check)"),
+          "train_fraction": (lambda v: 0 < v <= 1, "in (0, 1]: the share of the trainable steps trained"),
+          "advantage_scale": (lambda v: v >= 0, "0 (the rewards' std) or a positive scale"),
           "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B"),
           "judge_group": (lambda v: v >= 2, "at least 2: a ranking needs two images"),
           "judge_image_size": (lambda v: v >= 16, "at least 16 pixels")}  # flag: (test, rule)
@@ -959,6 +977,7 @@ def start_run(config, classifier=None):
         print(f"device {device}{f' x {world} ranks' if world > 1 else ''}{cpu_threads(device)}, "
               f"{config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
               + (f" (the last {config.skip_final_steps} not trained)" if config.skip_final_steps else "")
+              + (f", {trained_steps(config)} trained per image" if config.train_fraction < 1 else "")
               + (f" over P={len(prompts)} prompts (q over the last {run.history.size} images of each)"
                  if len(prompts) > 1 else "") + ", "
               f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
@@ -1044,7 +1063,7 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
         record["held_out"] = run.held_out(run, config, epoch)
     if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = run.flops[0] * B * T / seconds["sample"] / 1e12
-        record["train_tflops"] = (run.flops[1] * B * (T - config.skip_final_steps) / seconds["train"] / 1e12
+        record["train_tflops"] = (run.flops[1] * B * trained_steps(config) / seconds["train"] / 1e12
                                   if spread > 0 else None)  # no update ran (equal or non-finite rewards): no rate
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)

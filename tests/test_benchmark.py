@@ -67,3 +67,28 @@ def test_unknown_configuration_is_refused(tmp_path):
                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "--only" in result.stderr and "defaults" in result.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_debias_bench_counts_the_epoch_q_balances_by_hand():
+    """q pooled over 2 epochs (f, m counts): windows end at epochs 1..5 with q 0.1, 0.25, 0.45, 0.65, 0.55: first
+    within 0.1 of 0.5 at epoch 3, and every later window within 0.2; a later excursion past 0.2 moves it on."""
+    from tests.debias_bench import balanced_at, summarise
+    counts = [(1, 19), (3, 17), (7, 13), (11, 9), (15, 5), (7, 13)]
+    metrics = [{"n_female": f, "n_male": m, "n_none": 0, "female_ratio": f / (f + m), "sample_seconds": 1.0,
+                "reward_seconds": 0.5, "train_seconds": 2.0} for f, m in counts]
+    assert balanced_at(metrics) == 3
+    assert summarise(metrics)["seconds_to_balance"] == 4 * 3.5 and summarise(metrics)["worst_none_rate"] == 0
+    metrics[4]["n_female"], metrics[4]["n_male"] = 19, 1  # windows 4 and 5 now past 0.7: no lasting balance yet
+    assert balanced_at(metrics) is None
+
+
+def test_debias_bench_runs_and_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "tests.debias_bench", str(tmp_path / "b"), "--configs",
+                             "today,half-steps", "--seeds", "0", "--epochs", "2"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    bench = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert set(bench["results"]) == {"today", "half-steps"} and (tmp_path / "b" / "bench.txt").exists()
+    today, half = bench["results"]["today"], bench["results"]["half-steps"]
+    assert today["train_seconds"] > half["train_seconds"] > 0  # 2 of 3 steps trained: a cheaper update
+    assert (tmp_path / "b" / "runs" / "today-seed0" / "metrics.jsonl").exists()

@@ -1,0 +1,139 @@
+"""Time to debias: how many epochs and seconds R_balance takes to balance the toy world, per configuration.
+
+    python -m tests.debias_bench OUT [--configs today,ddpo,...] [--seeds 0,1,2,3,4] [--epochs 16] [--jobs 2]
+
+Each configuration is the toy world's run at toyworld.SETTINGS with --reward balance and some flags changed
+(CONFIGS), run through the real CLI on every seed, `--jobs` runs side by side with one thread each. For each run:
+the epoch at which q, pooled over 2 epochs (128 images), first comes within 0.1 of 0.5 and then stays within 0.2
+to the end of the run (balanced_at), the seconds of training until then (the epochs' sampling, reward and update
+seconds, loading left out), the worst none-rate of any epoch, and the seconds per epoch by phase. Per
+configuration: the medians over the seeds, and how many seeds balanced within the run. Writes OUT/bench.json, a
+table (printed and OUT/bench.txt), and keeps every run's metrics.jsonl and config.json in OUT/runs/.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` from any folder
+from tests import toyworld  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# name -> flags changed from toyworld.SETTINGS (R_balance, 16 epochs unless --epochs)
+CONFIGS = {
+    "today": [],
+    "ddpo": ["--skip-final-steps=0"],  # DDPO's scheme: every step trained
+    "half-steps": ["--train-fraction=0.5"],  # half of the trained steps of each image, at random (DDPO's option)
+    "fixed-scale": ["--advantage-scale=0.1"],  # R_balance's rewards divided by a fixed 0.1, not the batch's std
+    "fixed-scale-lr1e-3": ["--advantage-scale=0.1", "--lr=1e-3"],
+    "two-updates": ["--updates-per-epoch=2", "--train-batch-size=32", "--lr=1e-3"],
+    "batch-32": ["--batch-size=32", "--train-batch-size=8"],  # half the images an epoch, 4 updates of 8
+}
+WITHIN, STAYS = 0.1, 0.2  # the balance test of tests/test_learning.py, on 2-epoch windows
+
+
+def balanced_at(metrics, within=WITHIN, stays=STAYS):
+    """The epoch at whose end q pooled over it and the epoch before first comes within `within` of 0.5 and stays
+    within `stays` for every later such window; None if it never does."""
+    pooled = []
+    for e in range(1, len(metrics)):
+        f = metrics[e - 1]["n_female"] + metrics[e]["n_female"]
+        m = metrics[e - 1]["n_male"] + metrics[e]["n_male"]
+        pooled.append((e, f / (f + m) if f + m else None))
+    for i, (e, q) in enumerate(pooled):
+        if q is not None and abs(q - 0.5) <= within and all(
+                later is not None and abs(later - 0.5) <= stays for _, later in pooled[i + 1:]):
+            return e
+    return None
+
+
+def summarise(metrics):
+    """One run's row: balanced_at, seconds of training until then, worst none-rate, seconds per epoch by phase."""
+    at = balanced_at(metrics)
+    seconds = lambda m: m["sample_seconds"] + m["reward_seconds"] + m["train_seconds"]
+    mean = lambda key: statistics.fmean(m[key] for m in metrics)
+    return {"balanced_at": at, "seconds_to_balance": None if at is None else sum(map(seconds, metrics[:at + 1])),
+            "worst_none_rate": max(m["n_none"] / (m["n_female"] + m["n_male"] + m["n_none"]) for m in metrics),
+            "final_q": metrics[-1]["female_ratio"], "sample_seconds": mean("sample_seconds"),
+            "reward_seconds": mean("reward_seconds"), "train_seconds": mean("train_seconds")}
+
+
+def run(out, name, seed, epochs):
+    folder = os.path.join(out, "runs", f"{name}-seed{seed}")
+    flags = toyworld.cli_flags() + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
+                                    f"--output-dir={folder}", "--save-every=1000"] + CONFIGS[name]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = open(folder + ".log", "w")
+    return folder, subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_debias.py"), *flags], cwd=ROOT,
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def table(results, epochs):
+    rows = [f"{'configuration':20s} {'balanced':>8s} {'epochs (median)':>15s} {'seconds (median)':>16s} "
+            f"{'worst none':>10s} {'s/epoch: sample reward update':>30s}"]
+    for name, r in results.items():
+        fmt = lambda v, f: "-" if v is None else format(v, f)
+        rows.append(f"{name:20s} {r['balanced']:>8s} {fmt(r['median_epochs'], '>15'):>15s} "
+                    f"{fmt(r['median_seconds'], '>16.1f'):>16s} {r['worst_none_rate']:>10.0%} "
+                    f"{r['sample_seconds']:>15.2f} {r['reward_seconds']:>6.2f} {r['train_seconds']:>6.2f}")
+    return "\n".join(rows + [f"(balanced: seeds whose q came within {WITHIN} of 0.5 and stayed within {STAYS}, "
+                             f"in {epochs} epochs; medians count a seed that never balanced as {epochs} epochs and "
+                             "its whole training time)"])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="a new folder")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"of {', '.join(CONFIGS)}")
+    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
+    args = parser.parse_args(argv)
+    names, seeds = args.configs.split(","), [int(s) for s in args.seeds.split(",")]
+    if set(names) - set(CONFIGS):
+        parser.error(f"--configs: unknown {', '.join(sorted(set(names) - set(CONFIGS)))}; known: {', '.join(CONFIGS)}")
+    if os.path.exists(args.out) and os.listdir(args.out):
+        parser.error(f"out: {args.out} is not empty")
+    os.makedirs(os.path.join(args.out, "runs"))
+    todo, running, done, began = [(n, s) for n in names for s in seeds], [], {}, time.time()
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name, seed = todo.pop(0)
+            running.append((name, seed, *run(args.out, name, seed, args.epochs)))
+        time.sleep(0.5)
+        for item in [r for r in running if r[3].poll() is not None]:
+            running.remove(item)
+            name, seed, folder, proc = item
+            if proc.returncode:
+                sys.exit(f"{name} seed {seed} failed (exit {proc.returncode}): see {folder}.log")
+            with open(os.path.join(folder, "metrics.jsonl")) as f:
+                done[name, seed] = summarise([json.loads(line) for line in f])
+            print(f"{name} seed {seed}: balanced at epoch {done[name, seed]['balanced_at']}", flush=True)
+    results = {}
+    for name in names:
+        rows = [done[name, s] for s in seeds]
+        whole = lambda r: sum(r[k] for k in ("sample_seconds", "reward_seconds", "train_seconds")) * args.epochs
+        results[name] = {
+            "flags": CONFIGS[name], "seeds": {s: done[name, s] for s in seeds},
+            "balanced": f"{sum(r['balanced_at'] is not None for r in rows)}/{len(rows)}",
+            "median_epochs": statistics.median(args.epochs if r["balanced_at"] is None else r["balanced_at"]
+                                               for r in rows),
+            "median_seconds": statistics.median(whole(r) if r["seconds_to_balance"] is None
+                                                else r["seconds_to_balance"] for r in rows),
+            "worst_none_rate": max(r["worst_none_rate"] for r in rows),
+            **{k: statistics.fmean(r[k] for r in rows) for k in ("sample_seconds", "reward_seconds", "train_seconds")}}
+    text = table(results, args.epochs)
+    print(text)
+    with open(os.path.join(args.out, "bench.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump({"settings": toyworld.SETTINGS, "epochs": args.epochs, "seeds": seeds, "jobs": args.jobs,
+                   "wall_seconds": time.time() - began, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
