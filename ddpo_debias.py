@@ -87,7 +87,7 @@ class Config:
     tests/test_ddpo.py). 0 trains every step, as DDPO."""
     train_fraction: float = 1.0
     """The share of each image's trained steps that the update trains, a random subset per image and epoch (DDPO's
-    timestep_fraction): fewer steps, a cheaper update. 1 trains them all."""
+    timestep_fraction): fewer steps, a cheaper update. 1 trains them all (measured: docs/benchmarks.md)."""
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
@@ -107,7 +107,8 @@ class Config:
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
     advantage_scale: float = 0.0
-    """0: advantages divided by the rewards' std (DDPO). > 0: by this fixed number instead (compute_advantages)."""
+    """0: advantages divided by the rewards' std (DDPO). > 0: by this fixed number instead (compute_advantages;
+    measured: docs/benchmarks.md)."""
     max_grad_norm: float = 1.0
     """Gradient norm clip before every optimizer step, as DDPO."""
     updates_per_epoch: int = 2

@@ -26,11 +26,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "today": [],
     "ddpo": ["--skip-final-steps=0"],  # DDPO's scheme: every step trained
-    "half-steps": ["--train-fraction=0.5"],  # half of the trained steps of each image, at random (DDPO's option)
+    "half-steps": ["--train-fraction=0.5"],  # 2 of the 3 trained steps of each image at T = 5, at random (DDPO's)
     "fixed-scale": ["--advantage-scale=0.1"],  # R_balance's rewards divided by a fixed 0.1, not the batch's std
     "fixed-scale-lr1e-3": ["--advantage-scale=0.1", "--lr=1e-3"],
     "two-updates": ["--updates-per-epoch=2", "--train-batch-size=32", "--lr=1e-3"],
     "batch-32": ["--batch-size=32", "--train-batch-size=8"],  # half the images an epoch, 4 updates of 8
+    "fixed-scale-lr2e-3": ["--advantage-scale=0.1", "--lr=2e-3"],
+    "fixed-scale-lr1e-3-batch-32": ["--advantage-scale=0.1", "--lr=1e-3", "--batch-size=32", "--train-batch-size=8"],
+    "fixed-scale-lr1e-3-half-steps": ["--advantage-scale=0.1", "--lr=1e-3", "--train-fraction=0.5"],
+    "fixed-scale-0.15-lr1e-3-batch-32": ["--advantage-scale=0.15", "--lr=1e-3", "--batch-size=32",
+                                         "--train-batch-size=8"],
+    "fixed-scale-lr7e-4-batch-32": ["--advantage-scale=0.1", "--lr=7e-4", "--batch-size=32", "--train-batch-size=8"],
 }
 WITHIN, STAYS = 0.1, 0.2  # the balance test of tests/test_learning.py, on 2-epoch windows
 
