@@ -5,7 +5,7 @@
 
 It builds the SD v1.5 architecture with random weights (tests.random_sd15) in --model, or reuses it there, then
 runs the real CLI with --profile in each configuration of CONFIGS, one after another, and a kill -9 of one run
-followed by its --resume. Each configuration gets an equal share of the time left (--budget seconds in all): at
+followed by its --resume. Each configuration gets its weighted part of the time left (--budget seconds in all): at
 its end the run gets SIGTERM, finishes its epoch and saves (docs/reliability.md), and after a grace period
 SIGKILL; what it logged is kept either way. Into OUT, so that few files come back from a lent machine:
 
@@ -30,11 +30,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` from any folder
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (name, flags, epochs). The defaults are the README's command: 16 images, 50 steps, CFG 5.0, auto precision.
-# fp16 comes last so that it takes the time the others leave: its GradScaler needs epochs to act (20 asked).
-CONFIGS = [("defaults", [], 3), ("compile", ["--compile"], 3), ("low-memory", ["--low-memory"], 3),
-           ("train-batch-size-8", ["--train-batch-size", "8"], 3), ("resume", ["--save-every", "1"], 3),
-           ("fp16", ["--mixed-precision", "fp16"], 20)]
+# (name, flags, epochs, weight). The defaults are the README's command: 16 images, 50 steps, CFG 5.0, auto
+# precision. A configuration gets the time left in proportion to its weight: --compile's first epoch compiles two
+# graphs. fp16 comes last so that it takes the time the others leave: its GradScaler needs epochs to act (20 asked).
+CONFIGS = [("defaults", [], 3, 1.0), ("compile", ["--compile"], 3, 1.8), ("low-memory", ["--low-memory"], 3, 1.0),
+           ("train-batch-size-8", ["--train-batch-size", "8"], 3, 1.0), ("resume", ["--save-every", "1"], 3, 1.2),
+           ("fp16", ["--mixed-precision", "fp16"], 20, 1.0)]
 TINY = ["--batch-size", "4", "--num-steps", "4", "--mixed-precision", "no"]  # --tiny: before each config's flags
 GRACE = 60  # seconds after SIGTERM for the run to finish its epoch and save, before SIGKILL
 PACKED = ("metrics.jsonl", "config.json", "plot.png")  # of each run folder, into runs.tar.gz
@@ -176,8 +177,8 @@ def main(argv=None):
     summary["build_seconds"] = time.time() - began
     base = ["--model", model, "--classifier", os.path.join(model, "classifier"), "--profile", *(TINY if args.tiny else [])]
     todo = [c for c in CONFIGS if c[0] in chosen]
-    for i, (name, flags, epochs) in enumerate(todo):
-        share = (deadline - time.time()) / (len(todo) - i)  # an equal share of what is left
+    for i, (name, flags, epochs, weight) in enumerate(todo):
+        share = (deadline - time.time()) * weight / sum(c[3] for c in todo[i:])  # its part of what is left
         print(f"{name}: up to {share:.0f} s", flush=True)
         row = run_config(name, flags, args.epochs or epochs, base, runs, time.time() + share)
         summary["configurations"][name] = row
