@@ -851,21 +851,24 @@ def check_scheduler(scheduler_config, path, num_steps):
 
 
 def load_classifier(config, device):
-    check_source("--classifier", config.classifier, "an image-classification model", "config.json")
-    with loading("--classifier", config.classifier):
-        try:
-            return rewards.GenderClassifier(config.classifier, device=device)
-        except rewards.LabelError as error:
-            raise UsageError(f"--classifier: {error}") from None
+    return load_transformers_model("--classifier", config.classifier, "an image-classification model",
+                                   rewards.GenderClassifier, rewards.LabelError, device)
 
 
 def load_quality_model(config, device):
-    check_source("--clip-model", config.clip_model, "a CLIP or image model", "config.json")
-    with loading("--clip-model", config.clip_model):
+    return load_transformers_model("--clip-model", config.clip_model, "a CLIP or image model", rewards.QualityModel,
+                                   rewards.QualityModelError, device)
+
+
+def load_transformers_model(flag, path, kind, model_class, refused, device):
+    """model_class(path, device=device) from a hub id or a folder; a missing, damaged or refused one (`refused`: the
+    class's own error, e.g. no female label) is one line naming `flag`."""
+    check_source(flag, path, kind, "config.json")
+    with loading(flag, path):
         try:
-            return rewards.QualityModel(config.clip_model, device=device)
-        except rewards.QualityModelError as error:
-            raise UsageError(f"--clip-model: {error}") from None
+            return model_class(path, device=device)
+        except refused as error:
+            raise UsageError(f"{flag}: {error}") from None
 
 
 def load_judge(config):
