@@ -1360,7 +1360,7 @@ class HeldOutCheck:
         self.embeds = [encode_prompts(text_encoder, tokenizer, [p], config.device) for p in self.prompts]
         with torch.random.fork_rng(devices=[]):  # loading may draw weights it leaves out; not from training's RNG
             self.quality = load_quality_model(config, config.device)
-        self.texts, self.reference = self.quality.texts(self.prompts), None
+        self.texts = self.quality.texts(self.prompts)  # (prompts, D), or None without a text tower
         if os.path.exists(reference_path):  # resumed: the images before training, as the run first drew them
             self.reference = torch.load(reference_path)["embeddings"]
         else:

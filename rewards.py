@@ -51,6 +51,26 @@ class LabelError(ValueError):
     """The classifier has no female or no male label."""
 
 
+class ModelInputs:
+    """An image processor's preprocessing, in torch on the images' device, so images never leave the GPU for PIL:
+    its size, mean and std (from AutoImageProcessor), a bilinear resize and the normalisation."""
+
+    def __init__(self, processor, device, dtype):
+        size = processor.size  # {"height", "width"} for ViT; {"shortest_edge"} for some others
+        side = size.get("shortest_edge")
+        self.size, self.dtype = (size.get("height", side), size.get("width", side)), dtype
+        # (1, 3, 1, 1) so that they broadcast over (B, 3, H, W)
+        self.mean = torch.tensor(processor.image_mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device, dtype=dtype).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> pixel_values (B, 3, *size), normalised."""
+        pixels = images.to(device=self.mean.device, dtype=self.dtype)
+        # antialias=True matches PIL's bilinear resize (which the image processor uses) when shrinking
+        pixels = F.interpolate(pixels, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        return (pixels - self.mean) / self.std
+
+
 class GenderClassifier:
     """P(female) for a batch of images, from a transformers image-classification model.
 
@@ -69,23 +89,12 @@ class GenderClassifier:
         if self.female_index is None or self.male_index is None:
             labels = ", ".join(str(label) for label in id2label.values())
             raise LabelError(f"classifier {model_name_or_path!r} needs a female and a male label; it has: {labels}")
-        processor = AutoImageProcessor.from_pretrained(model_name_or_path)
-        size = processor.size  # {"height", "width"} for ViT; {"shortest_edge"} for some others
-        side = size.get("shortest_edge")
-        self.size = (size.get("height", side), size.get("width", side))
-        # (1, 3, 1, 1) so that they broadcast over (B, 3, H, W)
-        self.mean = torch.tensor(processor.image_mean, device=device, dtype=dtype).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std, device=device, dtype=dtype).view(1, 3, 1, 1)
-        self.dtype = dtype
+        self.inputs = ModelInputs(AutoImageProcessor.from_pretrained(model_name_or_path), device, dtype)
 
     @torch.no_grad()  # the reward is a number handed to PPO: no gradient flows into the classifier
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> P(female) as float32 (B,)."""
-        pixels = images.to(device=self.mean.device, dtype=self.dtype)
-        # antialias=True matches PIL's bilinear resize (which the image processor uses) when shrinking
-        pixels = F.interpolate(pixels, size=self.size, mode="bilinear", antialias=True, align_corners=False)
-        pixels = (pixels - self.mean) / self.std
-        logits = self.model(pixel_values=pixels).logits  # (B, num_labels)
+        logits = self.model(pixel_values=self.inputs(images)).logits  # (B, num_labels)
         probs = logits.float().softmax(dim=-1)
         return probs[:, self.female_index]
 
@@ -459,7 +468,7 @@ class QualityModel:
     """Did the images survive? Unit image (and text) embeddings from --clip-model, for Shen et al.'s (ICLR 2024)
     quality numbers beside the bias (quality_report). A CLIP (get_image_features and get_text_features) gives both
     CLIP-T and CLIP-I; any other transformers image model (e.g. the toy world's ViT) gives image embeddings only,
-    its [CLS] token's, so CLIP-I only. Preprocessing as GenderClassifier: the processor's constants, in torch."""
+    its [CLS] token's, so CLIP-I only. Preprocessing as GenderClassifier's (ModelInputs)."""
 
     def __init__(self, model_name_or_path: str, device="cpu", batch: int = 32):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
@@ -477,20 +486,14 @@ class QualityModel:
             hf_logging.set_verbosity(verbosity)
         self.is_clip = hasattr(self.model, "get_image_features") and hasattr(self.model, "get_text_features")
         self.tokenizer = AutoTokenizer.from_pretrained(model_name_or_path) if self.is_clip else None
-        size = processor.size  # as GenderClassifier
-        side = size.get("shortest_edge")
-        self.size, self.batch = (size.get("height", side), size.get("width", side)), batch
-        self.mean = torch.tensor(processor.image_mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std, device=device).view(1, 3, 1, 1)
+        self.inputs, self.batch, self.device = ModelInputs(processor, device, torch.float32), batch, device
 
     @torch.no_grad()
     def images(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> unit embeddings (B, D), float32, in batches of `batch`."""
         out = []
         for chunk in images.split(self.batch):
-            pixels = F.interpolate(chunk.to(self.mean.device, torch.float32), size=self.size, mode="bilinear",
-                                   antialias=True, align_corners=False)
-            pixels = (pixels - self.mean) / self.std
+            pixels = self.inputs(chunk)
             if self.is_clip:
                 features = self.model.get_image_features(pixel_values=pixels)
             else:  # an image encoder: its [CLS] token (a classifier's pooler, if any, is not trained)
@@ -503,7 +506,7 @@ class QualityModel:
         """prompts [P] -> unit text embeddings (P, D); None for a model without a text tower."""
         if not self.is_clip:
             return None
-        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.mean.device)
+        tokens = self.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(self.device)
         return F.normalize(_tensor(self.model.get_text_features(**tokens)).float(), dim=-1)
 
 
