@@ -1,7 +1,8 @@
-"""ddpo-debias: fine-tune Stable Diffusion with RL from AI feedback until the faces it draws are gender-balanced.
+"""ddpo-debias: fine-tune Stable Diffusion with RL from AI feedback until the faces it draws are balanced.
 
-The prompt stays the same and no new data is used: a gender classifier scores each sampled image, and the
-UNet's attention projections are trained with DDPO so that the batch's female ratio moves toward 0.5.
+The prompt stays the same and no new data is used: a classifier (gender by default; any K classes with --classes)
+scores each sampled image, and the UNet's attention projections are trained with DDPO so that the batch's class
+shares move toward the target (the female ratio toward 0.5).
 
     DDIM     Song et al., arXiv 2010.02502: eq. (12) the step, eq. (16) its noise level σ_t(η)
     DDPO     Black et al., arXiv 2305.13301: each DDIM step with η > 0 is a Gaussian policy π(x_{t-1} | x_t, c)
@@ -70,15 +71,20 @@ class Config:
     prompt: str = "photo of the face of a computer scientist"
     """The one prompt the model is fine-tuned on; it is never changed (the paper's point)."""
     reward: str = "balance"
-    """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), 'soft_balance' (eq. 2-3 on P(female), not in the
+    """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), 'soft_balance' (eq. 2-3 on P(class), not in the
     paper: its advantages are not all zero when a batch holds no minority image), or 'rank' (the judge ranks the
     images, --judge-url); see rewards.REWARDS."""
+    classes: str = "female,male"
+    """The K classes to balance, comma-separated: labels of --classifier, matched by name (any case, never by
+    position); its other labels count as none. "a&b": a class of two classifiers, --classifier A,B (docs/classes.md)."""
+    target: str = ""
+    """The share to reach of each class, comma-separated, summing to 1 (t_c of R_balance); empty: 1/K each."""
     underrepresented: str = "auto"
-    """U for --reward shift: female, male, or auto = the rarer gender in the first epoch's samples (paper step 1)."""
+    """U for --reward shift: one of --classes, or auto = the rarest class in the first epoch's samples (step 1)."""
     trust_region: str = "clip"
     """'clip' (DDPO's clipped PPO) or 'truly' (Truly PPO: KL trust region with rollback)."""
     batch_size: int = 16
-    """Images sampled per epoch (B); the female ratio q of eq. (2) is taken over them."""
+    """Images sampled per epoch (B); the class shares of eq. (2) (q = the female share) are taken over them."""
     num_steps: int = 50
     """DDIM steps per image (T), as DDPO."""
     skip_final_steps: int = 2
@@ -125,7 +131,8 @@ class Config:
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """The policy: a hub id or a local Stable Diffusion pipeline folder."""
     classifier: str = "rizvandwiki/gender-classification-2"
-    """The AI feedback: a hub id or a local image-classification folder with female and male labels."""
+    """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
+    comma-separated, for intersectional classes."""
     device: str = ""
     """cpu, cuda or cuda:N; empty: cuda when there is one. config.json records the device used."""
     mixed_precision: str = "auto"
@@ -450,7 +457,7 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
 # PART 2. THE LOOP
 # =====================================================================================================================
 def train(config, classifier=None):
-    """The whole fine-tune into config.output_dir; `classifier` (images -> P(female)) replaces --classifier in tests.
+    """The whole fine-tune into config.output_dir; `classifier` (images -> P(class)) replaces --classifier in tests.
     Loading, resume, logging and checkpoints are part 3's (start_run, epoch_record, end_epoch); the loop below is the
     method. With torchrun every process runs it on its share of the images, and process 0 alone writes files."""
     run, config, metrics, first_epoch = start_run(config, classifier)
@@ -463,11 +470,11 @@ def train(config, classifier=None):
             samples = sample(unet, run.vae, run.scheduler, run.prompt_embeds, this_process(prompt_ids).to(device),
                              config, device, run.gens[0])
             laps("sample")
-            # 2. AI feedback: P(female) of each image, then its reward (rewards.py: R_balance eq. 2-3, R_shift eq. 1)
+            # 2. AI feedback: P(class) of each image, then its reward (rewards.py: R_balance eq. 2-3, R_shift eq. 1)
             #    against its prompt's window of images (with one prompt and N = B: this epoch's batch).
-            p_female = gather(run.labeller(samples["images"]))  # (B,): every process sees the whole epoch
+            probs = gather(run.labeller(samples["images"]))  # (B, K): every process sees the whole epoch
             ranks = judge_ranks(config, run, samples["images"], prompt_ids)  # --reward rank only, else None
-            reward_values, labels, per_prompt = run.history.score(config.reward, p_female, prompt_ids.tolist(), ranks)
+            reward_values, labels, per_prompt = run.history.score(config.reward, probs, prompt_ids.tolist(), ranks)
             # 3. Advantages: each reward standardised with its prompt's mean and std, clipped (DDPO).
             advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip,
                                             config.advantage_scale)
@@ -487,7 +494,7 @@ def train(config, classifier=None):
             #    and stop after a signal or after repeated non-finite steps.
             metrics.append(epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, spread, stats,
                                         skipped, grad_norms))
-            end_epoch(epoch, run, config, metrics, (gather(samples["images"]), p_female, labels), interrupted)
+            end_epoch(epoch, run, config, metrics, (gather(samples["images"]), probs, labels), interrupted)
     finish_run(run, config)
     return metrics
 
@@ -497,7 +504,7 @@ def train(config, classifier=None):
 # checkpoints, signals, devices, several processes and evaluation.
 # =====================================================================================================================
 CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"), "labeller": ("classifier", "judge"),
-           "underrepresented": ("female", "male", "auto"), "mixed_precision": ("auto", "no", "fp16", "bf16")}
+           "mixed_precision": ("auto", "no", "fp16", "bf16")}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
 
@@ -579,9 +586,18 @@ def validate(config):
             raise UsageError(f"{flag_of(f.name)}: must be a finite number, got {value}")
         if f.name in BOUNDS and not BOUNDS[f.name][0](value):
             raise UsageError(f"{flag_of(f.name)}: must be {BOUNDS[f.name][1]}, got {value}")
+    classes = classes_of(config)
+    target_of(config)  # UsageError for a bad --target
     if config.underrepresented != "auto" and config.reward != "shift":
         raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
                          f"batch), got it with --reward {config.reward}")
+    if config.underrepresented not in ("auto", *classes):
+        raise UsageError(f"--underrepresented: must be auto or one of --classes ({', '.join(classes)}), got "
+                         f"{config.underrepresented!r}")
+    models = config.classifier.split(",")
+    if config.labeller == "classifier" and any(c.count("&") + 1 != len(models) for c in classes):
+        raise UsageError(f"--classes: with {len(models)} classifier{'s' if len(models) > 1 else ''} each class is "
+                         + "&".join(["label"] * len(models)) + f", one label of each; got {config.classes!r}")
     for name in EVALUATION_ONLY:
         also = config.eval_every and name in ("eval_prompts", "clip_model")  # the held-out check uses these too
         if getattr(config, name) != getattr(Config, name) and not (config.evaluate or also):
@@ -609,7 +625,7 @@ def validate(config):
         raise UsageError(f"--compare: file {config.compare} does not exist")
     if config.compare:  # before sampling: an unpaired base report would be refused only after the whole evaluation
         settings = {"images_per_prompt": config.eval_images, "seed": config.seed, "num_steps": config.num_steps,
-                    "guidance_scale": config.guidance_scale}
+                    "guidance_scale": config.guidance_scale, "classes": classes}
         try:
             base = rewards.read_paired_report(config.compare, settings, read_prompts(config.eval_prompts))
         except ValueError as error:
@@ -647,6 +663,34 @@ def validate(config):
         raise UsageError(f"--device: {config.device} asked for, but this machine has no CUDA GPU")
     if kind == "cuda" and not int(index or 0) < torch.cuda.device_count():
         raise UsageError(f"--device: {config.device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
+
+
+def classes_of(config) -> list:
+    """--classes as a list of K >= 2 distinct names; UsageError otherwise."""
+    classes = [c.strip() for c in config.classes.split(",")]
+    folded = [c.lower() for c in classes]
+    problem = ("at least two classes" if len(classes) < 2 else "an empty name" if "" in classes else
+               "a repeated name" if len(set(folded)) < len(folded) else
+               "'none' or 'unclear', which name the images with no class" if {"none", "unclear"} & set(folded) else "")
+    if problem:
+        raise UsageError(f"--classes: needs {problem}, comma-separated, got {config.classes!r}" if problem.startswith(
+            "at least") else f"--classes: has {problem}: {config.classes!r}")
+    return classes
+
+
+def target_of(config) -> dict:
+    """--target as {class: t_c}, each > 0, summing to 1 (1/K each when empty); UsageError otherwise."""
+    classes = classes_of(config)
+    if not config.target:
+        return rewards.uniform(classes)
+    try:
+        shares = [float(t) for t in config.target.split(",")]
+    except ValueError:
+        raise UsageError(f"--target: must be numbers, comma-separated, got {config.target!r}") from None
+    if len(shares) != len(classes) or not all(0 < t < 1 for t in shares) or abs(sum(shares) - 1) > 1e-6:
+        raise UsageError(f"--target: needs {len(classes)} shares in (0, 1), one per class of --classes, summing to 1; "
+                         f"got {config.target!r}")
+    return dict(zip(classes, shares))
 
 
 def resolve_config(given):
@@ -851,24 +895,25 @@ def check_scheduler(scheduler_config, path, num_steps):
 
 
 def load_classifier(config, device):
-    return load_transformers_model("--classifier", config.classifier, "an image-classification model",
-                                   rewards.GenderClassifier, rewards.LabelError, device)
+    """The --classifier (rewards.Classifier, one or two models); a missing or damaged one, or one without a label of
+    --classes, is one line naming --classifier."""
+    for path in config.classifier.split(","):
+        check_source("--classifier", path, "an image-classification model", "config.json")
+    with loading("--classifier", config.classifier):
+        try:
+            return rewards.Classifier(config.classifier, classes_of(config), device=device)
+        except rewards.LabelError as error:
+            raise UsageError(f"--classifier: {error}") from None
 
 
 def load_quality_model(config, device):
-    return load_transformers_model("--clip-model", config.clip_model, "a CLIP or image model", rewards.QualityModel,
-                                   rewards.QualityModelError, device)
-
-
-def load_transformers_model(flag, path, kind, model_class, refused, device):
-    """model_class(path, device=device) from a hub id or a folder; a missing, damaged or refused one (`refused`: the
-    class's own error, e.g. no female label) is one line naming `flag`."""
-    check_source(flag, path, kind, "config.json")
-    with loading(flag, path):
+    """The --clip-model (rewards.QualityModel); a missing, damaged or refused one (not an image model) is one line."""
+    check_source("--clip-model", config.clip_model, "a CLIP or image model", "config.json")
+    with loading("--clip-model", config.clip_model):
         try:
-            return model_class(path, device=device)
-        except refused as error:
-            raise UsageError(f"{flag}: {error}") from None
+            return rewards.QualityModel(config.clip_model, device=device)
+        except rewards.QualityModelError as error:
+            raise UsageError(f"--clip-model: {error}") from None
 
 
 def load_judge(config):
@@ -876,7 +921,7 @@ def load_judge(config):
     if config.labeller != "judge" and config.reward != "rank":
         return None
     judge = rewards.Judge(config.judge_url, config.judge_model, config.judge_criterion, config.judge_group,
-                          config.judge_image_size, config.seed)
+                          config.judge_image_size, config.seed, classes=classes_of(config))
     judge.check()  # JudgeError, one line naming --judge-url (main)
     return judge
 
@@ -892,7 +937,7 @@ def check_hub(config, timeout=5):
     already in the local cache load from it, as with HF_HUB_OFFLINE=1) and refuse an id that is not cached."""
     sources = [("--model", config.model, "model_index.json")]
     if config.labeller == "classifier":
-        sources.append(("--classifier", config.classifier, "config.json"))
+        sources += [("--classifier", path, "config.json") for path in config.classifier.split(",")]
     if config.evaluate or config.eval_every:
         sources.append(("--clip-model", config.clip_model, "config.json"))
     sources = [source for source in sources if is_hub_id(source[1])]
@@ -921,7 +966,7 @@ class Run:
     unet: torch.nn.Module
     vae: torch.nn.Module
     scheduler: object
-    labeller: object  # images (B, 3, H, W) -> P(female) (B,): the classifier, or the judge with --labeller judge
+    labeller: object  # images (B, 3, H, W) -> P(class) (B, K): the classifier, or the judge with --labeller judge
     judge: object  # rewards.Judge with --labeller judge or --reward rank, else None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
@@ -956,7 +1001,7 @@ def start_run(config, classifier=None):
               gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
                                             None if config.underrepresented == "auto" else config.underrepresented,
-                                            announce=lead),
+                                            announce=lead, target=target_of(config)),
               lead=lead)
     metrics, first = [], 0
     if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
@@ -1048,8 +1093,8 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
     shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
     seconds = laps.seconds
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
-              "reward_std": finite_or_none(reward_values.std().item()), "female_ratio": rewards.female_ratio(labels),
-              "n_female": labels.count("female"), "n_male": labels.count("male"), "n_none": labels.count(None),
+              "reward_std": finite_or_none(reward_values.std().item()),
+              **rewards.bias_report(labels, run.history.target),  # counts, shares (q), bias, KL to the target
               "underrepresented": shared.pop() if config.reward == "shift" and len(shared) == 1 else None,
               "loss": loss, "approx_kl": approx_kl, "clipfrac": clipfrac, "kl": kl,
               "rollback_frac": rollback_frac, "grad_norm": grad_norms, "skipped_steps": skipped,
@@ -1076,7 +1121,7 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
 
 def end_epoch(epoch, run, config, metrics, scored, interrupted):
     """Write the epoch's metrics and pictures, save a checkpoint when due, and stop (RunError, Interrupted) after a
-    signal or after MAX_NONFINITE skipped steps in a row. scored: every process's (images, P(female), labels)."""
+    signal or after MAX_NONFINITE skipped steps in a row. scored: every process's (images, P(class), labels)."""
     record, out = metrics[-1], config.output_dir
     run.streak = run.streak + record["skipped_steps"] if record["skipped_steps"] else 0
     stop = run.streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
@@ -1084,8 +1129,8 @@ def end_epoch(epoch, run, config, metrics, scored, interrupted):
     if run.lead:  # stop after the same epoch, so that the checkpoint holds the state of every rank
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
         rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
-        rewards.save_plot(metrics, os.path.join(out, "plot.png"))
-        run.bar.set_postfix(reward=record["reward_mean"], female_ratio=record["female_ratio"])
+        rewards.save_plot(metrics, os.path.join(out, "plot.png"), run.history.target)
+        run.bar.set_postfix(reward=record["reward_mean"], bias=record["bias"])
         run.bar.update()
         if (epoch + 1) % config.save_every == 0 or epoch + 1 == config.epochs or signalled or stop:
             save_checkpoint(os.path.join(out, "checkpoint.pt"), run, epoch, metrics)
@@ -1249,7 +1294,7 @@ def count_flops(unet, prompt_embeds, config, device):
 # MASTER_ADDR and MASTER_PORT in their environment; without them nothing calls torch.distributed. Each helper below
 # does nothing with one process:
 # - this_process: rank r draws rows r·B/N..(r+1)·B/N of the epoch's images (sample) and trains on them (update);
-# - gather: P(female) is gathered, so every rank computes q, U, the rewards and the advantages of the whole epoch;
+# - gather: P(class) is gathered, so every rank computes q, U, the rewards and the advantages of the whole epoch;
 # - average_gradients: before each optimizer step, so every rank takes the same step and holds the same weights;
 # - progress: rank 0 alone shows progress, and writes files (Run.lead).
 DIST_TIMEOUT = datetime.timedelta(minutes=10)  # a collective that waits longer on a stuck rank fails: no endless hang
@@ -1376,7 +1421,7 @@ class HeldOutCheck:
         for i, embeds in enumerate(self.embeds):
             noise = torch.Generator(config.device).manual_seed(config.seed + i)
             images = sample(run.unet, run.vae, run.scheduler, embeds, ids, settings, config.device, noise)["images"]
-            labels.append(rewards.label_images(run.labeller(images)))
+            labels.append(rewards.label_images(run.labeller(images), classes_of(config)))
             embeddings.append(self.quality.images(images).cpu())
         return torch.stack(embeddings), labels
 
@@ -1384,7 +1429,7 @@ class HeldOutCheck:
         """-> the metrics record's "held_out": overall bias, none-rate, CLIP-T, CLIP-I and the seconds it took."""
         start = time.perf_counter()
         embeddings, labels = self.embed_images(run, config)
-        rows = [{"prompt": p, **rewards.bias_report(l), **rewards.quality_report(
+        rows = [{"prompt": p, **rewards.bias_report(l, target_of(config)), **rewards.quality_report(
             e, None if self.texts is None else self.texts[i].cpu(), self.reference[i])}
             for i, (p, l, e) in enumerate(zip(self.prompts, labels, embeddings))]
         seconds = time.perf_counter() - start
@@ -1415,13 +1460,14 @@ def evaluate(config, classifier=None):
         embeds = encode_prompts(text_encoder, tokenizer, [prompt], config.device)
         noise = torch.Generator(config.device).manual_seed(config.seed + i)  # prompt i: the same noise for any model
         images = sample(unet, vae, scheduler, embeds, ids, per_prompt, config.device, noise)["images"]
-        p_female = classifier(images)
-        labels = rewards.label_images(p_female)
+        probs = classifier(images)  # (n, K)
+        labels = rewards.label_images(probs, classes_of(config))
         embeddings.append(quality.images(images))  # (n, D): image j of prompt i pairs with the base's image j
-        rows.append({"prompt": prompt, **rewards.bias_report(labels), **rewards.quality_report(
+        rows.append({"prompt": prompt, **rewards.bias_report(labels, target_of(config)), **rewards.quality_report(
             embeddings[-1], None if texts is None else texts[i], None if base is None else base[i])})
-        rewards.save_grid(images, p_female, labels, prompt, os.path.join(config.output_dir, f"eval_{i:02d}.png"))
+        rewards.save_grid(images, probs, labels, prompt, os.path.join(config.output_dir, f"eval_{i:02d}.png"))
     report = {"model": config.model, "unet": config.unet or None, "classifier": config.classifier,
+              "classes": classes_of(config), "target": target_of(config),
               "quality_model": config.clip_model, "images_per_prompt": config.eval_images, "seed": config.seed,
               "num_steps": config.num_steps, "guidance_scale": config.guidance_scale, "prompts": rows,
               "overall": rewards.overall(rows)}

@@ -1,21 +1,23 @@
-"""AI feedback for ddpo-debias: a gender classifier and the two rewards of arXiv 2407.09551.
+"""AI feedback for ddpo-debias: a classifier and the rewards of arXiv 2407.09551, for two classes or K.
 
 The policy (Stable Diffusion) draws a batch of B faces; this file turns them into one reward per image.
 
-    GenderClassifier   any transformers image classifier with female/male labels -> P(female), (B,)
-    label_images       P(female) -> "female" / "male" / None, at the paper's confidence level 0.7
-    female_ratio       q of eq. (2), or None when no image is confidently female or male
-    r_shift            eq. (1): R_shift(x, U) = P(x shows U), U the under-represented gender
-    r_balance          eq. (2)-(3): q = F / (F + M); minority images get |q - 0.5|, all others -|q - 0.5|
-    r_soft_balance     not in the paper: eq. (2)-(3) on P(female) instead of labels, for a strong bias
+    Classifier         any transformers image classifier -> P(class) (B, K) for the K classes named by --classes
+                       (female, male by default), found among its labels by name; two classifiers for "a&b" classes
+    label_images       P(class) -> a class name, or None, at the paper's confidence level 0.7
+    class_shares       p̂_k = n_k / Σ n_j over the labelled images; female_ratio: q of eq. (2), p̂_female
+    r_shift            eq. (1): R_shift(x, U) = P(x shows U), U the under-represented class
+    r_balance          eq. (2)-(3) for K classes: an image of class c gets t_c - p̂_c (t: --target, uniform by
+                       default); for K = 2 that is |q - 0.5| for the minority and -|q - 0.5| for the majority
+    r_soft_balance     not in the paper: the same on P(class) instead of labels, for a strong bias
     r_rank, borda      the judge's ranking as a reward: centred Borda scores
     REWARDS            name -> reward function (one signature), so that the training script picks one by name
-    PromptHistory      each prompt's last N P(female) and rewards: q per prompt, advantage statistics per prompt;
+    PromptHistory      each prompt's last N P(class) and rewards: shares per prompt, advantage statistics per prompt;
                        its score() is what the training loop calls
 Then, not the method: the judge's HTTP client (Judge), the prompts file (read_prompts), the held-out evaluation's
 statistics (HELD_OUT, bias_report, overall, report_table, compare_reports) and the pictures (save_grid, save_plot).
 
-Shapes: B images; images are float tensors (B, 3, H, W) in [0, 1] on any device.
+Shapes: B images, K classes; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
 import base64
 import concurrent.futures
@@ -35,20 +37,28 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 THRESHOLD = 0.7  # the paper's confidence level: a label counts only where its probability is above it
-FEMALE_NAMES = ("female", "woman", "women")
-MALE_NAMES = ("male", "man", "men")
+GENDER = ("female", "male")  # the default classes (--classes), the paper's
+SYNONYMS = {"female": ("woman", "women"), "male": ("man", "men")}  # label names that also match these classes
 
 
-def _find_label(id2label: dict, names: tuple) -> int | None:
-    """Index of the first label whose lower-cased name is in `names`; by name, never by position."""
-    for index, label in id2label.items():
-        if str(label).strip().lower() in names:
-            return int(index)
-    return None
+def uniform(classes) -> dict:
+    """The default target (--target): every class an equal share, {class: 1/K}."""
+    return {c: 1 / len(classes) for c in classes}
 
 
 class LabelError(ValueError):
-    """The classifier has no female or no male label."""
+    """The classifier has no label of that name."""
+
+
+def find_label(id2label: dict, name: str, where: str) -> int:
+    """The index of the classifier's label called `name` (or a SYNONYMS entry), lower-cased: by name, never by
+    position, because copies of one classifier on the hub order their labels differently. LabelError otherwise."""
+    names = (name.lower(), *SYNONYMS.get(name.lower(), ()))
+    for index, label in id2label.items():
+        if str(label).strip().lower() in names:
+            return int(index)
+    labels = ", ".join(str(label) for label in id2label.values())
+    raise LabelError(f"classifier {where!r} has no label {name!r}; its labels are: {labels}")
 
 
 class ModelInputs:
@@ -71,90 +81,116 @@ class ModelInputs:
         return (pixels - self.mean) / self.std
 
 
-class GenderClassifier:
-    """P(female) for a batch of images, from a transformers image-classification model.
+class Classifier:
+    """P(class) of each of K named classes for a batch of images, from transformers image-classification models.
 
-    The image processor's constants (size, mean, std) come from `AutoImageProcessor`; the resize and
-    normalisation run in torch on the images' own device, so images never leave the GPU for PIL.
+    One model: class k's column of its softmax, found by name (find_label). Its labels that no class names count
+    as "none": their probability is in no class. Several models (--classifier A,B) for intersectional classes named
+    "a&b" (e.g. "female&black"): P(a&b) = P_A(a)·P_B(b), which assumes the two models' answers independent given the
+    image (each reads its own attribute, as a gender and a race classifier do); the 0.7 rule then asks the product,
+    so each part must be surer than 0.7 (√0.7 = 0.84 each when both are equally sure).
+    The image processor's constants come from `AutoImageProcessor`; the resize and normalisation run in torch on
+    the images' own device (ModelInputs).
     """
 
-    def __init__(self, model_name_or_path: str = "rizvandwiki/gender-classification-2", device="cpu",
+    def __init__(self, model_names_or_paths="rizvandwiki/gender-classification-2", classes=GENDER, device="cpu",
                  dtype: torch.dtype = torch.float32):
         from transformers import AutoImageProcessor, AutoModelForImageClassification  # here: 3 s, only when used
-        self.model = AutoModelForImageClassification.from_pretrained(model_name_or_path)
-        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # feedback, never trained
-        id2label = self.model.config.id2label
-        self.female_index = _find_label(id2label, FEMALE_NAMES)
-        self.male_index = _find_label(id2label, MALE_NAMES)
-        if self.female_index is None or self.male_index is None:
-            labels = ", ".join(str(label) for label in id2label.values())
-            raise LabelError(f"classifier {model_name_or_path!r} needs a female and a male label; it has: {labels}")
-        self.inputs = ModelInputs(AutoImageProcessor.from_pretrained(model_name_or_path), device, dtype)
+        paths = str(model_names_or_paths).split(",")  # a hub id or a folder each; a hub id has no comma
+        parts = [c.split("&") for c in classes]  # (K, number of models): each class's label in each model
+        if any(len(p) != len(paths) for p in parts):
+            raise LabelError(f"{len(paths)} classifier{'s' if len(paths) > 1 else ''}: name each class as "
+                             + "&".join(["label"] * len(paths)) + f", one label of each (got {','.join(classes)})")
+        self.models, self.inputs, self.columns = [], [], []
+        for m, path in enumerate(paths):
+            model = AutoModelForImageClassification.from_pretrained(path)
+            model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # feedback, never trained
+            self.columns.append([find_label(model.config.id2label, p[m], path) for p in parts])  # K indices
+            self.models.append(model)
+            self.inputs.append(ModelInputs(AutoImageProcessor.from_pretrained(path), device, dtype))
 
     @torch.no_grad()  # the reward is a number handed to PPO: no gradient flows into the classifier
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1] -> P(female) as float32 (B,)."""
-        logits = self.model(pixel_values=self.inputs(images)).logits  # (B, num_labels)
-        probs = logits.float().softmax(dim=-1)
-        return probs[:, self.female_index]
+        """images (B, 3, H, W) in [0, 1] -> P(class) as float32 (B, K), the classes in --classes order."""
+        probs = None
+        for model, inputs, columns in zip(self.models, self.inputs, self.columns):
+            logits = model(pixel_values=inputs(images)).logits  # (B, num_labels)
+            mine = logits.float().softmax(dim=-1)[:, columns]  # (B, K)
+            probs = mine if probs is None else probs * mine  # intersectional: independent, so a product
+        return probs
 
 
-def label_images(p_female: torch.Tensor | list, threshold: float = THRESHOLD) -> list:
-    """(B,) P(female), a tensor or a list -> B labels: "female" where P(female) > threshold, "male" where
-    1 - P(female) > threshold, else None (strictly greater, as in the paper). One host copy for a tensor."""
-    values = p_female.tolist() if torch.is_tensor(p_female) else p_female
-    return ["female" if p > threshold else "male" if 1.0 - p > threshold else None for p in values]
+def label_images(probs: torch.Tensor | list, classes=GENDER, threshold: float = THRESHOLD) -> list:
+    """(B, K) P(class), a tensor or nested lists -> B labels: the class whose probability is above threshold, else
+    None (strictly greater, as in the paper; above 0.5, at most one class can be). One host copy for a tensor."""
+    rows = probs.tolist() if torch.is_tensor(probs) else probs
+    return [classes[row.index(max(row))] if max(row) > threshold else None for row in rows]
+
+
+def class_shares(labels: list, classes=GENDER) -> list | None:
+    """p̂_k = n_k / Σ_j n_j over the confidently labelled images, one per class: eq. (2)'s q = F / (F + M) for
+    K = 2 is p̂_female. None when no image is labelled (the shares are undefined)."""
+    counts = [labels.count(c) for c in classes]
+    n = sum(counts)
+    return [count / n for count in counts] if n else None
 
 
 def female_ratio(labels: list) -> float | None:
     """q = F / (F + M), eq. (2); None when F + M = 0 (q is undefined: no image was confident)."""
-    n_female, n_male = labels.count("female"), labels.count("male")
-    return n_female / (n_female + n_male) if n_female + n_male else None
+    shares = class_shares(labels, GENDER)
+    return shares[0] if shares else None
 
 
-# Every reward takes (p_female (B,), labels [B], window, underrepresented, ranks) and returns (B,) on p_female's
-# device. window: the P(female) (N,) of the prompt's last N images (PromptHistory), which q is taken over (None: the
-# batch); underrepresented: U for R_shift; ranks: the judge's Borda scores (B,), for --reward rank only.
-def r_shift(p_female: torch.Tensor, labels=None, window=None, underrepresented: str | None = None,
+# Every reward takes (probs (B, K), labels [B], window, target, underrepresented, ranks) and returns (B,) on probs'
+# device. window: the P(class) (N, K) of the prompt's last N images (PromptHistory), which the shares are taken over
+# (None: the batch); target: {class: t_c}, the shares to reach, in the classes' order (default: uniform over
+# female, male); underrepresented: U for R_shift; ranks: the judge's Borda scores (B,), for --reward rank only.
+def r_shift(probs: torch.Tensor, labels=None, window=None, target=None, underrepresented: str | None = None,
             ranks=None) -> torch.Tensor:
-    """R_shift(x, U) = P(x shows U), eq. (1). (B,) -> (B,); P(male) = 1 - P(female) for a two-way classifier."""
-    if underrepresented not in ("female", "male"):
-        raise ValueError(f"underrepresented must be 'female' or 'male', got {underrepresented!r}")
-    return p_female if underrepresented == "female" else 1.0 - p_female
+    """R_shift(x, U) = P(x shows U), eq. (1): U's column of probs (B, K) -> (B,)."""
+    classes = list(target or GENDER)
+    if underrepresented not in classes:
+        raise ValueError(f"underrepresented must be one of {', '.join(classes)}, got {underrepresented!r}")
+    return probs[:, classes.index(underrepresented)]
 
 
-def r_balance(p_female: torch.Tensor, labels: list, window: torch.Tensor | None = None, underrepresented=None,
-              ranks=None) -> torch.Tensor:
-    """R_balance, eq. (2)-(3): a reward per image that peaks, in the batch total, at q = 0.5.
+def r_balance(probs: torch.Tensor, labels: list, window: torch.Tensor | None = None, target: dict | None = None,
+              underrepresented=None, ranks=None) -> torch.Tensor:
+    """R_balance, eq. (2)-(3) for K classes: an image of class c gets t_c - p̂_c.
 
-    q = F / (F + M) over the labels of `window` (default: these labels, the paper's batch),
-    d = |q - 0.5|, the minority is female if q < 0.5 else male.
-    An image of the minority class gets +d; every other image, None images included, gets -d.
-    With no None images the batch total is d·(n_min - n_maj) = -2·n·(q - 0.5)², zero only at q = 0.5.
-    If F + M = 0, q is undefined and every reward is 0: there is no balance to reward.
-    Returns float32 (B,) on p_female's device (the images' device, so that nothing is copied there later).
+    p̂ = class_shares over the labels of `window` (default: these labels, the paper's batch), t = target.
+    For K = 2 and t = (½, ½), q = p̂_female: a female image gets ½ - q and a male image ½ - (1 - q) = q - ½, which
+    is eq. (3)'s |q - ½| for the minority and -|q - ½| for the majority. An image with no confident label gets what
+    the most over-represented class gets, min_c (t_c - p̂_c): eq. (3)'s -|q - ½| for K = 2. The batch total is
+    n·Σ_c p̂_c(t_c - p̂_c) without None images, which for a uniform t is n·(1/K - Σ_c p̂_c²): zero only when every
+    share is 1/K, negative otherwise. If no image is labelled, p̂ is undefined and every reward is 0.
+    Returns float32 (B,) on probs' device (the images' device, so that nothing is copied there later).
     """
-    q = female_ratio(labels if window is None else label_images(window))
-    if q is None:
-        return torch.zeros(len(labels), device=p_female.device)
-    d = abs(q - 0.5)
-    minority = "female" if q < 0.5 else "male"  # at q = 0.5, d = 0 and the choice does not matter
-    return torch.tensor([d if label == minority else -d for label in labels], dtype=torch.float32,
-                        device=p_female.device)
+    target = target or uniform(GENDER)
+    classes = list(target)
+    shares = class_shares(labels if window is None else label_images(window, classes), classes)
+    if shares is None:
+        return torch.zeros(len(labels), device=probs.device)
+    gap = {c: target[c] - share for c, share in zip(classes, shares)}  # t_c - p̂_c: > 0 for an under-represented c
+    most_over = min(gap.values())  # the none images' reward: the majority's, as in eq. (3)
+    return torch.tensor([most_over if label is None else gap[label] for label in labels], dtype=torch.float32,
+                        device=probs.device)
 
 
-def r_soft_balance(p_female: torch.Tensor, labels=None, window: torch.Tensor | None = None, underrepresented=None,
-                   ranks=None) -> torch.Tensor:
-    """Not in the paper: eq. (2)-(3) on probabilities instead of thresholded labels, for a strong bias.
+def r_soft_balance(probs: torch.Tensor, labels=None, window: torch.Tensor | None = None, target: dict | None = None,
+                   underrepresented=None, ranks=None) -> torch.Tensor:
+    """Not in the paper: R_balance on probabilities instead of thresholded labels, for a strong bias.
 
-    q̃ = mean P(female) over `window` (default: the batch), d = |q̃ - 0.5|, the minority m is female if q̃ < 0.5
-    else male; image i gets d·(2·P_i(m) - 1): +d for a confident minority image, -d for a confident majority one,
-    as eq. (3), and 0 for an unreadable one (P = 0.5). Unlike eq. (3), a batch with no minority image still ranks
-    its images by how close they come to the minority, so the advantages are not all zero. (B,) -> (B,).
+    p̃_k = each class's share of the probability on the K classes over `window` (default: the batch); image x gets
+    Σ_k P_k(x)·(t_k - p̃_k), so a confident image of class c gets t_c - p̃_c as in R_balance and an unreadable one
+    about 0. For K = 2 and t = (½, ½) it is |q̃ - ½|·(2·P(minority) - 1). Unlike eq. (3), a batch with no minority
+    image still ranks its images by how close they come to the minority, so the advantages are not all zero.
+    (B, K) -> (B,).
     """
-    q = (p_female if window is None else window).mean()
-    p_minority = torch.where(q < 0.5, p_female, 1.0 - p_female)
-    return (q - 0.5).abs() * (2.0 * p_minority - 1.0)
+    target = target or uniform(GENDER)
+    mass = (probs if window is None else window).sum(dim=0)  # (K,): summed over the window's images
+    shares = mass / mass.sum()  # p̃ (K,)
+    return sum(probs[:, k] * (t - shares[k]) for k, t in enumerate(target.values()))  # Σ_k P_k(x)·(t_k - p̃_k), (B,)
 
 
 def borda(place: int, k: int) -> float:
@@ -162,73 +198,79 @@ def borda(place: int, k: int) -> float:
     return (k - 1 - place) / (k - 1) - 0.5
 
 
-def r_rank(p_female: torch.Tensor, labels=None, window=None, underrepresented=None, ranks=None) -> torch.Tensor:
+def r_rank(probs: torch.Tensor, labels=None, window=None, target=None, underrepresented=None,
+           ranks=None) -> torch.Tensor:
     """--reward rank: the judge's centred Borda scores (Judge.rank), computed before scoring."""
     return ranks
 
 
 # EXERCISE: add a reward here (e.g. one that also balances age) and pick it with --reward. RESCORED lists the rewards
-# that depend on the window's q: PromptHistory.score re-scores their window under today's q.
+# that depend on the window's shares: PromptHistory.score re-scores their window under today's shares.
 REWARDS = {"shift": r_shift, "balance": r_balance, "soft_balance": r_soft_balance, "rank": r_rank}
 RESCORED = ("balance", "soft_balance")
 
 
 # ------------------------------------------------------------------- many prompts: each prompt's own balance
 class PromptHistory:
-    """Each prompt's last N values of P(female) and of the reward, oldest first; N = --balance-window.
+    """Each prompt's last N values of P(class) and of the reward, oldest first; N = --balance-window.
 
-    With several prompts, q of eq. (2) is taken per prompt over its window, not over the batch: a batch balanced
-    overall can hide "all nurses female, all engineers male", which is the stereotype. The rewards' window gives
-    each prompt its own advantage mean and std (DDPO's per-prompt stat tracking), so that one prompt's reward scale
-    does not drown another's. With one prompt and N = B, both windows hold exactly the epoch's batch: the paper's q
-    and DDPO's batch statistics. Non-finite values (a NaN image) are not kept: they would poison N epochs' stats.
+    With several prompts, the shares of eq. (2) are taken per prompt over its window, not over the batch: a batch
+    balanced overall can hide "all nurses female, all engineers male", which is the stereotype. The rewards' window
+    gives each prompt its own advantage mean and std (DDPO's per-prompt stat tracking), so that one prompt's reward
+    scale does not drown another's. With one prompt and N = B, both windows hold exactly the epoch's batch: the
+    paper's q and DDPO's batch statistics. Non-finite values (a NaN image) are not kept: they would poison N epochs'
+    stats. target: {class: t_c} (default: female and male, ½ each).
     """
 
-    def __init__(self, prompts: list, size: int, underrepresented: str | None = None, announce: bool = True):
+    def __init__(self, prompts: list, size: int, underrepresented: str | None = None, announce: bool = True,
+                 target: dict | None = None):
         self.prompts, self.size, self.announce = list(prompts), size, announce  # announce: print U when chosen
-        self.windows = {"p_female": [[] for _ in self.prompts], "rewards": [[] for _ in self.prompts]}
+        self.target = target or uniform(GENDER)
+        self.classes = list(self.target)
+        self.windows = {"probs": [[] for _ in self.prompts], "rewards": [[] for _ in self.prompts]}
         self.underrepresented = [underrepresented] * len(self.prompts)  # U per prompt for R_shift; None: not yet
 
     def add(self, key: str, prompt: int, values: list) -> list:
-        """Append a prompt's new values to its `key` window, keep the last N; -> that window."""
-        window = (self.windows[key][prompt] + [v for v in values if math.isfinite(v)])[-self.size:]
-        self.windows[key][prompt] = window
-        return window
+        """Append a prompt's new values (numbers, or P(class) rows) to its `key` window, keep the last N; -> it."""
+        window = (self.windows[key][prompt] + [v for v in values if math.isfinite(sum(v) if key == "probs" else v)])
+        self.windows[key][prompt] = window[-self.size:]
+        return self.windows[key][prompt]
 
-    def score(self, name: str, p_female: torch.Tensor, prompt_ids: list, ranks=None):
+    def score(self, name: str, probs: torch.Tensor, prompt_ids: list, ranks=None):
         """Each prompt's images scored by REWARDS[name] against the prompt's own window; both windows updated.
-        R_shift with U auto: U is chosen per prompt as the rarer gender in its first images (the paper's step 1),
-        then kept. ranks: the judge's (B,) for --reward rank. -> rewards (B,) on p_female's device, the labels [B],
-        a metrics row per prompt present. Two host copies: P(female) and the rewards."""
+        R_shift with U auto: U is chosen per prompt as the rarest class in its first images (the paper's step 1),
+        then kept. probs (B, K); ranks: the judge's (B,) for --reward rank. -> rewards (B,) on probs' device, the
+        labels [B], a metrics row per prompt present. Two host copies: P(class) and the rewards."""
         reward, choose_u = REWARDS[name], name == "shift"
-        p_list, values, rows = p_female.tolist(), torch.zeros_like(p_female), {}
-        labels = label_images(p_list)
+        rows_list, values, rows = probs.tolist(), torch.zeros(len(probs), device=probs.device), {}
+        labels = label_images(rows_list, self.classes)
         groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
         for p, idx in groups.items():
             mine = [labels[i] for i in idx]
             if choose_u and self.underrepresented[p] is None:
-                self.underrepresented[p] = "female" if mine.count("female") <= mine.count("male") else "male"
+                self.underrepresented[p] = min(self.classes, key=mine.count)  # the rarest; a tie: the first named
                 if self.announce:  # with torchrun, rank 0 only
-                    tqdm.write(f"under-represented gender U = {self.underrepresented[p]} for {self.prompts[p]!r} (auto: "
-                               f"the rarer in its first {len(idx)} images)")
-            window = self.add("p_female", p, [p_list[i] for i in idx])  # the prompt's last N, these included
-            on_device = torch.tensor(window, device=p_female.device)  # (N,), for the reward
-            values[idx] = reward(p_female[idx], mine, on_device, self.underrepresented[p],
+                    tqdm.write(f"under-represented class U = {self.underrepresented[p]} for {self.prompts[p]!r} "
+                               f"(auto: the rarest in its first {len(idx)} images)")
+            window = self.add("probs", p, [rows_list[i] for i in idx])  # the prompt's last N, these included
+            on_device = torch.tensor(window, device=probs.device)  # (N, K), for the reward
+            values[idx] = reward(probs[idx], mine, on_device, self.target, self.underrepresented[p],
                                  None if ranks is None else ranks[idx]).float()
-            rows[p] = {"prompt": self.prompts[p], **bias_report(mine),  # eq. (2) on this epoch's images of p
-                       "window_female_ratio": female_ratio(label_images(window)),  # the q that R_balance used
+            rows[p] = {"prompt": self.prompts[p], **bias_report(mine, self.target),  # this epoch's images of p
+                       **window_report(label_images(window, self.classes), self.classes),  # the shares R_balance used
                        "underrepresented": self.underrepresented[p]}
         per_image = values.tolist()  # one host sync for the rewards' windows (the advantages' statistics)
         for p, idx in groups.items():
             mine = [per_image[i] for i in idx]
             # The window's rewards give the mean and std that standardise today's (compute_advantages). R_balance's
-            # size |q - 0.5| and its rewarded class are today's q's, so a reward stored under an older q would skew
-            # them: re-score the whole window under today's q (on the CPU, where the window already is). R_shift
-            # (U is fixed once chosen) and rank (Borda scores within a group, which only the judge could re-score)
-            # keep their rewards as given.
+            # rewards depend on today's shares, so a reward stored under older shares would skew them: re-score
+            # the whole window under today's shares (on the CPU, where the window already is). R_shift (U is fixed
+            # once chosen) and rank (Borda scores within a group, which only the judge could re-score) keep their
+            # rewards as given.
             if name in RESCORED:
-                window = torch.tensor(self.windows["p_female"][p])  # (N,)
-                self.windows["rewards"][p] = reward(window, label_images(window), window).tolist()
+                window = torch.tensor(self.windows["probs"][p])  # (N, K)
+                self.windows["rewards"][p] = reward(window, label_images(window, self.classes), window,
+                                                    self.target).tolist()
             else:
                 self.add("rewards", p, mine)
             rows[p]["reward_mean"] = sum(mine) / len(mine) if all(map(math.isfinite, mine)) else None  # JSON: no NaN
@@ -238,7 +280,10 @@ class PromptHistory:
         return {"prompts": self.prompts, "windows": self.windows, "underrepresented": self.underrepresented}
 
     def load_state_dict(self, state: dict):
-        self.windows, self.underrepresented = state["windows"], state["underrepresented"]
+        windows = state["windows"]
+        if "p_female" in windows:  # a checkpoint from before K classes: P(female) alone, so P(male) = 1 - P(female)
+            windows = {"probs": [[[p, 1.0 - p] for p in w] for w in windows["p_female"]], "rewards": windows["rewards"]}
+        self.windows, self.underrepresented = windows, state["underrepresented"]
 
 
 # --------------------------------------------------------- the AI judge: a chat model that sees the images
@@ -246,9 +291,8 @@ class PromptHistory:
 # (a hosted API, vLLM, llama.cpp's server, Ollama) labels each image, or ranks the batch's images in groups: RLHF
 # with a chat model as the annotator. Standard library only: urllib, json, base64, threads.
 JUDGE_KEY_ENV = "JUDGE_API_KEY"  # the API key's only source: never a flag, never logged, printed or saved
-LABEL_QUESTION = ('Is the person in this image female or male? Answer with JSON only, one of {"gender": "female"}, '
-                  '{"gender": "male"}, {"gender": "unclear"}; "unclear" if there is no face or you cannot tell.')
-P_FEMALE = {"female": 1.0, "male": 0.0, "unclear": 0.5}  # a judge's label as P(female): label_images maps it back
+LABEL_QUESTION = ('Which of these describes the person in this image: {names}? Answer with JSON only, one of {answers}, '
+                  '{{"class": "unclear"}}; "unclear" if there is no face or you cannot tell.')
 RANK_QUESTION = ('These {k} images were generated for the prompt "{prompt}". Rank them, best first, by this '
                  'criterion: {criterion}. Answer with JSON only: {{"ranking": [...]}}, the image numbers 1 to {k} '
                  'each once, best first.')
@@ -271,8 +315,8 @@ class Judge:
     """
 
     def __init__(self, url: str, model: str, criterion: str, group: int = 4, image_size: int = 256, seed: int = 0,
-                 timeout: float = 120.0, retries: int = 4, parallel: int = 4, backoff: float = 1.0):
-        self.url, self.model, self.criterion = url.rstrip("/"), model, criterion
+                 timeout: float = 120.0, retries: int = 4, parallel: int = 4, backoff: float = 1.0, classes=GENDER):
+        self.url, self.model, self.criterion, self.classes = url.rstrip("/"), model, criterion, list(classes)
         self.group, self.image_size = group, image_size
         self.timeout, self.retries, self.parallel, self.backoff = timeout, retries, parallel, backoff
         self._key = os.environ.get(JUDGE_KEY_ENV)  # read once, sent only in the Authorization header
@@ -347,7 +391,7 @@ class Judge:
             try:
                 answer = response["choices"][0]["message"]["content"]
                 return parse(json.loads(answer[answer.index("{"):answer.rindex("}") + 1]))  # the JSON in the answer
-            except (KeyError, IndexError, TypeError, ValueError):
+            except (KeyError, IndexError, TypeError, ValueError, AttributeError):
                 pass
         self._count(unparsed=1)
         tqdm.write(f"judge: an answer was not the JSON asked for, twice; counted as {instead}")
@@ -373,11 +417,20 @@ class Judge:
         return files
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """The labeller: one request per image -> P(female) (B,) on the images' device: 1 female, 0 male, 0.5
-        unclear (label_images turns these back into the labels, at any threshold in [0.5, 1))."""
-        parse = lambda answer: P_FEMALE[answer["gender"]]  # KeyError for anything else: asked again
-        answers = self._map(lambda png: self.ask(LABEL_QUESTION, [png], parse, "unclear"), self.pngs(images))
-        return torch.tensor([0.5 if a is None else a for a in answers], device=images.device)
+        """The labeller: one request per image -> P(class) (B, K) on the images' device: 1 for the class named, 0
+        for the others, 1/K each when unclear (label_images turns these back into the labels, at any threshold in
+        [1/K, 1))."""
+        names = [c.replace("&", " and ") for c in self.classes]  # an intersectional class in words
+        question = LABEL_QUESTION.format(names=", ".join(names), answers=", ".join(
+            json.dumps({"class": n}) for n in names))
+        one_hot = {n.lower(): [float(k == j) for j in range(len(names))] for k, n in enumerate(names)}
+        unclear = [1 / len(names)] * len(names)
+
+        def parse(answer):  # a class named, or unclear; anything else raises (KeyError, AttributeError): asked again
+            said = answer["class"].strip().lower()
+            return unclear if said == "unclear" else one_hot[said]
+        answers = self._map(lambda png: self.ask(question, [png], parse, "unclear"), self.pngs(images))
+        return torch.tensor([unclear if a is None else a for a in answers], device=images.device)
 
     def rank(self, images: torch.Tensor, prompts: list) -> torch.Tensor:
         """R_rank: each prompt's images (prompts [B], image i's prompt) shuffled into groups of `group`, each group
@@ -442,24 +495,47 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> list | None:
     return [max(0.0, centre - half), min(1.0, centre + half)]  # clamped: rounding can step past 0 or 1
 
 
-def bias_report(labels: list) -> dict:
-    """One prompt's row of eval.json, from its images' labels: counts, q with its Wilson interval, Shen et al.'s
-    bias |f_male - f_female| over the confidently labelled images (= |1 - 2q|), and the share labelled none."""
-    n_female, n_male, n_none = labels.count("female"), labels.count("male"), labels.count(None)
-    q = female_ratio(labels)
-    return {"n_female": n_female, "n_male": n_male, "n_none": n_none, "female_ratio": q,
-            "female_ratio_95": wilson_interval(n_female, n_female + n_male),
-            "bias": None if q is None else abs(1 - 2 * q), "none_rate": n_none / len(labels)}
+def bias_report(labels: list, target: dict | None = None) -> dict:
+    """One prompt's row of eval.json (and of metrics.jsonl), from its images' labels and the target shares:
+    n_<class> and n_none; each class's share of the confidently labelled images with its 95% Wilson interval;
+    Shen et al.'s bias, the mean of |f_i - f_j| over all pairs of classes (|f_male - f_female| = |1 - 2q| for
+    K = 2); the KL divergence from the shares to the target, Σ_k f_k·log(f_k / t_k) (ITI-GEN's measure, 0 at the
+    target); the share labelled none. With a female class, also q and its interval as female_ratio(_95)."""
+    target = target or uniform(GENDER)
+    classes = list(target)
+    counts, n_none = [labels.count(c) for c in classes], labels.count(None)
+    n, shares = sum(counts), class_shares(labels, classes)
+    pairs = [(i, j) for i in range(len(classes)) for j in range(i + 1, len(classes))]
+    row = {f"n_{c}": count for c, count in zip(classes, counts)}
+    row.update(n_none=n_none, n_images=len(labels), shares=shares and dict(zip(classes, shares)),
+               shares_95=shares and {c: wilson_interval(count, n) for c, count in zip(classes, counts)},
+               bias=shares and sum(abs(counts[i] - counts[j]) for i, j in pairs) / n / len(pairs),  # |n_i - n_j|/n
+               kl_to_target=shares and sum(f * math.log(f / target[c]) for c, f in zip(classes, shares) if f > 0),
+               none_rate=n_none / len(labels))
+    if "female" in classes:  # the paper's q
+        row.update(female_ratio=shares and row["shares"]["female"], female_ratio_95=wilson_interval(row["n_female"], n))
+    return row
+
+
+def window_report(labels: list, classes=GENDER) -> dict:
+    """The shares over a prompt's window (what R_balance used), and q among them when there is a female class."""
+    shares = class_shares(labels, classes)
+    row = {"window_shares": shares and dict(zip(classes, shares))}
+    if "female" in classes:
+        row["window_female_ratio"] = shares and row["window_shares"]["female"]
+    return row
 
 
 def overall(rows: list) -> dict:
-    """Means over the prompts whose q is defined (mean bias, mean |q - 0.5|), the none-rate of all images, and the
-    means of the prompts' CLIP-T and CLIP-I where they were computed (quality_report)."""
-    defined = [r for r in rows if r["female_ratio"] is not None]
+    """Means over the prompts whose shares are defined (mean bias, mean KL to the target, and with a female class
+    mean |q - 0.5|), the none-rate of all images, and the means of the prompts' CLIP-T and CLIP-I where they were
+    computed (quality_report)."""
+    defined = [r for r in rows if r["shares"] is not None]
     mean = lambda xs: sum(xs) / len(xs) if xs else None
     return {"mean_bias": mean([r["bias"] for r in defined]),
-            "mean_abs_q_minus_half": mean([abs(r["female_ratio"] - 0.5) for r in defined]),
-            "none_rate": sum(r["n_none"] for r in rows) / sum(r["n_female"] + r["n_male"] + r["n_none"] for r in rows),
+            "mean_kl_to_target": mean([r["kl_to_target"] for r in defined]),
+            "mean_abs_q_minus_half": mean([abs(r["female_ratio"] - 0.5) for r in defined if "female_ratio" in r]),
+            "none_rate": sum(r["n_none"] for r in rows) / sum(r["n_images"] for r in rows),
             "mean_clip_t": mean([r["clip_t"] for r in rows if r.get("clip_t") is not None]),
             "mean_clip_i": mean([r["clip_i"] for r in rows if r.get("clip_i") is not None])}
 
@@ -530,19 +606,21 @@ def quality_report(embeddings: torch.Tensor, text: torch.Tensor | None, base: to
 
 
 def report_table(report: dict) -> str:
-    """eval.json as a table: a row per prompt (counts, q with its interval, bias, CLIP-T, CLIP-I), then the overall
-    means. "-": not defined (no labelled image, no text tower, no --compare)."""
-    lines = [f"{'prompt':48s} {'F':>4s} {'M':>4s} {'none':>5s}  {'q [95% interval]':20s} {'bias':>5s} "
-             f"{'CLIP-T':>6s} {'CLIP-I':>6s}"]
+    """eval.json as a table: a row per prompt (each class's count, none, the shares, bias, KL to the target,
+    CLIP-T, CLIP-I), then the overall means. "-": not defined (no labelled image, no text tower, no --compare)."""
+    classes = report.get("classes", list(GENDER))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
+    lines = [f"{'prompt':40s} " + " ".join(f"{c[:6]:>6s}" for c in classes) + f" {'none':>5s}  {'shares':{5 * len(classes)}s}"
+             f" {'bias':>5s} {'KL':>5s} {'CLIP-T':>6s} {'CLIP-I':>6s}"]
     for r in report["prompts"]:
-        q = "-" if r["female_ratio"] is None else "{:.2f} [{:.2f}, {:.2f}]".format(r["female_ratio"], *r["female_ratio_95"])
-        lines.append(f"{r['prompt'][-48:]:48s} {r['n_female']:4d} {r['n_male']:4d} {r['n_none']:5d}  {q:20s} "
-                     f"{fmt(r['bias']):>5s} {fmt(r.get('clip_t')):>6s} {fmt(r.get('clip_i')):>6s}")
+        shares = "-" if r["shares"] is None else "/".join(f"{r['shares'][c]:.2f}"[1:] for c in classes)  # .70/.20/.10
+        lines.append(f"{r['prompt'][-40:]:40s} " + " ".join(f"{r['n_' + c]:6d}" for c in classes) +
+                     f" {r['n_none']:5d}  {shares:{5 * len(classes)}s} {fmt(r['bias']):>5s} {fmt(r['kl_to_target']):>5s}"
+                     f" {fmt(r.get('clip_t')):>6s} {fmt(r.get('clip_i')):>6s}")
     return "\n".join(lines + ["overall: " + ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None)])
 
 
-PAIRED = ("images_per_prompt", "seed", "num_steps", "guidance_scale")  # what must match for the same noise per image
+PAIRED = ("images_per_prompt", "seed", "num_steps", "guidance_scale", "classes")  # the same noise per image, the same classes
 
 
 def read_paired_report(base_path: str, settings: dict, prompts: list) -> dict:
@@ -552,6 +630,7 @@ def read_paired_report(base_path: str, settings: dict, prompts: list) -> dict:
     try:
         with open(base_path) as f:
             base = json.load(f)
+        base.setdefault("classes", list(GENDER))  # an eval.json from before --classes: the two genders'
         unpaired = [k for k in PAIRED if base[k] != settings[k]]
         base_prompts = [r["prompt"] for r in base["prompts"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -572,11 +651,11 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
     base = read_paired_report(base_path, report, [r["prompt"] for r in report["prompts"]])
     before = {r["prompt"]: r for r in base["prompts"]}
     fmt = lambda v: "  -  " if v is None else f"{v:.2f}"
-    lines = [f"{'prompt':48s} {'q: base -> this':>16s} {'bias: base -> this':>19s} {'CLIP-T: base -> this':>21s} "
+    lines = [f"{'prompt':48s} {'KL: base -> this':>16s} {'bias: base -> this':>19s} {'CLIP-T: base -> this':>21s} "
              f"{'CLIP-I':>6s}"]
     for r in report["prompts"]:
         b = before[r["prompt"]]
-        lines.append(f"{r['prompt'][-48:]:48s} {fmt(b['female_ratio']):>7s} -> {fmt(r['female_ratio']):5s} "
+        lines.append(f"{r['prompt'][-48:]:48s} {fmt(b.get('kl_to_target')):>7s} -> {fmt(r['kl_to_target']):5s} "
                      f"{fmt(b['bias']):>10s} -> {fmt(r['bias']):5s} {fmt(b.get('clip_t')):>12s} -> "
                      f"{fmt(r.get('clip_t')):5s} {fmt(r.get('clip_i')):>6s}")
     base_overall, this_overall = overall(base["prompts"]), report["overall"]
@@ -600,7 +679,7 @@ def compare_reports(base_path: str, report: dict, png_path: str) -> str:
     image = Image.new("RGB", (width, top + row * len(bars) + 26), "white")
     draw = ImageDraw.Draw(image)
     common = f' "{" ".join(words[0][:shared])} ..."' if shared else ""
-    draw.text((4, 4), f"bias |f_male - f_female| per prompt{common}: grey base, blue this model", fill="black")
+    draw.text((4, 4), f"bias, mean |f_i - f_j|, per prompt{common}: grey base, blue this model", fill="black")
     draw.text((x_quality, 4), "CLIP-T: base > this", fill="black"), draw.text((x_quality + 100, 4), "CLIP-I", fill="black")
     for i, (name, b, t, quality) in enumerate(bars):
         y = top + i * row
@@ -635,44 +714,49 @@ def shorten(prompt: str, limit: int = 26) -> str:
 
 
 # ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
-def save_grid(images, p_female, labels, title, path, thumb=128):
-    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned "label P(female)"; √B
-    columns (at least 4), so that B = 16 is 4x4 and B = 64 is 8x8."""
+def save_grid(images, probs, labels, title, path, thumb=128):
+    """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned with its label and the
+    largest of its P(class) (B, K); √B columns (at least 4), so that B = 16 is 4x4 and B = 64 is 8x8."""
     from PIL import Image, ImageDraw
     pixels = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # one copy, once per epoch
     columns = max(4, math.isqrt(len(pixels)))
     rows, top = math.ceil(len(pixels) / columns), 16
     grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((3, 2), f"{title}: label at P > {THRESHOLD}, and P(female)", fill="black")
-    for i, (pix, p, label) in enumerate(zip(pixels, p_female.tolist(), labels)):
+    draw.text((3, 2), f"{title}: label at P > {THRESHOLD}, and the largest P(class)", fill="black")
+    for i, (pix, p, label) in enumerate(zip(pixels, probs.max(dim=1).values.tolist(), labels)):
         x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
         grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
         draw.text((x + 3, y + thumb + 1), f"{label or 'none'} {p:.2f}", fill="black")
     grid.save(path)
 
 
-def save_plot(metrics, path, width=520, height=170):
-    """reward_mean and female_ratio against the epoch, one panel each, with axes, ticks and the q = 0.5 line; with
-    several prompts, also each prompt's window q (metrics' per_prompt), a thin line per prompt labelled p0, p1, ...
-    at its end and named in a legend under the panels; with --eval-every, a third panel of the held-out check's
-    bias, none-rate, CLIP-T and CLIP-I."""
+def save_plot(metrics, path, target=None, width=520, height=170):
+    """reward_mean and the class shares against the epoch, one panel each, with axes, ticks and the target shares:
+    a line per class, labelled at its end; with several prompts, also each prompt's window share of the first class
+    (metrics' per_prompt), a thin line per prompt labelled p0, p1, ... and named in a legend under the panels; with
+    --eval-every, a third panel of the held-out check's bias, none-rate, CLIP-T and CLIP-I."""
     from PIL import Image, ImageDraw
     prompts = list(dict.fromkeys(r["prompt"] for m in metrics for r in m.get("per_prompt", [])))
     prompts = prompts if len(prompts) > 1 else []
-    keys = ("reward_mean", "female_ratio") + (("held_out",) if any(m.get("held_out") for m in metrics) else ())
+    target = target or uniform(GENDER)  # {class: t_c}, the run's --target
+    classes = list(target)
+    keys = ("reward_mean", "shares") + (("held_out",) if any(m.get("held_out") for m in metrics) else ())
     image = Image.new("RGB", (width, len(keys) * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
     draw = ImageDraw.Draw(image)
     last = max(metrics[-1]["epoch"] if metrics else 1, 1)
     for panel, key in enumerate(keys):
-        points = [(m["epoch"], m[key]) for m in metrics if key != "held_out" and m[key] is not None]
+        points = [(m["epoch"], m[key]) for m in metrics if key == "reward_mean" and m[key] is not None]
         values = [v for _, v in points] or [0.0]
-        low, high = (0.0, 1.0) if key in ("female_ratio", "held_out") else (min(values), max(values))
+        low, high = (0.0, 1.0) if key in ("shares", "held_out") else (min(values), max(values))
         high = high if high > low else low + 1e-6
         x0, y0, x1, y1 = 52, panel * height + 18, width - 30, (panel + 1) * height - 30  # the panel's frame
         to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
         draw.rectangle((x0, y0, x1, y1), outline="gray")
-        now = f"last = {points[-1][1]:.3f}" if points else "no value yet"  # "=": the font's space is 1 pixel wide
+        shares = next((m["shares"] for m in reversed(metrics) if m.get("shares")), None)
+        now = ("no value yet" if not (points if key == "reward_mean" else shares) else  # "=": the font's space is 1 pixel
+               f"last = {points[-1][1]:.3f}" if key == "reward_mean" else
+               "last: " + ", ".join(f"{c}={shares[c]:.2f}" for c in classes))
         draw.text((x0, y0 - 15), "held-out check (--eval-every)" if key == "held_out" else f"{key} ({now})",
                   fill="black")
         for v in (low, (low + high) / 2, high):  # y ticks
@@ -683,18 +767,21 @@ def save_plot(metrics, path, width=520, height=170):
             x = to_xy(e, low)[0]
             draw.line((x, y1, x, y1 + 4), fill="gray"), draw.text((x - 3 * len(str(e)), y1 + 5), str(e), fill="black")
         draw.text(((x0 + x1) / 2 - 14, y1 + 16), "epoch", fill="black")
-        if key == "female_ratio":  # the balance target
-            y = to_xy(0, 0.5)[1]
-            draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x0 + 4, y - 13), "q = 0.5", fill="gray")
         lines = [("blue", 2, "", points)]
+        if key == "shares":  # the targets, then a line per class
+            for t in sorted(set(target.values())):
+                y = to_xy(0, t)[1]
+                draw.line((x0, y, x1, y), fill="lightgray"), draw.text((x0 + 4, y - 13), f"t = {t:.2f}", fill="gray")
+            lines = [(CLASS_COLOURS[k % len(CLASS_COLOURS)], 2, c, [(m["epoch"], m["shares"][c]) for m in metrics
+                      if m.get("shares")]) for k, c in enumerate(classes)]
         if key == "held_out":  # the held-out check's numbers, each a line labelled at its end
             lines = [(colour, 1, name, [(m["epoch"], m["held_out"][field]) for m in metrics if m.get("held_out")
                                         and m["held_out"][field] is not None])
                      for colour, name, field in (("red", "bias", "mean_bias"), ("gray", "none", "none_rate"),
                                                  ("green", "CLIP-T", "mean_clip_t"), ("blue", "CLIP-I", "mean_clip_i"))]
-        if key == "female_ratio" and prompts:  # many prompts: each one's window q, labelled p0, p1, ...
-            lines += [(PALETTE[i % len(PALETTE)], 1, f"p{i}", [(m["epoch"], r["window_female_ratio"]) for m in metrics
-                      for r in m["per_prompt"] if r["prompt"] == prompt and r["window_female_ratio"] is not None])
+        if key == "shares" and prompts:  # many prompts: each one's window share of the first class, p0, p1, ...
+            lines += [(PALETTE[i % len(PALETTE)], 1, f"p{i}", [(m["epoch"], r["window_shares"][classes[0]])
+                       for m in metrics for r in m["per_prompt"] if r["prompt"] == prompt and r["window_shares"]])
                       for i, prompt in enumerate(prompts)]
         ends = []  # (y, label, colour) of each labelled line's last point
         for colour, thickness, name, series in lines:
@@ -708,10 +795,12 @@ def save_plot(metrics, path, width=520, height=170):
         y_free = -math.inf
         for y, name, colour in sorted(ends):  # labels right of the frame, pushed apart so that none hides another
             y_free = max(y, y_free + 11)
-            draw.text((x1 + 4, y_free - 6), name, fill=colour)
+            draw.text((x1 + 4, y_free - 6), name[:5], fill=colour)
     for i, prompt in enumerate(prompts):  # the legend: which prompt each label is
-        draw.text((x0, len(keys) * height + 2 + 14 * i), f"p{i}  {prompt}", fill=PALETTE[i % len(PALETTE)])
+        draw.text((x0, len(keys) * height + 2 + 14 * i),
+                  f"p{i}  {prompt}" + ("  (the share of " + classes[0] + ")" if i == 0 else ""), fill=PALETTE[i % len(PALETTE)])
     image.save(path)
 
 
 PALETTE = ("darkorange", "green", "red", "purple", "brown", "deeppink", "olive", "teal")  # save_plot's prompt lines
+CLASS_COLOURS = ("blue", "red", "green", "purple", "darkorange", "brown", "teal", "olive")  # save_plot's class lines

@@ -102,3 +102,9 @@ def make_tiny_clip(path, seed=0, image_size=32):
     CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                        image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28]).save_pretrained(path)
     return path
+
+
+def two_classes(p_female) -> torch.Tensor:
+    """P(female) (B,) as the classifier's (B, 2) P(class) over (female, male), for tests written in P(female)."""
+    p = torch.as_tensor(p_female, dtype=torch.float32)
+    return torch.stack([p, 1 - p], dim=-1)

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 import ddpo_debias as dd
 import rewards
-from tests.fixtures import SD_SCHEDULER
+from tests.fixtures import SD_SCHEDULER, two_classes
 
 
 class NoCrossDevice(TorchDispatchMode):
@@ -56,11 +56,11 @@ def test_losses_step_kl_advantages_and_rewards_stay_on_the_inputs_device():
         history.add("rewards", 1, [0.5, 0.25])  # prompt 1's own statistics, prompt 0 the batch's
         outputs.append(dd.compute_advantages(torch.randn(b, device=meta), torch.tensor([0, 1, 1], device=meta),
                                              history, 5.0))
-        p_female = torch.rand(b, device=meta)
+        probs = torch.rand(b, 2, device=meta)  # P(female), P(male)
         for name in rewards.REWARDS:
-            outputs.append(rewards.REWARDS[name](p_female, ["female", "male", None], underrepresented="female",
+            outputs.append(rewards.REWARDS[name](probs, ["female", "male", None], underrepresented="female",
                                                  ranks=torch.zeros(b, device=meta)))  # the judge's, for "rank"
-        outputs.append(rewards.r_balance(p_female, [None, None, None]))  # q undefined: zeros, still on the device
+        outputs.append(rewards.r_balance(probs, [None, None, None]))  # q undefined: zeros, still on the device
     assert mode.crossings == []
     assert all(t.device == meta for t in outputs + [kl])
 
@@ -106,7 +106,7 @@ def test_equal_rewards_skip_the_update(tiny_sd, tmp_path):
     config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=2, batch_size=4, num_steps=3,
                        mixed_precision="no", lr=1e-2, reward="balance")
     dd.prepare_run_dir(config)
-    all_female = lambda images: torch.full((images.shape[0],), 0.9)
+    all_female = lambda images: two_classes(torch.full((images.shape[0],), 0.9))
     metrics = dd.train(config, classifier=all_female)
     assert [m["equal_rewards"] for m in metrics] == [True, True]
     assert all(m["loss"] is None and m["skipped_steps"] == 0 for m in metrics)
@@ -194,7 +194,7 @@ def test_trust_region_threshold_is_derived_from_the_clip_range(tiny_sd, tmp_path
     config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=1, batch_size=2, num_steps=3,
                        mixed_precision="no", trust_region="truly", clip_range=1e-3)
     dd.prepare_run_dir(config)
-    dd.train(config, classifier=lambda images: torch.rand(images.shape[0]))
+    dd.train(config, classifier=lambda images: two_classes(torch.rand(images.shape[0])))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["kl_threshold"] == pytest.approx(1e-6 * 4 * 8 * 8 / 2) and saved["clip_range"] == 1e-3
 

@@ -11,6 +11,7 @@ import torch
 
 import ddpo_debias as dd
 from tests.test_cli import ROOT, TINY, read_metrics, run_cli, wait_for
+from tests.fixtures import two_classes
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
@@ -188,7 +189,7 @@ def test_disk_full_while_saving_is_one_line_and_leaves_no_temp_file(tiny_sd, tin
 def test_auto_precision_and_device_are_recorded(tiny_sd, tmp_path):
     config = dd.Config(model=tiny_sd, output_dir=str(tmp_path / "run"), epochs=1, batch_size=2, num_steps=3)
     dd.prepare_run_dir(config)
-    dd.train(config, classifier=lambda images: torch.rand(images.shape[0]))
+    dd.train(config, classifier=lambda images: two_classes(torch.rand(images.shape[0])))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["device"] == "cpu" and saved["mixed_precision"] == "no"  # fp32 on the CPU, not 'auto' or ''
 

@@ -8,6 +8,7 @@ import torch
 import ddpo_debias as dd
 import rewards
 from tests.test_edges import one_error_line, run_main
+from tests.fixtures import two_classes
 
 
 def evaluate(tiny_sd, tmp_path, name, scorer=None, **overrides):
@@ -28,7 +29,7 @@ def wilson_by_hand(k, n, z=1.96):
 def test_report_matches_hand_counts(tiny_sd, tiny_clip, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("photo of the face of a pilot\n\nphoto of the face of a nurse\n")
-    fixed = lambda images: torch.tensor([0.9, 0.95, 0.1, 0.5, 0.8])  # female, female, male, none, female
+    fixed = lambda images: two_classes([0.9, 0.95, 0.1, 0.5, 0.8])  # female, female, male, none, female
     report = evaluate(tiny_sd, tmp_path, "run", scorer=fixed, eval_prompts=str(prompts), clip_model=tiny_clip)
     assert [r["prompt"] for r in report["prompts"]] == ["photo of the face of a pilot", "photo of the face of a nurse"]
     row = report["prompts"][0]

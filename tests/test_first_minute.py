@@ -36,8 +36,8 @@ def test_help_survives_any_docstring(monkeypatch, capsys):
 
 def eval_report(path, prompts, **settings):
     """A hand-written eval.json: what --compare reads of a base report."""
-    row = {"n_female": 1, "n_male": 1, "n_none": 0, "female_ratio": 0.5, "female_ratio_95": [0.1, 0.9], "bias": 0.0,
-           "none_rate": 0.0}
+    row = {"n_female": 1, "n_male": 1, "n_none": 0, "n_images": 2, "shares": {"female": 0.5, "male": 0.5},
+           "female_ratio": 0.5, "female_ratio_95": [0.1, 0.9], "bias": 0.0, "kl_to_target": 0.0, "none_rate": 0.0}
     report = {"images_per_prompt": 2, "seed": 0, "num_steps": 2, "guidance_scale": 5.0, **settings,
               "quality_model": dd.Config.clip_model, "prompts": [{"prompt": p, **row} for p in prompts]}
     path.write_text(json.dumps(report))
@@ -214,8 +214,9 @@ def test_plot_labels_ticks_and_legend(tmp_path):
     """Four epochs get ticks 0-3; two prompts whose lines end at the same q get labels apart and a legend."""
     from PIL import Image
     prompts = ["photo of the face of a nurse", "photo of the face of a software developer"]
-    metrics = [{"epoch": e, "reward_mean": -0.1 * e, "female_ratio": 0.5,
-                "per_prompt": [{"prompt": p, "window_female_ratio": 0.5} for p in prompts]} for e in range(4)]
+    metrics = [{"epoch": e, "reward_mean": -0.1 * e, "shares": {"female": 0.5, "male": 0.5},
+                "per_prompt": [{"prompt": p, "window_shares": {"female": 0.5, "male": 0.5}} for p in prompts]}
+               for e in range(4)]
     rewards.save_plot(metrics, tmp_path / "plot.png")
     single = [{k: v for k, v in m.items() if k != "per_prompt"} for m in metrics]
     rewards.save_plot(single, tmp_path / "single.png")
@@ -239,6 +240,7 @@ def test_comparison_has_an_overall_line_and_bar(tmp_path):
     report = json.loads(base.read_text())
     for row, bias in zip(report["prompts"], (0.5, None)):
         row["bias"], row["female_ratio"] = bias, None if bias is None else 0.25
+        row["shares"] = None if bias is None else {"female": 0.25, "male": 0.75}
     report["overall"] = rewards.overall(report["prompts"])
     table = rewards.compare_reports(str(base), report, str(tmp_path / "compare.png"))
     overall = table.splitlines()[-1]

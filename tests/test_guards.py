@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ddpo_debias as dd
+from tests.fixtures import two_classes
 
 SMALL = dict(batch_size=4, num_steps=3, mixed_precision="no", lr=1e-3)
 
@@ -17,7 +18,7 @@ def make_run(tiny_sd, tmp_path, **overrides):
 
 def test_non_finite_rewards_skip_updates_then_stop(tiny_sd, tmp_path):
     config = make_run(tiny_sd, tmp_path, epochs=10, updates_per_epoch=1, reward="shift", underrepresented="female")
-    nan_classifier = lambda images: torch.full((images.shape[0],), float("nan"))
+    nan_classifier = lambda images: torch.full((images.shape[0], 2), float("nan"))
     with pytest.raises(dd.RunError, match="non-finite"):
         dd.train(config, classifier=nan_classifier)
     lines = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]

@@ -64,7 +64,7 @@ class FakeJudge:
                     answer = {"ranking": [i + 1 for i in order]}
                 else:
                     r, _, b = seen[0].tolist()
-                    answer = {"gender": "female" if r > b + 0.2 else "male" if b > r + 0.2 else "unclear"}
+                    answer = {"class": "female" if r > b + 0.2 else "Male" if b > r + 0.2 else "unclear"}
                 text = "I would say a woman." if step == "malformed" else "Sure: " + json.dumps(answer)
                 self.reply(200, {"choices": [{"message": {"role": "assistant", "content": text}}],
                                  "usage": {"prompt_tokens": 100 * len(images), "completion_tokens": 7}})
@@ -97,7 +97,7 @@ def test_labels_follow_the_images_and_the_request_is_a_chat_completion(fake, mon
     monkeypatch.setenv(rewards.JUDGE_KEY_ENV, KEY)
     j = judge(fake, image_size=64)
     p = j(colours("red", "blue", "grey", "red", "blue"))
-    assert p.tolist() == [1.0, 0.0, 0.5, 1.0, 0.0]
+    assert p.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]
     assert rewards.label_images(p) == ["female", "male", None, "female", "male"]
     assert len(fake.requests) == 5
     for path, headers, body, _, sizes in fake.requests:
@@ -108,6 +108,15 @@ def test_labels_follow_the_images_and_the_request_is_a_chat_completion(fake, mon
         assert headers["Authorization"] == f"Bearer {KEY}" and KEY not in json.dumps(body)
     assert j.take_stats() == {"requests": 5, "retries": 0, "unparsed": 0, "prompt_tokens": 500, "completion_tokens": 35}
     assert KEY not in repr(j)
+
+
+def test_labels_are_the_classes_asked_for_matched_by_name(fake):
+    """The question lists --classes (here in the other order, as JSON answers to choose from); the answer "Male"
+    is matched to the class "male" whatever its case, and P(class) follows the classes' order."""
+    p = judge(fake, classes=("male", "female"))(colours("red", "blue", "grey"))
+    assert p.tolist() == [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]]
+    text = fake.requests[0][2]["messages"][0]["content"][0]["text"]
+    assert 'male, female?' in text and '{"class": "male"}, {"class": "female"}, {"class": "unclear"}' in text
 
 
 def test_no_key_no_authorization_header(fake, monkeypatch):
@@ -145,15 +154,15 @@ def test_a_lone_image_and_an_unparsed_ranking_score_zero(fake):
 def test_a_malformed_answer_is_asked_again_once_then_unclear(fake):
     fake.script = ["malformed", "ok", "malformed", "malformed"]
     j = judge(fake, parallel=1)
-    assert j(colours("red")).tolist() == [1.0]  # the second answer was good
-    assert j(colours("blue")).tolist() == [0.5]  # twice unparsed: unclear, not a guess
+    assert j(colours("red")).tolist() == [[1.0, 0.0]]  # the second answer was good
+    assert j(colours("blue")).tolist() == [[0.5, 0.5]]  # twice unparsed: unclear, not a guess
     assert j.take_stats() == {"requests": 4, "retries": 0, "unparsed": 1, "prompt_tokens": 400, "completion_tokens": 28}
 
 
 def test_500_429_and_a_timeout_are_retried(fake):
     fake.script = ["500", "429", "slow", "ok"]
     j = judge(fake, parallel=1, timeout=0.3)
-    assert j(colours("blue")).tolist() == [0.0]
+    assert j(colours("blue")).tolist() == [[0.0, 1.0]]
     assert j.take_stats()["retries"] == 3
 
 

@@ -8,19 +8,20 @@ import torch
 
 import ddpo_debias as dd
 import rewards
+from tests.fixtures import two_classes
 from tests.test_edges import one_error_line, run_main
 
 PROMPTS = ["photo of the face of a nurse", "photo of the face of a mechanical engineer", "photo of the face of a pilot"]
 
 
 class RecordingClassifier:
-    """P(female) from a seeded generator, recorded per call, so a test knows every image's label."""
+    """P(female), P(male) from a seeded generator, recorded per call, so a test knows every image's label."""
 
     def __init__(self, seed=0):
         self.gen, self.calls = torch.Generator().manual_seed(seed), []
 
     def __call__(self, images):
-        p = torch.rand(images.shape[0], generator=self.gen)
+        p = two_classes(torch.rand(images.shape[0], generator=self.gen))
         self.calls.append(rewards.label_images(p))
         return p
 
@@ -65,7 +66,7 @@ def test_per_prompt_q_is_not_the_batch_q():
     """All nurses female, all engineers male: the batch is balanced (q = 0.5, R_balance = 0 for every image), but
     each prompt is not, and per prompt every image of the over-drawn gender is penalised."""
     history = rewards.PromptHistory(PROMPTS[:2], 4)
-    p_female = torch.tensor([0.9, 0.1, 0.9, 0.1, 0.9, 0.1])  # prompts 0, 1, 0, 1, 0, 1: the nurses female
+    p_female = two_classes([0.9, 0.1, 0.9, 0.1, 0.9, 0.1])  # prompts 0, 1, 0, 1, 0, 1: the nurses female
     batch = rewards.r_balance(p_female, rewards.label_images(p_female))
     assert torch.equal(batch, torch.zeros(6))
     values, _, rows = history.score("balance", p_female, [0, 1] * 3)
@@ -76,14 +77,14 @@ def test_per_prompt_q_is_not_the_batch_q():
 def test_u_is_announced_once_and_only_where_asked(capsys):
     """U is printed when it is chosen, once per prompt; a history told not to announce (torchrun's other ranks)
     chooses the same U silently."""
-    p_female = torch.tensor([0.9, 0.1, 0.1, 0.1])  # prompt 0: one female, one male; prompt 1: two male
+    p_female = two_classes([0.9, 0.1, 0.1, 0.1])  # prompt 0: one female, one male; prompt 1: two male
     for announce in (True, False):
         history = rewards.PromptHistory(["a", "b"], 4, announce=announce)
         for _ in range(2):
             history.score("shift", p_female, [0, 1, 0, 1])
         assert history.underrepresented == ["female", "female"]
         printed = capsys.readouterr()
-        assert (printed.out + printed.err).count("under-represented gender U") == (2 if announce else 0)
+        assert (printed.out + printed.err).count("under-represented class U") == (2 if announce else 0)
 
 
 def test_advantages_are_standardised_within_each_prompt():
@@ -111,7 +112,7 @@ def test_more_prompts_than_images_go_round_robin(tiny_sd, tmp_path):
 
 def test_shift_chooses_u_per_prompt(tiny_sd, tmp_path):
     """U auto: each prompt's from its own first images. Female-leaning nurses get U = male, the others U = female."""
-    lean = lambda images: torch.tensor([0.95, 0.05, 0.05] * (images.shape[0] // 3))  # prompt i of every 3 images
+    lean = lambda images: two_classes([0.95, 0.05, 0.05] * (images.shape[0] // 3))  # prompt i of every 3 images
     metrics, _ = train(tmp_path, "shift", model=tiny_sd, reward="shift", classifier=lean, epochs=2)
     assert [r["underrepresented"] for r in metrics[-1]["per_prompt"]] == ["male", "female", "female"]
     assert metrics[-1]["underrepresented"] is None  # no single U for the run
@@ -135,7 +136,7 @@ def test_plot_has_a_line_per_prompt(tiny_sd, tmp_path):
     """Three prompts at q = 1, 0 and 0.5 (so no line hides another): a line in each of PALETTE's first colours."""
     from PIL import ImageColor, Image
     colours = lambda folder: {c: n for n, c in Image.open(tmp_path / folder / "plot.png").convert("RGB").getcolors(1 << 20)}
-    apart = lambda images: torch.tensor([0.9, 0.1, 0.9, 0.9, 0.1, 0.1])  # prompts 0, 1, 2, 0, 1, 2
+    apart = lambda images: two_classes([0.9, 0.1, 0.9, 0.9, 0.1, 0.1])  # prompts 0, 1, 2, 0, 1, 2
     train(tmp_path, "plot", model=tiny_sd, epochs=2, classifier=apart)
     train(tmp_path, "single", prompts=PROMPTS[:1], model=tiny_sd, epochs=2, classifier=apart)
     many, one = colours("plot"), colours("single")
@@ -173,7 +174,7 @@ FEMALE, MALE = 0.9, 0.1  # P(female) of a confidently female and a confidently m
 
 
 def epoch_of(n_female, n=10):
-    return torch.tensor([FEMALE] * n_female + [MALE] * (n - n_female))
+    return two_classes([FEMALE] * n_female + [MALE] * (n - n_female))
 
 
 def test_a_window_of_three_epochs_is_rescored_under_todays_q():
@@ -208,7 +209,7 @@ def test_soft_balance_window_is_rescored_under_todays_q():
     for n_female in (2, 9):
         p_female = epoch_of(n_female)
         history.score("soft_balance", p_female, [0] * 10)
-    window = torch.cat([epoch_of(2), epoch_of(9)])
+    window = torch.cat([epoch_of(2), epoch_of(9)])  # (20, 2)
     assert history.windows["rewards"][0] == rewards.r_soft_balance(window, window=window).tolist()
 
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import ddpo_debias as dd
 from tests.test_evaluate import evaluate
+from tests.fixtures import two_classes
 
 PROMPTS = ["photo of the face of a nurse", "photo of the face of a pilot"]
 
@@ -23,7 +24,7 @@ def prompts_file(tmp_path):
 def test_clip_t_is_the_cosine_of_get_image_features_and_get_text_features(tiny_sd, tiny_clip, prompts_file, tmp_path):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
     seen = []
-    scorer = lambda images: seen.append(images) or torch.full((images.shape[0],), 0.9)
+    scorer = lambda images: seen.append(images) or two_classes(torch.full((images.shape[0],), 0.9))
     report = evaluate(tiny_sd, tmp_path, "run", scorer=scorer, eval_prompts=prompts_file, clip_model=tiny_clip)
     model, processor = CLIPModel.from_pretrained(tiny_clip).eval(), AutoImageProcessor.from_pretrained(tiny_clip)
     tokens = AutoTokenizer.from_pretrained(tiny_clip)(PROMPTS, padding=True, return_tensors="pt")

@@ -50,6 +50,10 @@ PROMPT = "photo of the face of a computer scientist"
 SIZE = 32  # image side in pixels; the latent is SIZE/4 = 8
 FEMALE_SHARE = 0.15
 TWO_PROMPTS = {"photo of the face of a nurse": 0.8, "photo of the face of a mechanical engineer": 0.2}  # opposite
+THREE = {"short": 0.7, "long": 0.2, "tall": 0.1}  # the three-class world's hair styles and their shares in its data
+# The three-class classifier's labels: capitalised and in another order than THREE, as hub classifiers' labels may be,
+# so that a run with --classes short,long,tall shows that classes are matched by name.
+THREE_LABELS = {0: "Long", 1: "Short", 2: "Tall"}
 SKIN = [(255, 224, 196), (241, 194, 155), (224, 172, 105), (198, 134, 66), (141, 85, 36), (95, 60, 35)]
 HAIR = [(20, 20, 20), (70, 45, 25), (120, 80, 40), (200, 170, 90), (150, 60, 30), (150, 150, 150)]
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -57,8 +61,11 @@ SHIPPED = os.path.join(HERE, "toyworld_model")  # the committed world
 
 
 # --------------------------------------------------------------------------------------------- the faces
-def draw_face(rng, female):
-    """One 32x32 face as a PIL image, drawn at 4x and downsampled (antialiased). rng: np.random.Generator."""
+def draw_face(rng, female, hair=None):
+    """One 32x32 face as a PIL image, drawn at 4x and downsampled (antialiased). rng: np.random.Generator.
+    hair: the three-class world's style, "short" (the cap alone, as a "male" face), "long" (as a "female" face) or
+    "tall" (hair piled high above the head); None: long if female else short, the two-class world."""
+    style = hair or ("long" if female else "short")
     s = 4 * SIZE
     jitter = lambda c, d=25: tuple(int(np.clip(v + rng.integers(-d, d + 1), 0, 255)) for v in c)
     background = tuple(int(v) for v in rng.integers(40, 230, 3))
@@ -70,9 +77,12 @@ def draw_face(rng, female):
     skin, hair = jitter(SKIN[rng.integers(len(SKIN))], 12), jitter(HAIR[rng.integers(len(HAIR))], 15)
     clothes = tuple(int(v) for v in rng.integers(0, 256, 3))
     draw.ellipse((cx - 2.2 * w, cy + 1.5 * r, cx + 2.2 * w, cy + 3.6 * r), fill=clothes)  # shoulders
-    if female:  # long hair: behind the head, falling beside the face to below the chin
+    if style == "long":  # long hair: behind the head, falling beside the face to below the chin
         length = rng.uniform(1.45, 1.8) * r
         draw.rounded_rectangle((cx - 1.35 * w, cy - 1.15 * r, cx + 1.35 * w, cy + length), radius=w * 0.9, fill=hair)
+    if style == "tall":  # tall hair: piled above the head, no lower than the cap's top
+        height = rng.uniform(1.6, 1.9) * r
+        draw.rounded_rectangle((cx - 0.8 * w, cy - height, cx + 0.8 * w, cy - 0.5 * r), radius=w * 0.6, fill=hair)
     draw.rectangle((cx - 0.35 * w, cy + 0.7 * r, cx + 0.35 * w, cy + 1.7 * r), fill=skin)  # neck
     draw.ellipse((cx - w, cy - r, cx + w, cy + r), fill=skin)  # head
     top = rng.uniform(0.25, 0.45)  # the cap (both classes): hair over the top of the head
@@ -109,6 +119,17 @@ def draw_non_face(rng):
 
 def to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W) in [0, 1]
+
+
+def make_styled_faces(n, shares, seed):
+    """The three-class world's faces: shares {hair style: share} -> images (n, 3, 32, 32) in [0, 1], style (n,) the
+    index of each face's style in `shares`; round(n·share) faces of each style but the last, which takes the rest."""
+    rng = np.random.default_rng(seed)
+    counts = [round(n * share) for share in list(shares.values())[:-1]]
+    style = np.repeat(np.arange(len(shares)), counts + [n - sum(counts)])
+    rng.shuffle(style)
+    names = list(shares)
+    return torch.stack([to_tensor(draw_face(rng, None, names[k])) for k in style]), torch.from_numpy(style)
 
 
 def make_faces(n, female_share, seed):
@@ -203,13 +224,21 @@ def train_unet(latents, embeds, steps, seed, which=None):
     return unet.eval(), loss.item()
 
 
-def train_classifier(steps, seed, vae, n=6000):
+def train_classifier(steps, seed, vae, n=6000, labels=None):
     """A ViT on balanced faces (labels female/male) and non-faces (target 0.5/0.5). Half of the faces are seen
     through the VAE (encoded and decoded), so that the classifier reads the decoder's slightly soft pixels as it
-    will read the diffusion model's samples."""
+    will read the diffusion model's samples. labels: the three-class world's {index: label}, each a hair style
+    (THREE_LABELS): faces balanced over them, non-faces toward 1/3 each."""
     from transformers import ViTConfig, ViTForImageClassification
     torch.manual_seed(seed)
-    faces, female = make_faces(n, 0.5, seed + 100)
+    if labels:
+        styles = {label.lower(): 1 / len(labels) for label in labels.values()}  # in label-index order
+        faces, which = make_styled_faces(n, styles, seed + 100)
+        face_targets = F.one_hot(which.long(), len(labels)).float()
+    else:
+        faces, female = make_faces(n, 0.5, seed + 100)
+        face_targets = F.one_hot((~female).long(), 2).float()
+        labels = {0: "female", 1: "male"}
     with torch.no_grad():
         for i in range(0, n // 2, 256):
             x = faces[i:min(i + 256, n // 2)] * 2 - 1
@@ -217,10 +246,10 @@ def train_classifier(steps, seed, vae, n=6000):
     rng = np.random.default_rng(seed + 200)
     others = torch.stack([to_tensor(draw_non_face(rng)) for _ in range(n // 3)])
     images = torch.cat([faces, others])
-    targets = torch.cat([F.one_hot((~female).long(), 2).float(), torch.full((len(others), 2), 0.5)])
+    targets = torch.cat([face_targets, torch.full((len(others), len(labels)), 1 / len(labels))])
     model = ViTForImageClassification(ViTConfig(
         image_size=SIZE, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=128, num_labels=2, id2label={0: "female", 1: "male"}, label2id={"female": 0, "male": 1}))
+        intermediate_size=128, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = _cosine(optimizer, steps)
     g = torch.Generator().manual_seed(seed)
@@ -234,11 +263,13 @@ def train_classifier(steps, seed, vae, n=6000):
     return model.eval(), loss.item()
 
 
-def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, shares=None):
+def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, shares=None, three=False):
     """Train every part and save the pipeline in `out` and the classifier in `out/classifier`. With `reuse` (a
     world folder), copy its VAE, text encoder, tokenizer and classifier, which do not depend on the share, and
     train only the UNet: a world at another bias in a third of the time. shares: {prompt: female share} to train
-    the UNet on several prompts, an equal part of the faces each (default: {PROMPT: female_share})."""
+    the UNet on several prompts, an equal part of the faces each (default: {PROMPT: female_share}). three: the
+    three-class world, hair styles THREE on PROMPT and a classifier with THREE_LABELS (needs `reuse` for the VAE
+    and text encoder)."""
     import shutil
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextModel, CLIPTokenizer, ViTImageProcessor
@@ -246,11 +277,14 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, share
     steps = dict(vae=20, unet=20, classifier=20) if quick else dict(vae=1200, unet=1800, classifier=1000)
     n = 512 if quick else 12000
     shares = shares or {PROMPT: female_share}
-    log = {"shares": shares, "seed": seed, "steps": steps, "images": n, "reused": reuse}
+    log = {"shares": THREE if three else shares, "seed": seed, "steps": steps, "images": n, "reused": reuse}
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
-    parts = [make_faces(n // len(shares), share, seed + 1000 * p)[0] for p, share in enumerate(shares.values())]
-    images, which = torch.cat(parts), torch.arange(len(parts)).repeat_interleave(n // len(shares))
+    if three:
+        images, which = make_styled_faces(n, THREE, seed)[0], torch.zeros(n, dtype=torch.long)
+    else:
+        parts = [make_faces(n // len(shares), share, seed + 1000 * p)[0] for p, share in enumerate(shares.values())]
+        images, which = torch.cat(parts), torch.arange(len(parts)).repeat_interleave(n // len(shares))
     if reuse:
         vae = AutoencoderKL.from_pretrained(os.path.join(reuse, "vae")).eval()
         text_encoder = CLIPTextModel.from_pretrained(os.path.join(reuse, "text_encoder")).eval()
@@ -269,10 +303,11 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, share
     StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                             scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(out)
-    if reuse:
+    if reuse and not three:
         shutil.copytree(os.path.join(reuse, "classifier"), os.path.join(out, "classifier"))
     else:
-        classifier, log["classifier_loss"] = train_classifier(steps["classifier"], seed, vae, n=600 if quick else 6000)
+        classifier, log["classifier_loss"] = train_classifier(steps["classifier"], seed, vae, n=600 if quick else 6000,
+                                                              labels=THREE_LABELS if three else None)
         classifier.save_pretrained(os.path.join(out, "classifier"))
         ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                           do_resize=True).save_pretrained(os.path.join(out, "classifier"))
@@ -384,6 +419,8 @@ def main(argv=None):
     b.add_argument("--reuse", help="a world folder whose VAE, text encoder and classifier to keep: trains the UNet only")
     b.add_argument("--two-prompts", action="store_true", help="train the UNet on TWO_PROMPTS, skewed in opposite "
                    "directions (the multi-prompt world of docs/many-prompts.md)")
+    b.add_argument("--three-classes", action="store_true", help="train the UNet on THREE hair styles (70/20/10) and "
+                   "a three-label classifier (the K-class world of docs/classes.md); needs --reuse")
     d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (about a minute on 2 cores)")
     d.add_argument("out", help="the run folder (new)")
     d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
@@ -401,7 +438,7 @@ def main(argv=None):
     if args.command == "demo":
         return demo(args.out, args.world, args.epochs, args.seed)
     print(json.dumps(build(args.out, args.female_share, args.seed, args.quick, args.reuse,
-                           TWO_PROMPTS if args.two_prompts else None), indent=2))
+                           TWO_PROMPTS if args.two_prompts else None, args.three_classes), indent=2))
     return 0
 
 
