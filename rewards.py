@@ -803,4 +803,4 @@ def save_plot(metrics, path, target=None, width=520, height=170):
 
 
 PALETTE = ("darkorange", "green", "red", "purple", "brown", "deeppink", "olive", "teal")  # save_plot's prompt lines
-CLASS_COLOURS = ("blue", "red", "green", "purple", "darkorange", "brown", "teal", "olive")  # save_plot's class lines
+CLASS_COLOURS = ("blue", "magenta", "darkcyan", "goldenrod", "navy", "darkgreen", "coral", "slateblue")  # class lines: none in PALETTE

@@ -241,7 +241,7 @@ def test_comparison_has_an_overall_line_and_bar(tmp_path):
     for row, bias in zip(report["prompts"], (0.5, None)):
         row["bias"], row["female_ratio"] = bias, None if bias is None else 0.25
         row["shares"] = None if bias is None else {"female": 0.25, "male": 0.75}
-    report["overall"] = rewards.overall(report["prompts"])
+    report["overall"], report["classes"] = rewards.overall(report["prompts"]), ["female", "male"]  # as evaluate()
     table = rewards.compare_reports(str(base), report, str(tmp_path / "compare.png"))
     overall = table.splitlines()[-1]
     assert overall.startswith("overall") and " 0.00 -> 0.50 " in overall, table  # the mean bias, base -> this
