@@ -61,26 +61,6 @@ def find_label(id2label: dict, name: str, where: str) -> int:
     raise LabelError(f"classifier {where!r} has no label {name!r}; its labels are: {labels}")
 
 
-class ModelInputs:
-    """An image processor's preprocessing, in torch on the images' device, so images never leave the GPU for PIL:
-    its size, mean and std (from AutoImageProcessor), a bilinear resize and the normalisation."""
-
-    def __init__(self, processor, device, dtype):
-        size = processor.size  # {"height", "width"} for ViT; {"shortest_edge"} for some others
-        side = size.get("shortest_edge")
-        self.size, self.dtype = (size.get("height", side), size.get("width", side)), dtype
-        # (1, 3, 1, 1) so that they broadcast over (B, 3, H, W)
-        self.mean = torch.tensor(processor.image_mean, device=device, dtype=dtype).view(1, 3, 1, 1)
-        self.std = torch.tensor(processor.image_std, device=device, dtype=dtype).view(1, 3, 1, 1)
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1] -> pixel_values (B, 3, *size), normalised."""
-        pixels = images.to(device=self.mean.device, dtype=self.dtype)
-        # antialias=True matches PIL's bilinear resize (which the image processor uses) when shrinking
-        pixels = F.interpolate(pixels, size=self.size, mode="bilinear", antialias=True, align_corners=False)
-        return (pixels - self.mean) / self.std
-
-
 class Classifier:
     """P(class) of each of K named classes for a batch of images, from transformers image-classification models.
 
@@ -90,7 +70,7 @@ class Classifier:
     image (each reads its own attribute, as a gender and a race classifier do); the 0.7 rule then asks the product,
     so each part must be surer than 0.7 (√0.7 = 0.84 each when both are equally sure).
     The image processor's constants come from `AutoImageProcessor`; the resize and normalisation run in torch on
-    the images' own device (ModelInputs).
+    the images' own device (ModelInputs, below with the evaluation's models: it is plumbing).
     """
 
     def __init__(self, model_names_or_paths="rizvandwiki/gender-classification-2", classes=GENDER, device="cpu",
@@ -538,6 +518,26 @@ def overall(rows: list) -> dict:
             "none_rate": sum(r["n_none"] for r in rows) / sum(r["n_images"] for r in rows),
             "mean_clip_t": mean([r["clip_t"] for r in rows if r.get("clip_t") is not None]),
             "mean_clip_i": mean([r["clip_i"] for r in rows if r.get("clip_i") is not None])}
+
+
+class ModelInputs:
+    """An image processor's preprocessing, in torch on the images' device, so images never leave the GPU for PIL:
+    its size, mean and std (from AutoImageProcessor), a bilinear resize and the normalisation."""
+
+    def __init__(self, processor, device, dtype):
+        size = processor.size  # {"height", "width"} for ViT; {"shortest_edge"} for some others
+        side = size.get("shortest_edge")
+        self.size, self.dtype = (size.get("height", side), size.get("width", side)), dtype
+        # (1, 3, 1, 1) so that they broadcast over (B, 3, H, W)
+        self.mean = torch.tensor(processor.image_mean, device=device, dtype=dtype).view(1, 3, 1, 1)
+        self.std = torch.tensor(processor.image_std, device=device, dtype=dtype).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> pixel_values (B, 3, *size), normalised."""
+        pixels = images.to(device=self.mean.device, dtype=self.dtype)
+        # antialias=True matches PIL's bilinear resize (which the image processor uses) when shrinking
+        pixels = F.interpolate(pixels, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        return (pixels - self.mean) / self.std
 
 
 class QualityModel:

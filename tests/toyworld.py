@@ -3,6 +3,8 @@
     python -m tests.toyworld build OUT [--female-share 0.15] [--seed 0] [--quick] [--reuse WORLD] [--two-prompts]
     python -m tests.toyworld demo OUT_RUN [--world DIR] [--epochs 16]   fine-tune it with --reward balance
     python -m tests.toyworld two OUT_RUN [--scope prompt|batch]        both prompts of the two-prompt world at once
+    python -m tests.toyworld build OUT --reuse tests/toyworld_model --three-classes    the three-class world
+    python -m tests.toyworld three OUT_RUN [--epochs 16] [--lr 0]      balance its three hair styles
 
 The shipped world is tests/toyworld_model (3 MB, built by `build` with the defaults: 15 min 45 s on the 2-core
 development machine, see its build.json). Every part is a real diffusers/transformers class saved with
@@ -343,6 +345,36 @@ def windows(metrics, size=5):
     return pooled
 
 
+THREE_WORLD = os.path.join(HERE, "toyworld_three")  # the three-class world's UNet and classifier (the rest: SHIPPED)
+THREE_FLAGS = [f"--unet={os.path.join(THREE_WORLD, 'unet')}", f"--classifier={os.path.join(THREE_WORLD, 'classifier')}",
+               "--classes=" + ",".join(THREE)]  # after cli_flags(), whose --classifier they replace
+
+
+def pooled_shares(metrics, classes, size=2):
+    """Each class's share over windows of `size` epochs: -> [(first epoch, {class: share} or None, none share)]."""
+    pooled = []
+    for start in range(0, len(metrics) - size + 1, size):
+        part = metrics[start:start + size]
+        counts = {c: sum(m[f"n_{c}"] for m in part) for c in classes}
+        n, none = sum(counts.values()), sum(m["n_none"] for m in part)
+        pooled.append((start, {c: k / n for c, k in counts.items()} if n else None, none / (n + none)))
+    return pooled
+
+
+def three(out, epochs=16, seed=0, extra=()):
+    """Fine-tune the three-class world with --reward balance at SETTINGS toward 1/3 of each hair style; prints the
+    shares pooled over 2-epoch windows (128 images)."""
+    import ddpo_debias
+    code = ddpo_debias.main(cli_flags() + THREE_FLAGS + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
+                                                         f"--output-dir={out}", *extra])
+    if code == 0:
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            for start, shares, none in pooled_shares([json.loads(line) for line in f], THREE):
+                print(f"epochs {start}-{start + 1}: " + ", ".join(f"{c} {v:.2f}" for c, v in (shares or {}).items())
+                      + f", none {none:.0%}")
+    return code
+
+
 def demo(out, world=SHIPPED, epochs=16, seed=0):
     """Fine-tune the world with --reward balance through the real CLI: the usual run folder in `out`."""
     import ddpo_debias
@@ -365,15 +397,16 @@ class PooledHistory:
 
     base = None  # rewards.PromptHistory, kept here while two() puts this class in its place
 
-    def __init__(self, prompts, size, underrepresented=None, announce=True):
-        self.pooled = self.base(prompts, size, underrepresented, announce)
-        self.shadow = self.base(prompts, size, underrepresented, announce=False)
+    def __init__(self, prompts, size, underrepresented=None, announce=True, target=None):
+        self.pooled = self.base(prompts, size, underrepresented, announce, target)
+        self.shadow = self.base(prompts, size, underrepresented, announce=False, target=target)
         self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
+        self.target = self.shadow.target
         self.underrepresented = self.shadow.underrepresented
 
-    def score(self, name, p_female, prompt_ids, ranks=None):
-        _, labels, rows = self.shadow.score(name, p_female, prompt_ids, ranks)
-        values, _, _ = self.pooled.score(name, p_female, [0] * len(prompt_ids), ranks)
+    def score(self, name, probs, prompt_ids, ranks=None):
+        _, labels, rows = self.shadow.score(name, probs, prompt_ids, ranks)
+        values, _, _ = self.pooled.score(name, probs, [0] * len(prompt_ids), ranks)
         return values, labels, rows  # compute_advantages: prompt 0's pooled window (= the batch), the batch's for prompt 1
 
     def state_dict(self):
@@ -432,7 +465,14 @@ def main(argv=None):
                    help="q per prompt (this project) or over the whole batch (the paper's q, the control)")
     t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--seed", type=int, default=0)
+    k = sub.add_parser("three", help="fine-tune the three-class world toward 1/3 of each hair style (about 2 minutes)")
+    k.add_argument("out", help="the run folder (new)")
+    k.add_argument("--epochs", type=int, default=16)
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--lr", help="another learning rate than SETTINGS' (0: the control)")
     args = parser.parse_args(argv)
+    if args.command == "three":
+        return three(args.out, args.epochs, args.seed, [f"--lr={args.lr}"] if args.lr else [])
     if args.command == "two":
         return two(args.out, args.scope, args.epochs, args.seed)
     if args.command == "demo":
