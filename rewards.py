@@ -544,7 +544,7 @@ class QualityModel:
     """Did the images survive? Unit image (and text) embeddings from --clip-model, for Shen et al.'s (ICLR 2024)
     quality numbers beside the bias (quality_report). A CLIP (get_image_features and get_text_features) gives both
     CLIP-T and CLIP-I; any other transformers image model (e.g. the toy world's ViT) gives image embeddings only,
-    its [CLS] token's, so CLIP-I only. Preprocessing as GenderClassifier's (ModelInputs)."""
+    its [CLS] token's, so CLIP-I only. Preprocessing as the Classifier's (ModelInputs)."""
 
     def __init__(self, model_name_or_path: str, device="cpu", batch: int = 32):
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer

@@ -16,7 +16,9 @@ trained (the default --skip-final-steps 2; training them, no setting tried learn
   swung to 0.70-0.79 on some seeds (the check allows 0.7). At 16 epochs every seed reached 0.5 by epoch 9.
 - R_shift (toyworld.SHIFT_SETTINGS): q only has to rise, so 2 updates of 32 at lr 1.5e-3. It passed 0.8 by epochs
   9-13 on seeds 0-2.
-The seven runs (104 epochs) take about 4 minutes on 2 cores, two at a time: about half of the suite.
+- The three-class world (docs/classes.md), R_balance at toyworld.THREE_SETTINGS (lr 1e-3): every class came within
+  0.1 of 1/3 (2-epoch windows) by epochs 4-7 on 4 of seeds 0-4 and by 16-17 on seed 2, and stayed within 0.2.
+The nine runs (136 epochs) take about 5 minutes on 2 cores, two at a time: about half of the suite.
 """
 import json
 import os
@@ -31,12 +33,15 @@ from tests import toyworld
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, TWO_EPOCHS = 16, 12
 SHIFT = ["--reward", "shift", "--underrepresented", "female"]
+THREE = [*toyworld.THREE_FLAGS, "--reward", "balance"]  # the three-class world
 RUNS = {  # name: (settings, flags) of a run of ddpo_debias.py on the world
     "balance-clip": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "clip"]),
     "balance-truly": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "truly"]),
     "shift-clip": (toyworld.SHIFT_SETTINGS, SHIFT + ["--trust-region", "clip"]),
     "shift-truly": (toyworld.SHIFT_SETTINGS, SHIFT + ["--trust-region", "truly"]),
     "control": (toyworld.SHIFT_SETTINGS, SHIFT + ["--lr", "0"]),
+    "three": (toyworld.THREE_SETTINGS, THREE),
+    "three-control": (toyworld.THREE_SETTINGS, THREE + ["--lr", "0"]),
 }
 TWO = ("two-prompt", "two-batch")  # the two-prompt world with q per prompt, and with the paper's q over the batch
 
@@ -52,9 +57,9 @@ def command(name, out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """name -> that run's metrics. The seven runs go two at a time, the longest first, one thread each: a UNet
+    """name -> that run's metrics. The nine runs go two at a time, the longest first, one thread each: a UNet
     this small keeps one core busy, so two runs side by side finish sooner than one after another on two threads
-    (and sooner than seven at once, which fight over the caches)."""
+    (and sooner than nine at once, which fight over the caches)."""
     out = tmp_path_factory.mktemp("learning")
 
     def train(name):
@@ -63,7 +68,7 @@ def runs(tmp_path_factory):
         assert proc.returncode == 0, proc.stderr[-2000:]
         with open(out / name / "metrics.jsonl") as f:
             return [json.loads(line) for line in f]
-    names = [*RUNS, *TWO]
+    names = ["three", "three-control", *[n for n in RUNS if not n.startswith("three")], *TWO]  # longest first
     with ThreadPoolExecutor(2) as pool:
         return dict(zip(names, pool.map(train, names)))
 
@@ -98,11 +103,11 @@ def test_r_shift_takes_the_female_ratio_past_0_8(runs, trust_region):
     assert not shifted(control), control
 
 
-@pytest.mark.parametrize("name", [*RUNS, *TWO])
+@pytest.mark.parametrize("name", [*[n for n in RUNS if not n.startswith("three")], *TWO])
 def test_the_faces_stay_faces(runs, name):
     """'None' (no label above 0.7) stays under 25% in every epoch: the method does not buy its reward with images
     the classifier cannot read, as R_shift at too high a learning rate did (docs/toy-world.md)."""
-    nones = [m["n_none"] / (m["n_female"] + m["n_male"] + m["n_none"]) for m in runs[name]]
+    nones = [m["n_none"] / m["n_images"] for m in runs[name]]
     assert max(nones) < 0.25, nones
 
 
@@ -133,3 +138,25 @@ def test_q_per_prompt_balances_both_prompts_where_the_batch_q_keeps_them_apart(r
     assert all(abs(q - 0.5) <= 0.1 for q in per_prompt.values()), per_prompt
     assert not all(abs(q - 0.5) <= 0.1 for q in batch.values()), batch
     assert batch[nurse] >= 0.65 and batch[engineer] <= 0.35, batch
+
+
+def thirds(metrics):
+    """Every class's share, pooled over 2-epoch windows (128 images: one epoch's share of a class at 1/3 swings by
+    ±0.06 at B = 64), comes within 0.1 of 1/3 and stays within 0.2 of it in every window after (at least 2)."""
+    shares = [s for _, s, _ in toyworld.pooled_shares(metrics, list(toyworld.THREE), 2)]
+    off = [max(abs(v - 1 / 3) for v in s.values()) if s else 1.0 for s in shares]  # the worst class per window
+    near = [w for w, o in enumerate(off) if o <= 0.1]
+    return bool(near) and len(off) - 1 - near[0] >= 2 and all(o <= 0.2 for o in off[near[0]:])
+
+
+def test_r_balance_brings_three_classes_to_a_third_each(runs):
+    """The three-class world (hair short/long/tall drawn about 70/20/10) with --classes short,long,tall: the
+    generalised R_balance (t_c - p̂_c) brings every class to within 0.1 of 1/3 and keeps it within 0.2, and the
+    same run at lr 0 fails the same check (docs/classes.md)."""
+    assert thirds(runs["three"]), [m["shares"] for m in runs["three"]]
+    none = {name: sum(m["n_none"] for m in runs[name]) / sum(m["n_images"] for m in runs[name]) for name in
+            ("three", "three-control")}  # this world's classifier reads fewer samples than the two-class world's
+    assert none["three"] <= none["three-control"] + 0.05, none  # faces as readable as the untrained world's
+    assert not thirds(runs["three-control"]), [m["shares"] for m in runs["three-control"]]
+    first = toyworld.pooled_shares(runs["three-control"], list(toyworld.THREE), 20)[0][1]
+    assert first["short"] > 0.55 and first["tall"] < 0.2, first  # the world is skewed, and stays so at lr 0

@@ -26,7 +26,7 @@ def test_the_world_is_biased_and_draws_faces():
     embeds = dd.encode_prompts(text_encoder, tokenizer, [toyworld.PROMPT], "cpu")
     images = dd.sample(unet, vae, scheduler, embeds, torch.zeros(64, dtype=torch.long), config, "cpu",
                        torch.Generator().manual_seed(1))["images"]
-    labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(images))
+    labels = rewards.label_images(rewards.Classifier(CLASSIFIER)(images))
     assert 0.1 <= labels.count("female") / 64 <= 0.25, labels
     assert labels.count(None) < 0.25 * 64, labels
 
@@ -40,7 +40,7 @@ def test_the_two_prompt_world_is_skewed_in_opposite_directions():
     embeds = dd.encode_prompts(text_encoder, tokenizer, list(toyworld.TWO_PROMPTS), "cpu")
     ids = torch.arange(64) % 2
     images = dd.sample(unet, vae, scheduler, embeds, ids, config, "cpu", torch.Generator().manual_seed(2))["images"]
-    labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(images))
+    labels = rewards.label_images(rewards.Classifier(CLASSIFIER)(images))
     nurses, engineers = labels[0::2], labels[1::2]
     assert rewards.female_ratio(nurses) >= 0.65 and rewards.female_ratio(engineers) <= 0.35, labels
     assert 0.3 <= rewards.female_ratio(labels) <= 0.7 and labels.count(None) < 0.25 * 64, labels
@@ -48,7 +48,7 @@ def test_the_two_prompt_world_is_skewed_in_opposite_directions():
 
 def test_the_classifier_reads_held_out_faces_and_says_none_to_the_rest():
     """> 95% right on faces it never saw (seed 999), "none" (max probability ≤ 0.7) on noise and non-faces."""
-    classifier = rewards.GenderClassifier(CLASSIFIER)
+    classifier = rewards.Classifier(CLASSIFIER)
     faces, female = toyworld.make_faces(400, 0.5, seed=999)
     labels = rewards.label_images(classifier(faces))
     accuracy = sum(label == ("female" if f else "male") for label, f in zip(labels, female.tolist())) / 400
@@ -70,7 +70,7 @@ def test_the_vae_keeps_faces_legible_at_unit_latent_std():
         latents = vae.encode(faces * 2 - 1).latent_dist.mode()
         decoded = ((vae.decode(latents).sample + 1) / 2).clamp(0, 1)
     assert 0.8 < (latents * vae.config.scaling_factor).std().item() < 1.25
-    labels = rewards.label_images(rewards.GenderClassifier(CLASSIFIER)(decoded))
+    labels = rewards.label_images(rewards.Classifier(CLASSIFIER)(decoded))
     assert sum(label == ("female" if f else "male") for label, f in zip(labels, female.tolist())) > 0.9 * 256
 
 
@@ -82,5 +82,37 @@ def test_the_builder_still_builds_a_world_that_loads(tmp_path):
     unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
     assert unet.config.sample_size == 8 and unet.config.in_channels == 4 and vae.config.scaling_factor != 1.0
     assert dd.derived_sizes(config, unet)["clip_range"] == pytest.approx(8e-4)
-    classifier = rewards.GenderClassifier(str(tmp_path / "world" / "classifier"))
+    classifier = rewards.Classifier(str(tmp_path / "world" / "classifier"))
     assert classifier(torch.rand(2, 3, 32, 32)).shape == (2,)
+
+
+THREE = list(toyworld.THREE)  # short, long, tall: the three-class world's classes
+
+
+def test_the_three_class_world_is_skewed_70_20_10():
+    """The three-class world (build --three-classes, docs/classes.md): 128 samples at 20 steps draw short hair
+    most, long hair less and tall hair least, as its data (70/20/10), and its classifier reads them."""
+    config = dd.Config(model=WORLD, unet=os.path.join(toyworld.THREE_WORLD, "unet"), batch_size=128, num_steps=20,
+                       mixed_precision="no")
+    unet, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
+    embeds = dd.encode_prompts(text_encoder, tokenizer, [toyworld.PROMPT], "cpu")
+    images = dd.sample(unet, vae, scheduler, embeds, torch.zeros(128, dtype=torch.long), config, "cpu",
+                       torch.Generator().manual_seed(3))["images"]
+    classifier = rewards.Classifier(os.path.join(toyworld.THREE_WORLD, "classifier"), THREE)
+    labels = rewards.label_images(classifier(images), THREE)
+    shares = dict(zip(THREE, rewards.class_shares(labels, THREE)))
+    assert shares["short"] >= 0.55 and shares["tall"] <= 0.2 and shares["short"] > shares["long"], shares
+    assert labels.count(None) < 0.25 * 128, labels
+
+
+def test_the_three_class_classifier_reads_held_out_faces_by_name():
+    """> 90% right on balanced faces it never saw, though its labels are "Long", "Short", "Tall" in another order
+    than --classes; "none" on most non-faces."""
+    classifier = rewards.Classifier(os.path.join(toyworld.THREE_WORLD, "classifier"), THREE)
+    faces, style = toyworld.make_styled_faces(300, dict.fromkeys(THREE, 1 / 3), seed=999)
+    labels = rewards.label_images(classifier(faces), THREE)
+    accuracy = sum(label == THREE[k] for label, k in zip(labels, style.tolist())) / 300
+    assert accuracy > 0.9, accuracy
+    rng = np.random.default_rng(999)
+    others = torch.stack([toyworld.to_tensor(toyworld.draw_non_face(rng)) for _ in range(200)])
+    assert rewards.label_images(classifier(others), THREE).count(None) >= 0.9 * 200
