@@ -1179,6 +1179,9 @@ def load_checkpoint(path, run):
     if state["history"]["prompts"] != run.history.prompts:
         raise UsageError(f"--prompts: the run was trained on other prompts ({len(state['history']['prompts'])}); "
                          "resume it with the prompts it started with")
+    classes = state["history"].get("classes", list(rewards.GENDER))  # a checkpoint from before --classes: gender
+    if classes != run.history.classes:  # its windows hold P(class) of those classes
+        raise UsageError(f"--classes: the run was trained on {','.join(classes)}; resume it with those classes")
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
     return state

@@ -257,7 +257,8 @@ class PromptHistory:
         return values, labels, list(rows.values())
 
     def state_dict(self) -> dict:
-        return {"prompts": self.prompts, "windows": self.windows, "underrepresented": self.underrepresented}
+        return {"prompts": self.prompts, "classes": self.classes, "windows": self.windows,
+                "underrepresented": self.underrepresented}
 
     def load_state_dict(self, state: dict):
         windows = state["windows"]

@@ -182,6 +182,14 @@ def test_history_shift_picks_the_rarest_class_and_windows_hold_k_columns():
     assert rows[0]["window_shares"] == pytest.approx({"a": 0.5, "b": 1 / 3, "c": 1 / 6})
 
 
+def test_resume_with_other_classes_is_refused(tiny_sd, tiny_classifier, tmp_path, capsys):
+    flags = ["--model", tiny_sd, "--classifier", tiny_classifier, "--batch-size", "4", "--num-steps", "3",
+             "--mixed-precision", "no", "--output-dir", tmp_path / "run"]
+    assert run_main(capsys, *flags, "--epochs", "1").returncode == 0
+    result = run_main(capsys, "--resume", tmp_path / "run", "--epochs", "2", "--classes", "male,female")
+    assert one_error_line(result, "--classes: the run was trained on female,male"), result.stderr
+
+
 def test_a_checkpoint_from_before_k_classes_resumes():
     history = rewards.PromptHistory(["p"], 4)
     history.load_state_dict({"prompts": ["p"], "windows": {"p_female": [[0.9, 0.2]], "rewards": [[0.1, -0.1]]},

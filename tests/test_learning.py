@@ -158,5 +158,5 @@ def test_r_balance_brings_three_classes_to_a_third_each(runs):
             ("three", "three-control")}  # this world's classifier reads fewer samples than the two-class world's
     assert none["three"] <= none["three-control"] + 0.05, none  # faces as readable as the untrained world's
     assert not thirds(runs["three-control"]), [m["shares"] for m in runs["three-control"]]
-    first = toyworld.pooled_shares(runs["three-control"], list(toyworld.THREE), 20)[0][1]
+    first = toyworld.pooled_shares(runs["three-control"], list(toyworld.THREE), len(runs["three-control"]))[0][1]
     assert first["short"] > 0.55 and first["tall"] < 0.2, first  # the world is skewed, and stays so at lr 0

@@ -83,7 +83,18 @@ def test_the_builder_still_builds_a_world_that_loads(tmp_path):
     assert unet.config.sample_size == 8 and unet.config.in_channels == 4 and vae.config.scaling_factor != 1.0
     assert dd.derived_sizes(config, unet)["clip_range"] == pytest.approx(8e-4)
     classifier = rewards.Classifier(str(tmp_path / "world" / "classifier"))
-    assert classifier(torch.rand(2, 3, 32, 32)).shape == (2,)
+    assert classifier(torch.rand(2, 3, 32, 32)).shape == (2, 2)
+
+
+def test_the_builder_builds_a_three_class_world_that_loads(tmp_path):
+    """build --three-classes --quick: the shipped world's VAE and text encoder, a new UNet and a three-label
+    classifier whose labels are found by name."""
+    log = toyworld.build(str(tmp_path / "three"), quick=True, reuse=WORLD, three=True)
+    assert log["shares"] == toyworld.THREE and "classifier_loss" in log
+    config = dd.Config(model=str(tmp_path / "three"), mixed_precision="no")
+    assert dd.load_models(config, "cpu")[0].config.sample_size == 8
+    classifier = rewards.Classifier(str(tmp_path / "three" / "classifier"), THREE)
+    assert classifier(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
 
 THREE = list(toyworld.THREE)  # short, long, tall: the three-class world's classes
