@@ -611,17 +611,21 @@ def report_table(report: dict) -> str:
     CLIP-T, CLIP-I), then the overall means. "-": not defined (no labelled image, no text tower, no --compare)."""
     classes = report.get("classes", list(GENDER))
     fmt = lambda v: "-" if v is None else f"{v:.2f}"
-    lines = [f"{'prompt':40s} " + " ".join(f"{c[:6]:>6s}" for c in classes) + f" {'none':>5s}  {'shares':{5 * len(classes)}s}"
-             f" {'bias':>5s} {'KL':>5s} {'CLIP-T':>6s} {'CLIP-I':>6s}"]
+    width = 5 * len(classes)  # the shares column, "0.70/0.20/0.10": 5 characters a class, less one
+    head = [f"{'prompt':44s}", *(f"{c[:6]:>6s}" for c in classes), f"{'none':>5s}", f" {'shares':{width}s}",
+            f"{'bias':>5s}", f"{'KL':>5s}", f"{'CLIP-T':>6s}", f"{'CLIP-I':>6s}"]
+    lines = [" ".join(head)]
     for r in report["prompts"]:
-        shares = "-" if r["shares"] is None else "/".join(f"{r['shares'][c]:.2f}"[1:] for c in classes)  # .70/.20/.10
-        lines.append(f"{r['prompt'][-40:]:40s} " + " ".join(f"{r['n_' + c]:6d}" for c in classes) +
-                     f" {r['n_none']:5d}  {shares:{5 * len(classes)}s} {fmt(r['bias']):>5s} {fmt(r['kl_to_target']):>5s}"
-                     f" {fmt(r.get('clip_t')):>6s} {fmt(r.get('clip_i')):>6s}")
-    return "\n".join(lines + ["overall: " + ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None)])
+        shares = "-" if r["shares"] is None else "/".join(f"{r['shares'][c]:.2f}" for c in classes)
+        lines.append(" ".join([f"{r['prompt'][-44:]:44s}", *(f"{r['n_' + c]:6d}" for c in classes),
+                               f"{r['n_none']:5d}", f" {shares:{width}s}", f"{fmt(r['bias']):>5s}",
+                               f"{fmt(r['kl_to_target']):>5s}", f"{fmt(r.get('clip_t')):>6s}",
+                               f"{fmt(r.get('clip_i')):>6s}"]))
+    overall = ", ".join(f"{k} {v:.3f}" for k, v in report["overall"].items() if v is not None)
+    return "\n".join(lines + ["overall: " + overall])
 
 
-PAIRED = ("images_per_prompt", "seed", "num_steps", "guidance_scale", "classes")  # the same noise per image, the same classes
+PAIRED = ("images_per_prompt", "seed", "num_steps", "guidance_scale", "classes")  # the same noise and classes
 
 
 def read_paired_report(base_path: str, settings: dict, prompts: list) -> dict:

@@ -274,3 +274,14 @@ def test_a_three_class_run_and_its_evaluation(tiny_sd, models_dir, tmp_path):
     assert report["classes"] == ["a", "b", "c"] and report["target"] == {"a": 0.5, "b": 0.25, "c": 0.25}
     for row in report["prompts"]:
         assert row["n_a"] + row["n_b"] + row["n_c"] + row["n_none"] == 4 and set(row["shares_95"] or "abc") == set("abc")
+
+
+def test_report_table_shows_each_class():
+    rows = [{"prompt": "a chef", **rewards.bias_report(["a"] * 4 + [None], THREE)},
+            {"prompt": "a nurse", **rewards.bias_report(["a", "b", "c"], THREE)}]
+    report = {"classes": list(THREE), "prompts": rows, "overall": rewards.overall(rows)}
+    lines = rewards.report_table(report).splitlines()
+    assert lines[0].split()[:5] == ["prompt", "a", "b", "c", "none"]
+    assert lines[1].split()[2:8] == ["4", "0", "0", "1", "1.00/0.00/0.00", "0.67"]  # bias (1 + 1 + 0) / 3
+    assert lines[2].split()[2:8] == ["1", "1", "1", "0", "0.33/0.33/0.33", "0.00"]
+    assert lines[3].startswith("overall: mean_bias 0.333, mean_kl_to_target ")
