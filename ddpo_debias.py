@@ -79,6 +79,9 @@ class Config:
     position); its other labels count as none. "a&b": a class of two classifiers, --classifier A,B (docs/classes.md)."""
     target: str = ""
     """The share to reach of each class, comma-separated, summing to 1 (t_c of R_balance); empty: 1/K each."""
+    threshold: float = 0.7
+    """An image's label is its most probable class when that probability is above this, else none: the paper's 0.7.
+    Lower it for a classifier of many classes that is rarely that sure (at least 1/K)."""
     underrepresented: str = "auto"
     """U for --reward shift: one of --classes, or auto = the rarest class in the first epoch's samples (step 1)."""
     trust_region: str = "clip"
@@ -568,7 +571,8 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_step
           "advantage_scale": (lambda v: v >= 0, "0 (the rewards' std) or a positive scale"),
           "balance_window": (lambda v: v == 0 or v >= 2, "at least 2 (a std needs two rewards), or 0 for B"),
           "judge_group": (lambda v: v >= 2, "at least 2: a ranking needs two images"),
-          "judge_image_size": (lambda v: v >= 16, "at least 16 pixels")}  # flag: (test, rule)
+          "judge_image_size": (lambda v: v >= 16, "at least 16 pixels"),
+          "threshold": (lambda v: 0 < v < 1, "in (0, 1)")}  # flag: (test, rule)
 def flag_of(name):
     return "--" + name.replace("_", "-")
 
@@ -588,6 +592,9 @@ def validate(config):
             raise UsageError(f"{flag_of(f.name)}: must be {BOUNDS[f.name][1]}, got {value}")
     classes = classes_of(config)
     target_of(config)  # UsageError for a bad --target
+    if config.threshold < 1 / len(classes):  # below, an image unsure of everything (1/K each) would get a label
+        raise UsageError(f"--threshold: must be at least 1/K = {1 / len(classes):.3g} for {len(classes)} classes, "
+                         f"got {config.threshold}")
     if config.underrepresented != "auto" and config.reward != "shift":
         raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
                          f"batch), got it with --reward {config.reward}")
@@ -625,7 +632,7 @@ def validate(config):
         raise UsageError(f"--compare: file {config.compare} does not exist")
     if config.compare:  # before sampling: an unpaired base report would be refused only after the whole evaluation
         settings = {"images_per_prompt": config.eval_images, "seed": config.seed, "num_steps": config.num_steps,
-                    "guidance_scale": config.guidance_scale, "classes": classes}
+                    "guidance_scale": config.guidance_scale, "classes": classes, "threshold": config.threshold}
         try:
             base = rewards.read_paired_report(config.compare, settings, read_prompts(config.eval_prompts))
         except ValueError as error:
@@ -1001,7 +1008,7 @@ def start_run(config, classifier=None):
               gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
                                             None if config.underrepresented == "auto" else config.underrepresented,
-                                            announce=lead, target=target_of(config)),
+                                            announce=lead, target=target_of(config), threshold=config.threshold),
               lead=lead)
     metrics, first = [], 0
     if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
@@ -1128,7 +1135,8 @@ def end_epoch(epoch, run, config, metrics, scored, interrupted):
     signalled = bool(gather(torch.tensor([len(interrupted)], device=config.device)).max())  # on any rank: all
     if run.lead:  # stop after the same epoch, so that the checkpoint holds the state of every rank
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)
-        rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"))
+        rewards.save_grid(*scored, f"epoch {epoch}", os.path.join(out, f"samples_{epoch:04d}.png"),
+                          threshold=config.threshold)
         rewards.save_plot(metrics, os.path.join(out, "plot.png"), run.history.target)
         run.bar.set_postfix(reward=record["reward_mean"], bias=record["bias"])
         run.bar.update()
@@ -1424,7 +1432,7 @@ class HeldOutCheck:
         for i, embeds in enumerate(self.embeds):
             noise = torch.Generator(config.device).manual_seed(config.seed + i)
             images = sample(run.unet, run.vae, run.scheduler, embeds, ids, settings, config.device, noise)["images"]
-            labels.append(rewards.label_images(run.labeller(images), classes_of(config)))
+            labels.append(rewards.label_images(run.labeller(images), classes_of(config), config.threshold))
             embeddings.append(self.quality.images(images).cpu())
         return torch.stack(embeddings), labels
 
@@ -1464,13 +1472,14 @@ def evaluate(config, classifier=None):
         noise = torch.Generator(config.device).manual_seed(config.seed + i)  # prompt i: the same noise for any model
         images = sample(unet, vae, scheduler, embeds, ids, per_prompt, config.device, noise)["images"]
         probs = classifier(images)  # (n, K)
-        labels = rewards.label_images(probs, classes_of(config))
+        labels = rewards.label_images(probs, classes_of(config), config.threshold)
         embeddings.append(quality.images(images))  # (n, D): image j of prompt i pairs with the base's image j
         rows.append({"prompt": prompt, **rewards.bias_report(labels, target_of(config)), **rewards.quality_report(
             embeddings[-1], None if texts is None else texts[i], None if base is None else base[i])})
-        rewards.save_grid(images, probs, labels, prompt, os.path.join(config.output_dir, f"eval_{i:02d}.png"))
+        rewards.save_grid(images, probs, labels, prompt, os.path.join(config.output_dir, f"eval_{i:02d}.png"),
+                          threshold=config.threshold)
     report = {"model": config.model, "unet": config.unet or None, "classifier": config.classifier,
-              "classes": classes_of(config), "target": target_of(config),
+              "classes": classes_of(config), "target": target_of(config), "threshold": config.threshold,
               "quality_model": config.clip_model, "images_per_prompt": config.eval_images, "seed": config.seed,
               "num_steps": config.num_steps, "guidance_scale": config.guidance_scale, "prompts": rows,
               "overall": rewards.overall(rows)}

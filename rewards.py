@@ -101,8 +101,9 @@ class Classifier:
 
 
 def label_images(probs: torch.Tensor | list, classes=GENDER, threshold: float = THRESHOLD) -> list:
-    """(B, K) P(class), a tensor or nested lists -> B labels: the class whose probability is above threshold, else
-    None (strictly greater, as in the paper; above 0.5, at most one class can be). One host copy for a tensor."""
+    """(B, K) P(class), a tensor or nested lists -> B labels: the most probable class where its probability is above
+    threshold, else None (strictly greater, as in the paper; above 0.5 at most one class can be, so the "most
+    probable" only matters for a threshold below 0.5, --threshold). One host copy for a tensor."""
     rows = probs.tolist() if torch.is_tensor(probs) else probs
     return [classes[row.index(max(row))] if max(row) > threshold else None for row in rows]
 
@@ -124,9 +125,10 @@ def female_ratio(labels: list) -> float | None:
 # Every reward takes (probs (B, K), labels [B], window, target, underrepresented, ranks) and returns (B,) on probs'
 # device. window: the P(class) (N, K) of the prompt's last N images (PromptHistory), which the shares are taken over
 # (None: the batch); target: {class: t_c}, the shares to reach, in the classes' order (default: uniform over
-# female, male); underrepresented: U for R_shift; ranks: the judge's Borda scores (B,), for --reward rank only.
+# female, male); underrepresented: U for R_shift; ranks: the judge's Borda scores (B,), for --reward rank only;
+# threshold: the confidence above which an image has a label (the paper's 0.7, --threshold).
 def r_shift(probs: torch.Tensor, labels=None, window=None, target=None, underrepresented: str | None = None,
-            ranks=None) -> torch.Tensor:
+            ranks=None, threshold=THRESHOLD) -> torch.Tensor:
     """R_shift(x, U) = P(x shows U), eq. (1): U's column of probs (B, K) -> (B,)."""
     classes = list(target or GENDER)
     if underrepresented not in classes:
@@ -135,7 +137,7 @@ def r_shift(probs: torch.Tensor, labels=None, window=None, target=None, underrep
 
 
 def r_balance(probs: torch.Tensor, labels: list, window: torch.Tensor | None = None, target: dict | None = None,
-              underrepresented=None, ranks=None) -> torch.Tensor:
+              underrepresented=None, ranks=None, threshold: float = THRESHOLD) -> torch.Tensor:
     """R_balance, eq. (2)-(3) for K classes: an image of class c gets t_c - p̂_c.
 
     p̂ = class_shares over the labels of `window` (default: these labels, the paper's batch), t = target.
@@ -148,7 +150,7 @@ def r_balance(probs: torch.Tensor, labels: list, window: torch.Tensor | None = N
     """
     target = target or uniform(GENDER)
     classes = list(target)
-    shares = class_shares(labels if window is None else label_images(window, classes), classes)
+    shares = class_shares(labels if window is None else label_images(window, classes, threshold), classes)
     if shares is None:
         return torch.zeros(len(labels), device=probs.device)
     gap = {c: target[c] - share for c, share in zip(classes, shares)}  # t_c - p̂_c: > 0 for an under-represented c
@@ -158,7 +160,7 @@ def r_balance(probs: torch.Tensor, labels: list, window: torch.Tensor | None = N
 
 
 def r_soft_balance(probs: torch.Tensor, labels=None, window: torch.Tensor | None = None, target: dict | None = None,
-                   underrepresented=None, ranks=None) -> torch.Tensor:
+                   underrepresented=None, ranks=None, threshold=THRESHOLD) -> torch.Tensor:
     """Not in the paper: R_balance on probabilities instead of thresholded labels, for a strong bias.
 
     p̃_k = each class's share of the probability on the K classes over `window` (default: the batch); image x gets
@@ -178,8 +180,8 @@ def borda(place: int, k: int) -> float:
     return (k - 1 - place) / (k - 1) - 0.5
 
 
-def r_rank(probs: torch.Tensor, labels=None, window=None, target=None, underrepresented=None,
-           ranks=None) -> torch.Tensor:
+def r_rank(probs: torch.Tensor, labels=None, window=None, target=None, underrepresented=None, ranks=None,
+           threshold=THRESHOLD) -> torch.Tensor:
     """--reward rank: the judge's centred Borda scores (Judge.rank), computed before scoring."""
     return ranks
 
@@ -199,13 +201,13 @@ class PromptHistory:
     gives each prompt its own advantage mean and std (DDPO's per-prompt stat tracking), so that one prompt's reward
     scale does not drown another's. With one prompt and N = B, both windows hold exactly the epoch's batch: the
     paper's q and DDPO's batch statistics. Non-finite values (a NaN image) are not kept: they would poison N epochs'
-    stats. target: {class: t_c} (default: female and male, ½ each).
+    stats. target: {class: t_c} (default: female and male, ½ each); threshold: label_images'.
     """
 
     def __init__(self, prompts: list, size: int, underrepresented: str | None = None, announce: bool = True,
-                 target: dict | None = None):
+                 target: dict | None = None, threshold: float = THRESHOLD):
         self.prompts, self.size, self.announce = list(prompts), size, announce  # announce: print U when chosen
-        self.target = target or uniform(GENDER)
+        self.target, self.threshold = target or uniform(GENDER), threshold
         self.classes = list(self.target)
         self.windows = {"probs": [[] for _ in self.prompts], "rewards": [[] for _ in self.prompts]}
         self.underrepresented = [underrepresented] * len(self.prompts)  # U per prompt for R_shift; None: not yet
@@ -223,7 +225,7 @@ class PromptHistory:
         labels [B], a metrics row per prompt present. Two host copies: P(class) and the rewards."""
         reward, choose_u = REWARDS[name], name == "shift"
         rows_list, values, rows = probs.tolist(), torch.zeros(len(probs), device=probs.device), {}
-        labels = label_images(rows_list, self.classes)
+        labels = label_images(rows_list, self.classes, self.threshold)
         groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
         for p, idx in groups.items():
             mine = [labels[i] for i in idx]
@@ -235,9 +237,9 @@ class PromptHistory:
             window = self.add("probs", p, [rows_list[i] for i in idx])  # the prompt's last N, these included
             on_device = torch.tensor(window, device=probs.device)  # (N, K), for the reward
             values[idx] = reward(probs[idx], mine, on_device, self.target, self.underrepresented[p],
-                                 None if ranks is None else ranks[idx]).float()
+                                 None if ranks is None else ranks[idx], self.threshold).float()
             rows[p] = {"prompt": self.prompts[p], **bias_report(mine, self.target),  # this epoch's images of p
-                       **window_report(label_images(window, self.classes), self.classes),  # the shares R_balance used
+                       **window_report(label_images(window, self.classes, self.threshold), self.classes),
                        "underrepresented": self.underrepresented[p]}
         per_image = values.tolist()  # one host sync for the rewards' windows (the advantages' statistics)
         for p, idx in groups.items():
@@ -249,8 +251,8 @@ class PromptHistory:
             # rewards as given.
             if name in RESCORED:
                 window = torch.tensor(self.windows["probs"][p])  # (N, K)
-                self.windows["rewards"][p] = reward(window, label_images(window, self.classes), window,
-                                                    self.target).tolist()
+                self.windows["rewards"][p] = reward(window, label_images(window, self.classes, self.threshold),
+                                                    window, self.target, threshold=self.threshold).tolist()
             else:
                 self.add("rewards", p, mine)
             rows[p]["reward_mean"] = sum(mine) / len(mine) if all(map(math.isfinite, mine)) else None  # JSON: no NaN
@@ -625,7 +627,7 @@ def report_table(report: dict) -> str:
     return "\n".join(lines + ["overall: " + overall])
 
 
-PAIRED = ("images_per_prompt", "seed", "num_steps", "guidance_scale", "classes")  # the same noise and classes
+PAIRED = ("images_per_prompt", "seed", "num_steps", "guidance_scale", "classes", "threshold")  # same noise, labels
 
 
 def read_paired_report(base_path: str, settings: dict, prompts: list) -> dict:
@@ -636,6 +638,7 @@ def read_paired_report(base_path: str, settings: dict, prompts: list) -> dict:
         with open(base_path) as f:
             base = json.load(f)
         base.setdefault("classes", list(GENDER))  # an eval.json from before --classes: the two genders'
+        base.setdefault("threshold", THRESHOLD)  # and the paper's 0.7
         unpaired = [k for k in PAIRED if base[k] != settings[k]]
         base_prompts = [r["prompt"] for r in base["prompts"]]
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -719,7 +722,7 @@ def shorten(prompt: str, limit: int = 26) -> str:
 
 
 # ------------------------------------------------------- pictures of the feedback (ddpo_debias.py's run folder)
-def save_grid(images, probs, labels, title, path, thumb=128):
+def save_grid(images, probs, labels, title, path, thumb=128, threshold=THRESHOLD):
     """A PNG of the epoch's images (B, 3, H, W) in [0, 1] under a title, each captioned with its label and the
     largest of its P(class) (B, K); √B columns (at least 4), so that B = 16 is 4x4 and B = 64 is 8x8."""
     from PIL import Image, ImageDraw
@@ -728,7 +731,7 @@ def save_grid(images, probs, labels, title, path, thumb=128):
     rows, top = math.ceil(len(pixels) / columns), 16
     grid = Image.new("RGB", (columns * thumb, top + rows * (thumb + 14)), "white")
     draw = ImageDraw.Draw(grid)
-    draw.text((3, 2), f"{title}: label at P > {THRESHOLD}, and the largest P(class)", fill="black")
+    draw.text((3, 2), f"{title}: label at P > {threshold:g}, and the largest P(class)", fill="black")
     for i, (pix, p, label) in enumerate(zip(pixels, probs.max(dim=1).values.tolist(), labels)):
         x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
         grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))

@@ -37,7 +37,7 @@ def todays_r_balance(labels, window_labels):
 class TodaysHistory:
     """PromptHistory for --reward balance as it was, fed the new classifier's P(female) column."""
 
-    def __init__(self, prompts, size, underrepresented=None, announce=True, target=None):
+    def __init__(self, prompts, size, underrepresented=None, announce=True, target=None, threshold=0.7):
         self.prompts, self.size, self.target = list(prompts), size, rewards.uniform(rewards.GENDER)
         self.windows = {"p_female": [[] for _ in self.prompts], "rewards": [[] for _ in self.prompts]}
         self.underrepresented = [underrepresented] * len(self.prompts)
@@ -236,6 +236,8 @@ def test_intersectional_classes_are_the_product_of_two_classifiers(models_dir, t
     (["--target", "half,half"], "--target: must be numbers"),
     (["--reward", "shift", "--underrepresented", "old"], "--underrepresented: must be auto or one of --classes"),
     (["--classes", "female&young,male&old"], "--classes: with 1 classifier each class is label"),
+    (["--threshold", "1"], "--threshold: must be in (0, 1)"),
+    (["--threshold", "0.4"], "--threshold: must be at least 1/K = 0.5 for 2 classes"),
 ])
 def test_bad_classes_and_targets_are_one_line(tiny_sd, tiny_classifier, tmp_path, capsys, flags, message):
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--output-dir", tmp_path / "run",
@@ -285,3 +287,25 @@ def test_report_table_shows_each_class():
     assert lines[1].split()[2:8] == ["4", "0", "0", "1", "1.00/0.00/0.00", "0.67"]  # bias (1 + 1 + 0) / 3
     assert lines[2].split()[2:8] == ["1", "1", "1", "0", "0.33/0.33/0.33", "0.00"]
     assert lines[3].startswith("overall: mean_bias 0.333, mean_kl_to_target ")
+
+
+def test_threshold_below_half_labels_the_most_probable_class():
+    probs = torch.tensor([[0.45, 0.35, 0.2], [0.34, 0.33, 0.33], [0.2, 0.2, 0.6], [0.8, 0.1, 0.1]])
+    assert rewards.label_images(probs, list(THREE)) == [None, None, None, "a"]  # the paper's 0.7
+    assert rewards.label_images(probs, list(THREE), threshold=0.4) == ["a", None, "c", "a"]
+    history = rewards.PromptHistory(["p"], 4, announce=False, target=THREE, threshold=0.4)
+    values, labels, rows = history.score("balance", probs, [0] * 4)
+    assert labels == ["a", None, "c", "a"] and rows[0]["window_shares"] == pytest.approx({"a": 2 / 3, "b": 0, "c": 1 / 3})
+    gap = {"a": 1 / 3 - 2 / 3, "b": 1 / 3, "c": 0.0}
+    assert values.tolist() == pytest.approx([gap["a"], gap["a"], gap["c"], gap["a"]], abs=1e-7)  # none: the majority's
+    assert history.windows["rewards"][0] == pytest.approx(values.tolist(), abs=1e-7)  # re-scored at the same threshold
+
+
+def test_a_threshold_run_records_it(tiny_sd, tiny_classifier, tmp_path):
+    flags = ["--model", tiny_sd, "--classifier", tiny_classifier, "--batch-size", "4", "--num-steps", "3",
+             "--mixed-precision", "no", "--epochs", "1", "--threshold", "0.5"]
+    assert dd.main([*flags, "--output-dir", str(tmp_path / "run")]) == 0
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert json.loads(f.readline())["n_none"] == 0  # two classes at 0.5: every image has its likelier class
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["threshold"] == 0.5

@@ -242,6 +242,7 @@ def test_comparison_has_an_overall_line_and_bar(tmp_path):
         row["bias"], row["female_ratio"] = bias, None if bias is None else 0.25
         row["shares"] = None if bias is None else {"female": 0.25, "male": 0.75}
     report["overall"], report["classes"] = rewards.overall(report["prompts"]), ["female", "male"]  # as evaluate()
+    report["threshold"] = 0.7
     table = rewards.compare_reports(str(base), report, str(tmp_path / "compare.png"))
     overall = table.splitlines()[-1]
     assert overall.startswith("overall") and " 0.00 -> 0.50 " in overall, table  # the mean bias, base -> this

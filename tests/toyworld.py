@@ -400,9 +400,9 @@ class PooledHistory:
 
     base = None  # rewards.PromptHistory, kept here while two() puts this class in its place
 
-    def __init__(self, prompts, size, underrepresented=None, announce=True, target=None):
-        self.pooled = self.base(prompts, size, underrepresented, announce, target)
-        self.shadow = self.base(prompts, size, underrepresented, announce=False, target=target)
+    def __init__(self, prompts, size, underrepresented=None, announce=True, target=None, threshold=0.7):
+        self.pooled = self.base(prompts, size, underrepresented, announce, target, threshold)
+        self.shadow = self.base(prompts, size, underrepresented, announce=False, target=target, threshold=threshold)
         self.prompts, self.size, self.windows = self.shadow.prompts, size, self.pooled.windows
         self.target = self.shadow.target
         self.underrepresented = self.shadow.underrepresented
