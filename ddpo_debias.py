@@ -902,25 +902,27 @@ def check_scheduler(scheduler_config, path, num_steps):
 
 
 def load_classifier(config, device):
-    """The --classifier (rewards.Classifier, one or two models); a missing or damaged one, or one without a label of
-    --classes, is one line naming --classifier."""
-    for path in config.classifier.split(","):
-        check_source("--classifier", path, "an image-classification model", "config.json")
-    with loading("--classifier", config.classifier):
-        try:
-            return rewards.Classifier(config.classifier, classes_of(config), device=device)
-        except rewards.LabelError as error:
-            raise UsageError(f"--classifier: {error}") from None
+    return load_transformers_model("--classifier", config.classifier, "an image-classification model",
+                                   lambda: rewards.Classifier(config.classifier, classes_of(config), device=device),
+                                   rewards.LabelError)
 
 
 def load_quality_model(config, device):
-    """The --clip-model (rewards.QualityModel); a missing, damaged or refused one (not an image model) is one line."""
-    check_source("--clip-model", config.clip_model, "a CLIP or image model", "config.json")
-    with loading("--clip-model", config.clip_model):
+    return load_transformers_model("--clip-model", config.clip_model, "a CLIP or image model",
+                                   lambda: rewards.QualityModel(config.clip_model, device=device),
+                                   rewards.QualityModelError)
+
+
+def load_transformers_model(flag, path, kind, make, refused):
+    """make() from a hub id or a folder (two, comma-separated, for --classifier); a missing, damaged or refused one
+    (`refused`: the class's own error, e.g. no label of a class) is one line naming `flag`."""
+    for part in path.split(","):
+        check_source(flag, part, kind, "config.json")
+    with loading(flag, path):
         try:
-            return rewards.QualityModel(config.clip_model, device=device)
-        except rewards.QualityModelError as error:
-            raise UsageError(f"--clip-model: {error}") from None
+            return make()
+        except refused as error:
+            raise UsageError(f"{flag}: {error}") from None
 
 
 def load_judge(config):

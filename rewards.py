@@ -85,7 +85,8 @@ class Classifier:
         for m, path in enumerate(paths):
             model = AutoModelForImageClassification.from_pretrained(path)
             model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # feedback, never trained
-            self.columns.append([find_label(model.config.id2label, p[m], path) for p in parts])  # K indices
+            columns = [find_label(model.config.id2label, p[m], path) for p in parts]  # K label indices
+            self.columns.append(torch.tensor(columns, device=device))  # on the device: no copy per call
             self.models.append(model)
             self.inputs.append(ModelInputs(AutoImageProcessor.from_pretrained(path), device, dtype))
 
@@ -753,6 +754,7 @@ def save_plot(metrics, path, target=None, width=520, height=170):
     image = Image.new("RGB", (width, len(keys) * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
     draw = ImageDraw.Draw(image)
     last = max(metrics[-1]["epoch"] if metrics else 1, 1)
+    shares = next((m["shares"] for m in reversed(metrics) if m.get("shares")), None)  # the last defined
     for panel, key in enumerate(keys):
         points = [(m["epoch"], m[key]) for m in metrics if key == "reward_mean" and m[key] is not None]
         values = [v for _, v in points] or [0.0]
@@ -761,7 +763,6 @@ def save_plot(metrics, path, target=None, width=520, height=170):
         x0, y0, x1, y1 = 52, panel * height + 18, width - 30, (panel + 1) * height - 30  # the panel's frame
         to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
         draw.rectangle((x0, y0, x1, y1), outline="gray")
-        shares = next((m["shares"] for m in reversed(metrics) if m.get("shares")), None)
         now = ("no value yet" if not (points if key == "reward_mean" else shares) else  # "=": the font's space is 1 pixel
                f"last = {points[-1][1]:.3f}" if key == "reward_mean" else
                "last: " + ", ".join(f"{c}={shares[c]:.2f}" for c in classes))

@@ -340,12 +340,8 @@ def cli_flags(settings=SETTINGS, world=SHIPPED):
 def windows(metrics, size=5):
     """Pool a run's labels over windows of `size` epochs: -> [(first epoch, q, none share)]. One epoch's q over B
     images swings by ±0.5/√B at q = 0.5 (binomial): ±0.12 at B = 16, ±0.06 at B = 64."""
-    pooled = []
-    for start in range(0, len(metrics) - size + 1, size):
-        part = metrics[start:start + size]
-        f, m, n = (sum(r[k] for r in part) for k in ("n_female", "n_male", "n_none"))
-        pooled.append((start, f / (f + m) if f + m else None, n / (f + m + n)))
-    return pooled
+    return [(start, shares and shares["female"], none)
+            for start, shares, none in pooled_shares(metrics, ("female", "male"), size)]
 
 
 THREE_WORLD = os.path.join(HERE, "toyworld_three")  # the three-class world's UNet and classifier (the rest: SHIPPED)
