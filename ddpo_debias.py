@@ -390,15 +390,22 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip, scale=0.0):
     scale > 0 (--advantage-scale) divides by that fixed number instead of the std: R_balance's push then shrinks
     with |q - 0.5| as q nears its target, where the std would rescale it to full size.
     """
-    stats = torch.stack([reward_values.mean(), reward_values.std()]).repeat(len(history.prompts), 1)  # (P, 2)
+    def statistics(values):  # (n,) -> (3,): mean, std, and the largest |R|, the rewards' size
+        return torch.stack([values.mean(), values.std(), values.abs().max()])
+    stats = statistics(reward_values).repeat(len(history.prompts), 1)  # (P, 3)
     for p, window in enumerate(history.windows["rewards"]):
         if len(window) == history.size:
-            window = torch.tensor(window, device=reward_values.device)
-            stats[p] = torch.stack([window.mean(), window.std()])
-    mean, std = stats[prompt_ids].unbind(dim=1)  # (B,) each
+            stats[p] = statistics(torch.tensor(window, device=reward_values.device))
+    mean, std, size = stats[prompt_ids].unbind(dim=1)  # (B,) each
+    # Equal rewards (a prompt whose window is all one class) carry no signal, but in float32 their mean is off by an
+    # ulp and their std is ~1e-7 of rounding, which (R - mean)/(std + 1e-8) would blow up to A ≈ ±0.9. A std under
+    # 1e-6 of the rewards' size is rounding (float32 resolves 1.2e-7): those advantages are exactly 0.
+    flat = std <= 1e-6 * size
     if scale > 0:
-        return ((reward_values - mean) / scale).clamp(-adv_clip, adv_clip)
-    return ((reward_values - mean) / (std + 1e-8)).clamp(-adv_clip, adv_clip)
+        advantages = (reward_values - mean) / scale
+    else:
+        advantages = (reward_values - mean) / (std + 1e-8)
+    return torch.where(flat, 0.0, advantages).clamp(-adv_clip, adv_clip)
 
 
 # -------------------------------------------------------------------------------------------------------------- update
@@ -840,6 +847,8 @@ def load_models(config, device):
     with loading("--model", path):
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
         check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
+        if not config.evaluate:
+            check_trained_steps(scheduler, config)
         unet = load_unet(config)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
@@ -899,6 +908,21 @@ def check_scheduler(scheduler_config, path, num_steps):
     if problems:
         raise UsageError(f"--model: the scheduler of {path} has {', '.join(problems)}; the DDIM log-probability here "
                          "needs epsilon prediction without clip_sample or thresholding (SD v1.5's scheduler)")
+
+
+def check_trained_steps(scheduler, config):
+    """Refuse a trained step whose σ_t is 0: it is deterministic and has no log-probability, so its loss would be NaN.
+    timestep_spacing="linspace" ends at t = 0, where ᾱ_{t-1} (the final ᾱ) equals ᾱ_t; SD's "leading" never does."""
+    scheduler.set_timesteps(config.num_steps)
+    trained = scheduler.timesteps[:config.num_steps - config.skip_final_steps]  # (T - skip,)
+    x = torch.zeros(len(trained), 1, 1, 1)  # σ_t does not depend on x; noise=x draws nothing from the seeded RNG
+    std = ddim_step_with_logprob(scheduler, x, trained, x, config.eta, noise=x)[3].flatten()
+    zero = (std == 0).nonzero().flatten().tolist()
+    if zero:
+        i = zero[0]
+        raise UsageError(f"--skip-final-steps: step {i + 1} of {config.num_steps} (t = {int(trained[i])}) has σ_t = 0 "
+                         f"under the scheduler's timestep_spacing={scheduler.config.timestep_spacing!r}, so it has no "
+                         f"log-probability to train; give --skip-final-steps {config.num_steps - i} or more")
 
 
 def load_classifier(config, device):
@@ -1043,8 +1067,9 @@ def start_run(config, classifier=None):
               f"{' per rank' if world > 1 else ''}; {sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable "
               "attention weights" + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}"
                                      if config.trust_region == "truly" else f"; clip ε={config.clip_range:.3g}"))
-    if config.eval_every:  # before training: its reference images are the model's before any update
-        run.held_out = HeldOutCheck(config, run, text_encoder, tokenizer, os.path.join(out, "held_out_reference.pt"))
+    if config.eval_every:  # its reference images are the model's before any update, also after --resume
+        run.held_out = HeldOutCheck(config, run, text_encoder, tokenizer, os.path.join(out, "held_out_reference.pt"),
+                                    resumed=first > 0)
     # FLOPs are counted before compiling: count_flops's one-image shape would otherwise be one more graph.
     run.flops = count_flops(unet, run.prompt_embeds, config, device) if config.profile else None
     if config.compile:  # static shapes: two graphs, sampling (2B rows) and training (2b rows, forward and backward);
@@ -1130,9 +1155,9 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
 
 def end_epoch(epoch, run, config, metrics, scored, interrupted):
     """Write the epoch's metrics and pictures, save a checkpoint when due, and stop (RunError, Interrupted) after a
-    signal or after MAX_NONFINITE skipped steps in a row. scored: every process's (images, P(class), labels)."""
+    signal or after MAX_NONFINITE optimizer steps skipped in a row. scored: every process's (images, P(class), labels)."""
     record, out = metrics[-1], config.output_dir
-    run.streak = run.streak + record["skipped_steps"] if record["skipped_steps"] else 0
+    run.streak = skipped_in_a_row(run.streak, record["grad_norm"], record["skipped_steps"])
     stop = run.streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
     signalled = bool(gather(torch.tensor([len(interrupted)], device=config.device)).max())  # on any rank: all
     if run.lead:  # stop after the same epoch, so that the checkpoint holds the state of every rank
@@ -1149,6 +1174,15 @@ def end_epoch(epoch, run, config, metrics, scored, interrupted):
                        "losses or gradients; try a lower --lr or --mixed-precision bf16 (checkpoint saved)")
     if signalled:
         raise Interrupted(interrupted[0] if interrupted else signal.SIGTERM)
+
+
+def skipped_in_a_row(streak, grad_norms, skipped):
+    """The optimizer steps skipped in a row, counted across epochs: each skipped step (a non-finite gradient, whose
+    norm is None; or, when no update ran, `skipped` steps of non-finite rewards) adds one, each step taken resets
+    it to 0. An epoch of equal rewards takes no step and changes nothing."""
+    for norm in grad_norms if grad_norms is not None else [None] * skipped:
+        streak = streak + 1 if norm is None else 0
+    return streak
 
 
 # --------------------------------------------------------------------------------------------------------- checkpoints
@@ -1413,18 +1447,23 @@ class HeldOutCheck:
     the training's metrics and weights are those of a run without it (tested). CLIP-I compares each image with the
     same seed's image before training, kept in the run folder for --resume."""
 
-    def __init__(self, config, run, text_encoder, tokenizer, reference_path):
+    def __init__(self, config, run, text_encoder, tokenizer, reference_path, resumed=False):
         self.prompts = read_prompts(config.eval_prompts)[:HELD_OUT_PROMPTS]
         self.embeds = [encode_prompts(text_encoder, tokenizer, [p], config.device) for p in self.prompts]
         with torch.random.fork_rng(devices=[]):  # loading may draw weights it leaves out; not from training's RNG
             self.quality = load_quality_model(config, config.device)
         self.texts = self.quality.texts(self.prompts)  # (prompts, D), or None without a text tower
+        settings = {"prompts": self.prompts, "quality_model": config.clip_model, "seed": config.seed,
+                    "num_steps": config.num_steps, "guidance_scale": config.guidance_scale, "eta": config.eta}
         if os.path.exists(reference_path):  # resumed: the images before training, as the run first drew them
-            self.reference = torch.load(reference_path)["embeddings"]
-        else:
-            self.reference = self.embed_images(run, config)[0]  # (prompts, n, D)
+            stored = torch.load(reference_path)
+            check_reference(stored, settings, reference_path)
+            self.reference = stored["embeddings"]
+        else:  # (prompts, n, D), of the model before training even when --eval-every is first given at --resume
+            with base_weights(run.unet, config) if resumed else contextlib.nullcontext():
+                self.reference = self.embed_images(run, config)[0]
             if run.lead:
-                torch.save({"prompts": self.prompts, "embeddings": self.reference}, reference_path)
+                torch.save({**settings, "embeddings": self.reference}, reference_path)
 
     def embed_images(self, run, config):
         """-> unit embeddings (prompts, n, D) and each prompt's labels of this model's held-out images."""
@@ -1449,6 +1488,40 @@ class HeldOutCheck:
         if run.lead:
             tqdm.write(f"held-out check after epoch {epoch}: {seconds:.1f} s")
         return {**rewards.overall(rows), "seconds": seconds}
+
+
+HELD_OUT_FLAGS = {"prompts": "--eval-prompts", "quality_model": "--clip-model", "seed": "--seed",
+                  "num_steps": "--num-steps", "guidance_scale": "--guidance-scale", "eta": "--eta"}
+
+
+def check_reference(stored, settings, path):
+    """A resumed run's held-out reference must be of the same prompts, noise and quality model as its checks, or
+    CLIP-I would pair unrelated images. A reference from before these were stored holds its prompts only."""
+    for key, flag in HELD_OUT_FLAGS.items():
+        if key in stored and stored[key] != settings[key]:
+            shown = f"{len(stored[key])} other prompts" if key == "prompts" else repr(stored[key])
+            raise UsageError(f"{flag}: the run's held-out check was started with {shown} ({path}); resume it with "
+                             f"the same {flag}")
+
+
+@contextlib.contextmanager
+def base_weights(unet, config):
+    """Inside the with block, the UNet's trained weights are those of the base model (--unet, else --model's UNet);
+    after it, the run's again, bit for bit. Loading draws random weights before reading the file: not from the
+    run's RNG."""
+    params = trainable_parameters(unet)
+    with torch.random.fork_rng(devices=[]):
+        base = load_unet(config).state_dict()
+    kept = {name: p.detach().clone() for name, p in params.items()}
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(base[name])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(kept[name])
 
 
 def embeddings_path(report_or_folder):
