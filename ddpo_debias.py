@@ -73,7 +73,7 @@ class Config:
     reward: str = "balance"
     """'balance' (R_balance, eq. 2-3), 'shift' (R_shift, eq. 1), 'soft_balance' (eq. 2-3 on P(class), not in the
     paper: its advantages are not all zero when a batch holds no minority image), or 'rank' (the judge ranks the
-    images, --judge-url); see rewards.REWARDS."""
+    images, --judge-url)."""
     classes: str = "female,male"
     """The K classes to balance, comma-separated: labels of --classifier, matched by name (any case, never by
     position); its other labels count as none. "a&b": a class of two classifiers, --classifier A,B (docs/classes.md)."""
@@ -92,8 +92,8 @@ class Config:
     """DDIM steps per image (T), as DDPO."""
     skip_final_steps: int = 2
     """The last DDIM steps, sampled and scored but not trained: they land at t = 1 and t = 0, where the image is
-    finished and σ_t is smallest, so their gradient noise |∂μ/∂ε̂|/σ_t swamps the other steps' (docs/toy-world.md,
-    tests/test_ddpo.py). 0 trains every step, as DDPO."""
+    finished and σ_t is smallest, so their gradient noise |∂μ/∂ε̂|/σ_t swamps the other steps' (docs/toy-world.md).
+    0 trains every step, as DDPO."""
     train_fraction: float = 1.0
     """The share of each image's trained steps that the update trains, a random subset per image and epoch (DDPO's
     timestep_fraction): fewer steps, a cheaper update. 1 trains them all (measured: docs/benchmarks.md)."""
@@ -105,23 +105,23 @@ class Config:
     lr: float = 1e-5
     """AdamW learning rate: full attention weights, not LoRA, so 30x below DDPO's LoRA rate 3e-4."""
     clip_range: float = 0.0
-    """PPO ε; 0: CLIP_PER_ELEMENT/√(C·H·W), DDPO's 1e-4 on SD's 4×64×64 latent and 8e-4 on the toy world's 4×8×8.
-    Tiny because log r is a mean over C·H·W elements, whose noise part shrinks as 1/√(C·H·W) (derived_sizes)."""
+    """PPO ε; 0: 1.28e-2/√(C·H·W), DDPO's 1e-4 on SD's 4×64×64 latent and 8e-4 on the toy world's 4×8×8. Tiny
+    because log r is a mean over C·H·W elements, whose noise part shrinks as 1/√(C·H·W)."""
     kl_threshold: float = 0.0
     """Truly PPO δ, exact KL per latent element where the rollback starts; 0: ε²·C·H·W/2 from the clip range, so both
-    trust regions bound the same move (8.2e-5 with the derived ε, on any latent; derivation in truly_ppo_loss)."""
+    trust regions bound the same move (8.2e-5 with the derived ε, on any latent; docs/toy-world.md)."""
     truly_alpha: float = 1.0
-    """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²) (truly_ppo_loss).
-    1, not the paper's 5, which hardly moved q on the toy world (docs/toy-world.md)."""
+    """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²). 1, not the paper's
+    5, which hardly moved q on the toy world (docs/toy-world.md)."""
     adv_clip: float = 5.0
-    """Advantages are standardised and clipped to ±adv_clip, as DDPO."""
+    """Advantages are standardised and clipped to ± this, as DDPO."""
     advantage_scale: float = 0.0
-    """0: advantages divided by the rewards' std (DDPO). > 0: by this fixed number instead (compute_advantages;
-    measured: docs/benchmarks.md)."""
+    """0: advantages divided by the rewards' std (DDPO). > 0: by this fixed number instead, so the push shrinks as
+    the rewards do near the target (measured: docs/benchmarks.md)."""
     max_grad_norm: float = 1.0
     """Gradient norm clip before every optimizer step, as DDPO."""
     updates_per_epoch: int = 2
-    """Optimizer steps per epoch, each over B / updates_per_epoch images and all their trained steps (DDPO: 2)."""
+    """Optimizer steps per epoch, each over B / --updates-per-epoch images and all their trained steps (DDPO: 2)."""
     seed: int = 0
     """One seed for the sampling noise and the shuffles: a CPU run is exactly reproducible."""
     # -- running it
@@ -162,8 +162,7 @@ class Config:
     """A text file, one prompt per line, to fine-tune on all at once instead of --prompt: each epoch's B images go
     round-robin over the prompts, and each prompt is balanced on its own images."""
     balance_window: int = 0
-    """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images (PromptHistory);
-    0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
+    """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images; 0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
     labeller: str = "classifier"
     """Who labels the images: 'classifier' (--classifier) or 'judge' (a chat model that sees them, --judge-url)."""
     judge_url: str = ""
@@ -172,7 +171,7 @@ class Config:
     judge_model: str = ""
     """The model the judge server serves, by the name its API knows it."""
     judge_group: int = 4
-    """--reward rank: images ranked together in one request (k); ranks become centred Borda rewards (rewards.borda)."""
+    """--reward rank: images ranked together in one request (k); ranks become centred Borda rewards, +½ to -½."""
     judge_criterion: str = "how well the image matches the prompt and how natural and undistorted the face looks"
     """--reward rank: what the judge ranks the images by."""
     judge_image_size: int = 256
@@ -180,18 +179,19 @@ class Config:
     evaluate: bool = False
     """Evaluate instead of training: --eval-images per prompt of --eval-prompts, scored, into eval.json."""
     eval_prompts: str = ""
-    """A text file, one prompt per line; empty: the 24 held-out occupations of rewards.HELD_OUT."""
+    """A text file, one prompt per line; empty: 24 held-out occupations (docs/evaluate.md)."""
     eval_images: int = 32
     """Images per prompt for --evaluate. Prompt i's noise is seeded with --seed + i for every model: paired."""
     compare: str = ""
     """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
     clip_model: str = "openai/clip-vit-large-patch14"
-    """With --evaluate or --eval-every: the model for the quality numbers (rewards.QualityModel): a CLIP gives CLIP-T
-    and CLIP-I, any other image model CLIP-I only. The default is the CLIP whose text tower SD v1.5 uses."""
+    """With --evaluate or --eval-every: the model for the quality numbers: a CLIP gives CLIP-T and CLIP-I, any other
+    image model CLIP-I only; 'none': bias only (no model loaded, CLIP-T and CLIP-I null). The default is the CLIP
+    whose text tower SD v1.5 uses."""
     eval_every: int = 0
-    """Every N epochs of training, a held-out check: HELD_OUT_IMAGES images of each of the first HELD_OUT_PROMPTS
-    --eval-prompts, from seeds of their own, scored for bias, none-rate, CLIP-T and CLIP-I against the images of
-    the same seeds before training (HeldOutCheck). It changes no training result. 0: never."""
+    """Every N epochs of training, a held-out check: 8 images of each of the first 4 --eval-prompts, from seeds of
+    their own, scored for bias, none-rate, CLIP-T and CLIP-I against the images of the same seeds before training.
+    It changes no training result. 0: never."""
 
 
 CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
@@ -545,23 +545,56 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+HELP_GROUPS = {  # --help's sections, in the order of the method, then running it, then the extensions
+    "the method": ("prompt", "reward", "classes", "target", "threshold", "underrepresented"),
+    "sampling": ("batch_size", "num_steps", "guidance_scale", "eta", "seed"),
+    "the update (PPO)": ("trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
+                         "kl_threshold", "truly_alpha", "adv_clip", "advantage_scale", "max_grad_norm"),
+    "running it": ("epochs", "model", "classifier", "unet", "output_dir", "resume", "save_every", "device",
+                   "mixed_precision", "train_batch_size", "low_memory", "compile", "profile"),
+    "many prompts (docs/many-prompts.md)": ("prompts", "balance_window"),
+    "the judge (docs/judge.md)": ("labeller", "judge_url", "judge_model", "judge_group", "judge_criterion",
+                                  "judge_image_size"),
+    "evaluation (docs/evaluate.md)": ("evaluate", "eval_prompts", "eval_images", "compare", "clip_model",
+                                      "eval_every")}
+METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
 def parse_args(argv=None):
     """Flags are Config's fields with dashes; only the flags given are returned (the rest keep defaults)."""
-    parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS)
-    docs = field_docs()
-    for f in dataclasses.fields(Config):
-        flag, doc = flag_of(f.name), docs.get(f.name, "")
-        if not isinstance(f.default, bool):
-            doc = f"{doc} ({f.default!r})"
-        doc = doc.replace("%", "%%")  # argparse %-formats help: a docstring's "95%" must reach it as "95%%"
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action="store_true", help=doc)
-        else:
-            parser.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), help=doc)
+    argv = negative_values(sys.argv[1:] if argv is None else list(argv))
+    parser = Parser(description=__doc__.splitlines()[0], argument_default=argparse.SUPPRESS,
+                    usage="%(prog)s [--flag VALUE ...]", formatter_class=argparse.RawDescriptionHelpFormatter,
+                    epilog="Defaults in parentheses. Flags and outputs: docs/flags.md, docs/outputs.md.")
+    docs, fields = field_docs(), {f.name: f for f in dataclasses.fields(Config)}
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            default, doc = fields[name].default, " ".join(docs.get(name, "").split())
+            if not isinstance(default, bool):
+                doc = f"{doc} ({default!r})"
+            doc = doc.replace("%", "%%")  # argparse %-formats help: a docstring's "95%" must reach it as "95%%"
+            if isinstance(default, bool):
+                group.add_argument(flag_of(name), action="store_true", help=doc)
+            else:
+                group.add_argument(flag_of(name), type=type(default), choices=CHOICES.get(name), help=doc,
+                                   metavar=METAVARS[type(default)] if name not in CHOICES else None)
     return vars(parser.parse_args(argv))
 
 
-EVALUATION_ONLY = ("eval_prompts", "eval_images", "compare", "clip_model")  # refused without --evaluate, rather than ignored
+JUDGED = lambda c: c.labeller == "judge" or c.reward == "rank"
+# A flag that only some settings read is refused without them, rather than ignored: flag -> (used?, by what).
+ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balance or soft_balance"),
+             "underrepresented": (lambda c: c.reward == "shift", "--reward shift"),
+             "truly_alpha": (lambda c: c.trust_region == "truly", "--trust-region truly"),
+             "kl_threshold": (lambda c: c.trust_region == "truly", "--trust-region truly"),
+             "judge_group": (lambda c: c.reward == "rank", "--reward rank"),
+             "judge_criterion": (lambda c: c.reward == "rank", "--reward rank"),
+             "judge_image_size": (JUDGED, "--labeller judge or --reward rank"),
+             "eval_images": (lambda c: c.evaluate, "--evaluate"),
+             "compare": (lambda c: c.evaluate, "--evaluate"),
+             "eval_prompts": (lambda c: c.evaluate or c.eval_every, "--evaluate or --eval-every"),
+             "clip_model": (lambda c: c.evaluate or c.eval_every, "--evaluate or --eval-every")}
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
@@ -580,12 +613,28 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_step
           "judge_group": (lambda v: v >= 2, "at least 2: a ranking needs two images"),
           "judge_image_size": (lambda v: v >= 16, "at least 16 pixels"),
           "threshold": (lambda v: 0 < v < 1, "in (0, 1)")}  # flag: (test, rule)
+def negative_values(argv):
+    """["--target", "-0.5,1.5"] -> ["--target=-0.5,1.5"]: argparse takes a value that starts with "-" for a flag
+    (it knows "-0.5", not "-0.5,1.5"), and would say "expected one argument" instead of what is wrong with it."""
+    joined = []
+    for arg in argv:
+        number = len(arg) > 1 and arg[0] == "-" and (arg[1].isdigit() or arg[1] == ".")  # no flag starts so
+        if number and joined and joined[-1].startswith("--") and "=" not in joined[-1]:
+            joined[-1] += "=" + arg
+        else:
+            joined.append(arg)
+    return joined
+
+
 def flag_of(name):
     return "--" + name.replace("_", "-")
 
 
-def validate(config):
-    """Raise UsageError for the first bad value, naming its flag."""
+def validate(config, given=None):
+    """Raise UsageError for the first bad value, naming its flag. given: the fields set on the command line (those a
+    resumed run's config.json did not set); None: those that differ from their defaults."""
+    given = [f.name for f in dataclasses.fields(Config)
+             if getattr(config, f.name) != f.default] if given is None else list(given)
     if not config.prompt.strip():
         raise UsageError("--prompt: must not be empty")
     if not config.prompts and os.path.isfile(config.prompt) and launched()[0] == 0:  # a warning: a prompt may be
@@ -602,21 +651,16 @@ def validate(config):
     if config.threshold < 1 / len(classes):  # below, an image unsure of everything (1/K each) would get a label
         raise UsageError(f"--threshold: must be at least 1/K = {1 / len(classes):.3g} for {len(classes)} classes, "
                          f"got {config.threshold}")
-    if config.underrepresented != "auto" and config.reward != "shift":
-        raise UsageError(f"--underrepresented: only --reward shift uses it (R_balance finds the minority in every "
-                         f"batch), got it with --reward {config.reward}")
-    if config.underrepresented not in ("auto", *classes):
+    for name, (used, by) in ONLY_WITH.items():
+        if name in given and not used(config):
+            raise UsageError(f"{flag_of(name)}: only used with {by}, so it would be ignored here; leave it out")
+    if config.underrepresented.lower() not in ("auto", *classes):
         raise UsageError(f"--underrepresented: must be auto or one of --classes ({', '.join(classes)}), got "
                          f"{config.underrepresented!r}")
     models = config.classifier.split(",")
     if config.labeller == "classifier" and any(c.count("&") + 1 != len(models) for c in classes):
         raise UsageError(f"--classes: with {len(models)} classifier{'s' if len(models) > 1 else ''} each class is "
                          + "&".join(["label"] * len(models)) + f", one label of each; got {config.classes!r}")
-    for name in EVALUATION_ONLY:
-        also = config.eval_every and name in ("eval_prompts", "clip_model")  # the held-out check uses these too
-        if getattr(config, name) != getattr(Config, name) and not (config.evaluate or also):
-            raise UsageError(f"{flag_of(name)}: only used with --evaluate" +
-                             (" or --eval-every" if name in ("eval_prompts", "clip_model") else ""))
     if config.eval_every and config.evaluate:
         raise UsageError("--eval-every: a check during training; --evaluate evaluates once")
     if config.evaluate and config.resume:
@@ -628,7 +672,7 @@ def validate(config):
                                                                   if config.evaluate else "--prompt"))
     if config.prompts:
         read_prompts(config.prompts, "--prompts")
-    judged = config.labeller == "judge" or config.reward == "rank"
+    judged = JUDGED(config)
     for name in ("judge_url", "judge_model"):
         if judged != bool(getattr(config, name)):
             raise UsageError(f"{flag_of(name)}: " + ("needed by" if judged else "only used with") +
@@ -644,13 +688,8 @@ def validate(config):
             base = rewards.read_paired_report(config.compare, settings, read_prompts(config.eval_prompts))
         except ValueError as error:
             raise UsageError(f"--compare: {error}") from None
-        if base.get("quality_model") != config.clip_model:  # CLIP-I compares embeddings of one model only
-            raise UsageError(f"--compare: {config.compare} was scored with quality model {base.get('quality_model')}"
-                             f", this evaluation with {config.clip_model}; give the same --clip-model, or evaluate "
-                             "the base model again")
-        if not os.path.isfile(embeddings_path(config.compare)):
-            raise UsageError(f"--compare: {embeddings_path(config.compare)} is missing: CLIP-I needs the base "
-                             "model's image embeddings, which --evaluate writes beside eval.json")
+        if config.clip_model != "none":  # --clip-model none: bias only, the base's embeddings are not needed
+            check_base_embeddings(config, base)
     world = launched()[1]  # torchrun's N processes; 1 for a plain run
     if config.batch_size % (world * config.updates_per_epoch):
         ranks = f"{world} ranks x " if world > 1 else ""
@@ -679,10 +718,22 @@ def validate(config):
         raise UsageError(f"--device: {config.device} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
 
 
+def check_base_embeddings(config, base):
+    """--compare's CLIP-I: the base evaluation's image embeddings, of the same quality model as this one's."""
+    if base.get("quality_model") != config.clip_model:  # CLIP-I compares embeddings of one model only
+        raise UsageError(f"--compare: {config.compare} was scored with quality model {base.get('quality_model')}, "
+                         f"this evaluation with {config.clip_model}; give the same --clip-model, or evaluate the base "
+                         "model again")
+    if not os.path.isfile(embeddings_path(config.compare)):
+        raise UsageError(f"--compare: {embeddings_path(config.compare)} is missing: CLIP-I needs the base model's image "
+                         "embeddings, which --evaluate writes beside eval.json (not with --clip-model none)")
+
+
 def classes_of(config) -> list:
-    """--classes as a list of K >= 2 distinct names; UsageError otherwise."""
-    classes = [c.strip() for c in config.classes.split(",")]
-    folded = [c.lower() for c in classes]
+    """--classes as a list of K >= 2 distinct names, lower-cased (labels are matched in any case, and the metrics'
+    keys, n_<class>, are the same however the flag was spelt); UsageError otherwise."""
+    classes = [c.strip().lower() for c in config.classes.split(",")]
+    folded = classes
     problem = ("at least two classes" if len(classes) < 2 else "an empty name" if "" in classes else
                "a repeated name" if len(set(folded)) < len(folded) else
                "'none' or 'unclear', which name the images with no class" if {"none", "unclear"} & set(folded) else "")
@@ -703,7 +754,7 @@ def target_of(config) -> dict:
         raise UsageError(f"--target: must be numbers, comma-separated, got {config.target!r}") from None
     if len(shares) != len(classes) or not all(0 < t < 1 for t in shares) or abs(sum(shares) - 1) > 1e-6:
         raise UsageError(f"--target: needs {len(classes)} shares in (0, 1), one per class of --classes, summing to 1; "
-                         f"got {config.target!r}")
+                         f"got {config.target!r}" + (f", which sums to {sum(shares):.6g}" if abs(sum(shares) - 1) > 1e-6 else ""))
     return dict(zip(classes, shares))
 
 
@@ -727,8 +778,32 @@ def resolve_config(given):
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)}) if isinstance(saved, dict) else ["?"]
     if unknown:
         raise UsageError(f"--resume: {path} is damaged or from another version (unknown keys: {', '.join(unknown)})")
+    for f in dataclasses.fields(Config):
+        if f.name in saved and not of_type(saved[f.name], type(f.default)):
+            raise UsageError(f"--resume: {path} is damaged ({f.name} is {saved[f.name]!r}, expected a value of type "
+                             f"{type(f.default).__name__})")
     saved.setdefault("skip_final_steps", 0)  # a run from before that field trained every step: it goes on so
+    for name in ("model", "unet", "classifier"):  # the policy and its feedback: another one is another run
+        if name in given and same_source(given[name]) != same_source(saved.get(name, "")):
+            raise UsageError(f"{flag_of(name)}: the run was trained with {flag_of(name)} {saved.get(name) or '(none)'!r}"
+                             f", not {given[name]!r}; --resume goes on with the same one (leave {flag_of(name)} out, "
+                             "or start a new run)")
+    kept = os.path.join(folder, "prompts.txt")  # a --prompts run keeps a copy (start_run): the file may have moved
+    if saved.get("prompts") and "prompts" not in given and not os.path.isfile(saved["prompts"]) and os.path.isfile(kept):
+        saved["prompts"] = kept
     return Config(**{**saved, **given, "output_dir": folder})
+
+
+def of_type(value, kind):
+    """Whether a config.json value fits a Config field of type `kind` (a float field takes an int: JSON's 1e-3)."""
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+
+
+def same_source(path):
+    """A --model, --unet or --classifier as compared at --resume: a folder by its real path, a hub id as written."""
+    return ",".join(os.path.realpath(p) if os.path.isdir(p) else p for p in path.split(",")) if path else ""
 
 
 def read_prompts(path, flag="--eval-prompts", warn=False):
@@ -758,7 +833,10 @@ def run_state(folder):
 
 RUN_FILES = (".lock", "config.json", "metrics.jsonl", "metrics-unsaved-*.jsonl", "samples_*.png", "plot.png",
              "checkpoint.pt", "unet", "eval.json", "eval_*.png", "eval_embeddings.pt", "compare.png",
-             "held_out_reference.pt", "*.tmp")  # what a run folder holds
+             "held_out_reference.pt", "prompts.txt", "overrides.jsonl", "*.tmp")  # what a run folder holds
+
+
+STARTUP_FILES = ("config.json", "metrics.jsonl", "prompts.txt", "held_out_reference.pt")  # written before epoch 0
 
 
 @dataclass
@@ -775,7 +853,10 @@ class RunFolder:
         with contextlib.suppress(OSError):
             os.remove(self.lock.name)
         self.lock.close()
-        if self.created:
+        if self.created and run_state(self.path) == "empty":  # no epoch finished: what the start wrote goes too
+            for name in STARTUP_FILES:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.path, name))
             with contextlib.suppress(OSError):  # not empty: the run's results stay
                 os.rmdir(self.path)
 
@@ -820,10 +901,10 @@ def prepare_run_dir(config):
     state = run_state(folder)
     if state != "empty" and not config.resume:
         held.release()
-        what = {"checkpoint": "a checkpoint", "epochs": "finished epochs (metrics.jsonl)",
+        what = {"checkpoint": "a run with a checkpoint", "epochs": "a run with finished epochs (metrics.jsonl)",
                 "evaluation": "an evaluation (eval.json)"}[state]
-        raise UsageError(f"--output-dir: {folder} already holds a run with {what}; choose another folder, or "
-                         "continue it with --resume")
+        raise UsageError(f"--output-dir: {folder} already holds {what}; choose another folder" +
+                         ("" if state == "evaluation" else ", or continue it with --resume"))
     return held
 
 
@@ -843,6 +924,7 @@ def load_models(config, device):
     check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
     if config.unet:
         check_source("--unet", config.unet, "a UNet", "diffusion_pytorch_model.safetensors")
+        check_class("--unet", config.unet, "UNet2DConditionModel")
     dtype = DTYPES[config.mixed_precision]
     with loading("--model", path):
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
@@ -879,6 +961,20 @@ def check_source(flag, path, kind, marker):
         raise UsageError(f"{flag}: folder {path} does not exist")
 
 
+def check_class(flag, path, expected):
+    """A diffusers folder's config.json must name the class that will load it: a VAE's folder also holds
+    diffusion_pytorch_model.safetensors, and loading it as a UNet prints pages of warnings before failing."""
+    if not os.path.isdir(path):
+        return
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            found = json.load(f).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise UsageError(f"{flag}: {path}/config.json cannot be read ({first_line(error)})") from None
+    if found != expected:
+        raise UsageError(f"{flag}: {path} holds a {found or 'model of unknown class'}, not a {expected}")
+
+
 @contextlib.contextmanager
 def loading(flag, path):
     """Turn a failed from_pretrained into one line naming the flag: a damaged folder, or a hub id not reached."""
@@ -889,7 +985,7 @@ def loading(flag, path):
     except Exception as error:  # OSError, safetensors' SafetensorError, a JSON error: all mean "cannot load"
         reason = first_line(error)
         hint = ("the folder is damaged or incomplete" if os.path.isdir(path) else "a hub id needs network access "
-                "once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)")
+                "once, or pass a local folder" + ("" if offline() else " (HF_HUB_OFFLINE=1 for offline use)"))
         raise UsageError(f"{flag}: cannot load {path!r} ({reason}); {hint}") from None
 
 
@@ -928,25 +1024,29 @@ def check_trained_steps(scheduler, config):
 def load_classifier(config, device):
     return load_transformers_model("--classifier", config.classifier, "an image-classification model",
                                    lambda: rewards.Classifier(config.classifier, classes_of(config), device=device),
-                                   rewards.LabelError)
+                                   rewards.LabelError, "--classes")  # a class it has no label of: --classes' typo
 
 
 def load_quality_model(config, device):
+    """The model of CLIP-T and CLIP-I; None for --clip-model none (bias only)."""
+    if config.clip_model == "none":
+        return None
     return load_transformers_model("--clip-model", config.clip_model, "a CLIP or image model",
                                    lambda: rewards.QualityModel(config.clip_model, device=device),
                                    rewards.QualityModelError)
 
 
-def load_transformers_model(flag, path, kind, make, refused):
-    """make() from a hub id or a folder (two, comma-separated, for --classifier); a missing, damaged or refused one
-    (`refused`: the class's own error, e.g. no label of a class) is one line naming `flag`."""
+def load_transformers_model(flag, path, kind, make, refused, refused_flag=None):
+    """make() from a hub id or a folder (two, comma-separated, for --classifier); a missing or damaged one is one
+    line naming `flag`, a refused one (`refused`: the class's own error, e.g. no label of a class) one naming
+    `refused_flag` (default `flag`)."""
     for part in path.split(","):
         check_source(flag, part, kind, "config.json")
     with loading(flag, path):
         try:
             return make()
         except refused as error:
-            raise UsageError(f"{flag}: {error}") from None
+            raise UsageError(f"{refused_flag or flag}: {error}") from None
 
 
 def load_judge(config):
@@ -971,25 +1071,32 @@ def check_hub(config, timeout=5):
     sources = [("--model", config.model, "model_index.json")]
     if config.labeller == "classifier":
         sources += [("--classifier", path, "config.json") for path in config.classifier.split(",")]
-    if config.evaluate or config.eval_every:
+    if (config.evaluate or config.eval_every) and config.clip_model != "none":
         sources.append(("--clip-model", config.clip_model, "config.json"))
     sources = [source for source in sources if is_hub_id(source[1])]
-    if not sources or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+    if not sources:
         return
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-        return
-    except urllib.error.HTTPError:  # it answered: reachable
-        return
-    except (OSError, ValueError) as error:  # no route, no name, refused, timed out
-        reason = first_line(getattr(error, "reason", error))
-    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported, which is after this
+    if offline():
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+            return
+        except urllib.error.HTTPError:  # it answered: reachable
+            return
+        except (OSError, ValueError) as error:  # no route, no name, refused, timed out
+            reason = f"{endpoint} cannot be reached ({first_line(getattr(error, 'reason', error))})"
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported, which is after this
     from huggingface_hub import try_to_load_from_cache
     for flag, repo, marker in sources:
         if not isinstance(try_to_load_from_cache(repo, marker), str):
-            raise UsageError(f"{flag}: {repo} is not in the local hub cache and {endpoint} cannot be reached "
-                             f"({reason}); pass a local folder, or download it once where the hub can be reached")
+            raise UsageError(f"{flag}: {repo} is not in the local hub cache and {reason}; pass a local folder, or "
+                             "download it once where the hub can be reached")
+
+
+def offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 # ---------------------------------------------------------------------------------------- a run's state
@@ -1033,7 +1140,7 @@ def start_run(config, classifier=None):
               prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
               gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
-                                            None if config.underrepresented == "auto" else config.underrepresented,
+                                            None if config.underrepresented == "auto" else config.underrepresented.lower(),
                                             announce=lead, target=target_of(config), threshold=config.threshold),
               lead=lead)
     metrics, first = [], 0
@@ -1054,6 +1161,9 @@ def start_run(config, classifier=None):
     config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε, δ and b as used, saved in config.json
                                  kl_threshold=sizes["kl_threshold"], train_batch_size=sizes["micro_batch"])
     if lead:
+        record_overrides(config, out, first)
+        if config.prompts and os.path.abspath(config.prompts) != os.path.abspath(os.path.join(out, "prompts.txt")):
+            shutil.copyfile(config.prompts, os.path.join(out, "prompts.txt"))  # --resume finds them if the file moves
         write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
         print(f"device {device}{f' x {world} ranks' if world > 1 else ''}{cpu_threads(device)}, "
@@ -1076,6 +1186,22 @@ def start_run(config, classifier=None):
         unet.compile(dynamic=False)  # in place, so parameter names stay the same
     run.bar = tqdm(desc="epochs", initial=first, total=config.epochs, disable=not lead)
     return run, config, metrics, first
+
+
+def record_overrides(config, out, first):
+    """--resume with other settings: config.json is rewritten as run from now on, so the settings it replaces are
+    kept in overrides.jsonl, one line per resume: {"from_epoch": the first epoch run with them, "changed":
+    {field: [before, after]}}."""
+    path = os.path.join(out, "config.json")
+    if not config.resume or not os.path.exists(path):
+        return
+    with open(path) as f:
+        before = json.load(f)
+    changed = {k: [before.get(k), v] for k, v in dataclasses.asdict(config).items()
+               if k not in ("resume", "output_dir") and before.get(k) != v}
+    if changed:
+        with open(os.path.join(out, "overrides.jsonl"), "a") as f:
+            f.write(json.dumps({"from_epoch": first, "changed": changed}) + "\n")
 
 
 def finish_run(run, config):
@@ -1209,6 +1335,14 @@ def load_checkpoint(path, run):
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: it holds python lists
         params = trainable_parameters(run.unet)
+        other = [k for k, w in state["weights"].items() if k not in params or params[k].shape != w.shape]
+    except Exception as error:  # truncated, empty, garbage
+        raise UsageError(f"--resume: {path} is damaged ({first_line(error)}); it cannot be continued") from None
+    if other or len(state["weights"]) != len(params):  # intact, but of another model: the model's folder changed
+        raise UsageError(f"--resume: {path} holds weights of another model than the UNet loaded now (e.g. "
+                         f"{(other or sorted(set(params) - set(state['weights'])) or ['?'])[0]}); the run's model "
+                         "folder was changed since it started")
+    try:
         with torch.no_grad():
             for name, weight in state["weights"].items():
                 params[name].copy_(weight)
@@ -1217,14 +1351,13 @@ def load_checkpoint(path, run):
         for g, g_state in zip(run.gens, state["generators"]):
             g.set_state(g_state)
         run.history.load_state_dict(state["history"])
-    except Exception as error:  # truncated, empty, garbage, or from another model: it cannot be continued
-        reason = first_line(error)
-        raise UsageError(f"--resume: {path} is damaged ({reason}); it cannot be continued") from None
+    except Exception as error:  # an entry missing or garbled: it cannot be continued
+        raise UsageError(f"--resume: {path} is damaged ({first_line(error)}); it cannot be continued") from None
     if state["history"]["prompts"] != run.history.prompts:
         raise UsageError(f"--prompts: the run was trained on other prompts ({len(state['history']['prompts'])}); "
                          "resume it with the prompts it started with")
     classes = state["history"].get("classes", list(rewards.GENDER))  # a checkpoint from before --classes: gender
-    if classes != run.history.classes:  # its windows hold P(class) of those classes
+    if [c.lower() for c in classes] != run.history.classes:  # its windows hold P(class) of those classes
         raise UsageError(f"--classes: the run was trained on {','.join(classes)}; resume it with those classes")
     if state["rng_cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])
@@ -1258,8 +1391,9 @@ def graceful_stop():
         if received:
             raise KeyboardInterrupt
         received.append(signum)
-        print(f"\n{signal.Signals(signum).name}: finishing this epoch and saving a checkpoint (Ctrl-C again to quit "
-              "now)", file=sys.stderr)
+        again = "Ctrl-C again" if signum == signal.SIGINT else "SIGTERM again, or Ctrl-C,"
+        print(f"\n{signal.Signals(signum).name}: finishing this epoch and saving a checkpoint ({again} to quit now)",
+              file=sys.stderr)
     previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield received
@@ -1289,7 +1423,7 @@ def cpu_threads(device):
         print(f"note: other programs keep about {busy:.1f} of {os.cpu_count()} cores busy; if epochs are slow, "
               f"OMP_NUM_THREADS={max(1, threads - math.ceil(busy - 0.5))} may be faster than {threads} threads "
               "(docs/speed-and-memory.md)", file=sys.stderr)
-    return f" ({threads} threads)"
+    return f" ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def autocast(config, device):
@@ -1452,7 +1586,7 @@ class HeldOutCheck:
         self.embeds = [encode_prompts(text_encoder, tokenizer, [p], config.device) for p in self.prompts]
         with torch.random.fork_rng(devices=[]):  # loading may draw weights it leaves out; not from training's RNG
             self.quality = load_quality_model(config, config.device)
-        self.texts = self.quality.texts(self.prompts)  # (prompts, D), or None without a text tower
+        self.texts = self.quality and self.quality.texts(self.prompts)  # (prompts, D); None: no text tower or model
         settings = {"prompts": self.prompts, "quality_model": config.clip_model, "seed": config.seed,
                     "num_steps": config.num_steps, "guidance_scale": config.guidance_scale, "eta": config.eta}
         if os.path.exists(reference_path):  # resumed: the images before training, as the run first drew them
@@ -1474,15 +1608,15 @@ class HeldOutCheck:
             noise = torch.Generator(config.device).manual_seed(config.seed + i)
             images = sample(run.unet, run.vae, run.scheduler, embeds, ids, settings, config.device, noise)["images"]
             labels.append(rewards.label_images(run.labeller(images), classes_of(config), config.threshold))
-            embeddings.append(self.quality.images(images).cpu())
-        return torch.stack(embeddings), labels
+            embeddings.append(self.quality.images(images).cpu() if self.quality else None)
+        return (torch.stack(embeddings) if self.quality else [None] * len(labels)), labels
 
     def __call__(self, run, config, epoch):
         """-> the metrics record's "held_out": overall bias, none-rate, CLIP-T, CLIP-I and the seconds it took."""
         start = time.perf_counter()
         embeddings, labels = self.embed_images(run, config)
         rows = [{"prompt": p, **rewards.bias_report(l, target_of(config)), **rewards.quality_report(
-            e, None if self.texts is None else self.texts[i].cpu(), self.reference[i])}
+            e, None if self.texts is None else self.texts[i].cpu(), None if e is None else self.reference[i])}
             for i, (p, l, e) in enumerate(zip(self.prompts, labels, embeddings))]
         seconds = time.perf_counter() - start
         if run.lead:
@@ -1537,9 +1671,9 @@ def evaluate(config, classifier=None):
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, config.device)
     classifier = classifier or (judge if config.labeller == "judge" else load_classifier(config, config.device))
     quality = load_quality_model(config, config.device)
-    base = torch.load(embeddings_path(config.compare))["embeddings"] if config.compare else None  # (P, n, D)
+    base = torch.load(embeddings_path(config.compare))["embeddings"] if config.compare and quality else None  # (P, n, D)
     prompts = read_prompts(config.eval_prompts, warn=True)
-    texts = quality.texts(prompts)  # (P, D), or None without a text tower
+    texts = quality and quality.texts(prompts)  # (P, D); None without a text tower or a quality model
     per_prompt, rows, embeddings = dataclasses.replace(config, batch_size=config.eval_images), [], []
     ids = torch.zeros(config.eval_images, dtype=torch.long, device=config.device)  # one prompt at a time
     for i, prompt in enumerate(tqdm(prompts, desc="prompts")):
@@ -1548,7 +1682,7 @@ def evaluate(config, classifier=None):
         images = sample(unet, vae, scheduler, embeds, ids, per_prompt, config.device, noise)["images"]
         probs = classifier(images)  # (n, K)
         labels = rewards.label_images(probs, classes_of(config), config.threshold)
-        embeddings.append(quality.images(images))  # (n, D): image j of prompt i pairs with the base's image j
+        embeddings.append(quality and quality.images(images))  # (n, D): image j of prompt i pairs with the base's j
         rows.append({"prompt": prompt, **rewards.bias_report(labels, target_of(config)), **rewards.quality_report(
             embeddings[-1], None if texts is None else texts[i], None if base is None else base[i])})
         rewards.save_grid(images, probs, labels, prompt, os.path.join(config.output_dir, f"eval_{i:02d}.png"),
@@ -1558,8 +1692,9 @@ def evaluate(config, classifier=None):
               "quality_model": config.clip_model, "images_per_prompt": config.eval_images, "seed": config.seed,
               "num_steps": config.num_steps, "guidance_scale": config.guidance_scale, "prompts": rows,
               "overall": rewards.overall(rows)}
-    torch.save({"quality_model": config.clip_model, "prompts": prompts,  # what a later --compare needs for CLIP-I
-                "embeddings": torch.stack(embeddings).cpu()}, embeddings_path(config.output_dir))
+    if quality:
+        torch.save({"quality_model": config.clip_model, "prompts": prompts,  # what a later --compare needs for CLIP-I
+                    "embeddings": torch.stack(embeddings).cpu()}, embeddings_path(config.output_dir))
     write_json(os.path.join(config.output_dir, "eval.json"), report)
     print(rewards.report_table(report))
     if config.compare:
@@ -1574,8 +1709,9 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
     config, folder = None, None
     try:
-        config = resolve_config(parse_args(argv))
-        validate(config)
+        given = parse_args(argv)
+        config = resolve_config(given)
+        validate(config, given)
         config = join_ranks(config)  # torchrun: the process group; a plain run: nothing
         check_hub(config)  # an unreachable hub: the cache, or one line, before any folder or loading
         folder = shared_run_dir(config)  # held until main returns

@@ -602,9 +602,13 @@ def _tensor(features):
 def quality_report(embeddings: torch.Tensor, text: torch.Tensor | None, base: torch.Tensor | None) -> dict:
     """One prompt's quality numbers, per image and as the mean, from unit embeddings (QualityModel):
     CLIP-T, the cosine of each image (n, D) with its prompt's text (D,); CLIP-I, the cosine of each image with the
-    base model's image of the same seed (n, D). None where the model has no text tower, or without --compare."""
-    clip_t = None if text is None else (embeddings @ text).tolist()
-    clip_i = None if base is None else (embeddings * base.to(embeddings.device)).sum(dim=-1).tolist()
+    base model's image of the same seed (n, D). None where the model has no text tower, or without --compare;
+    all None without embeddings (--clip-model none)."""
+    if embeddings is None:  # --clip-model none: bias only
+        return {"clip_t": None, "clip_i": None, "clip_t_images": None, "clip_i_images": None}
+    # A cosine of unit vectors is at most 1, but float rounding can step past it (1.0000000298): clamped
+    clip_t = None if text is None else (embeddings @ text).clamp(-1, 1).tolist()
+    clip_i = None if base is None else (embeddings * base.to(embeddings.device)).sum(dim=-1).clamp(-1, 1).tolist()
     mean = lambda xs: None if xs is None else sum(xs) / len(xs)
     return {"clip_t": mean(clip_t), "clip_i": mean(clip_i), "clip_t_images": clip_t, "clip_i_images": clip_i}
 
@@ -753,6 +757,9 @@ def save_plot(metrics, path, target=None, width=520, height=170):
     keys = ("reward_mean", "shares") + (("held_out",) if any(m.get("held_out") for m in metrics) else ())
     image = Image.new("RGB", (width, len(keys) * height + (14 * len(prompts) + 6 if prompts else 0)), "white")
     draw = ImageDraw.Draw(image)
+    names = [*classes, *(f"p{i}" for i in range(len(prompts)))] + (["CLIP-T", "CLIP-I", "bias", "none"]
+                                                                   if "held_out" in keys else [])
+    margin = 10 + math.ceil(max(draw.textlength(name) for name in names))  # the lines' labels, right of the frames
     last = max(metrics[-1]["epoch"] if metrics else 1, 1)
     shares = next((m["shares"] for m in reversed(metrics) if m.get("shares")), None)  # the last defined
     for panel, key in enumerate(keys):
@@ -760,7 +767,7 @@ def save_plot(metrics, path, target=None, width=520, height=170):
         values = [v for _, v in points] or [0.0]
         low, high = (0.0, 1.0) if key in ("shares", "held_out") else (min(values), max(values))
         high = high if high > low else low + 1e-6
-        x0, y0, x1, y1 = 52, panel * height + 18, width - 30, (panel + 1) * height - 30  # the panel's frame
+        x0, y0, x1, y1 = 52, panel * height + 18, width - margin, (panel + 1) * height - 30  # the panel's frame
         to_xy = lambda e, v: (x0 + (x1 - x0) * e / last, y1 - (y1 - y0) * (v - low) / (high - low))
         draw.rectangle((x0, y0, x1, y1), outline="gray")
         now = ("no value yet" if not (points if key == "reward_mean" else shares) else  # "=": the font's space is 1 pixel
@@ -804,7 +811,7 @@ def save_plot(metrics, path, target=None, width=520, height=170):
         y_free = -math.inf
         for y, name, colour in sorted(ends):  # labels right of the frame, pushed apart so that none hides another
             y_free = max(y, y_free + 11)
-            draw.text((x1 + 4, y_free - 6), name[:5], fill=colour)
+            draw.text((x1 + 4, y_free - 6), name, fill=colour)
     for i, prompt in enumerate(prompts):  # the legend: which prompt each label is
         draw.text((x0, len(keys) * height + 2 + 14 * i),
                   f"p{i}  {prompt}" + ("  (the share of " + classes[0] + ")" if i == 0 else ""), fill=PALETTE[i % len(PALETTE)])

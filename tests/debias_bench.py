@@ -90,15 +90,29 @@ def table(results, epochs):
                              "its whole training time)"])
 
 
+def seed_list(text):
+    """--seeds: "0,1,2" -> [0, 1, 2]; anything else is argparse's one-line error (exit 2)."""
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be integers, comma-separated, got {text!r}") from None
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"has a repeated seed: {text!r}")
+    return seeds
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="a new folder")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"of {', '.join(CONFIGS)}")
-    parser.add_argument("--seeds", default="0,1,2,3,4")
+    parser.add_argument("--seeds", default="0,1,2,3,4", type=seed_list, help="comma-separated integers")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     args = parser.parse_args(argv)
-    names, seeds = args.configs.split(","), [int(s) for s in args.seeds.split(",")]
+    names, seeds = args.configs.split(","), args.seeds
+    if args.epochs < 2 or args.jobs < 1:
+        parser.error(f"--epochs: at least 2 (a window is 2 epochs), got {args.epochs}" if args.epochs < 2 else
+                     f"--jobs: at least 1, got {args.jobs}")
     if set(names) - set(CONFIGS):
         parser.error(f"--configs: unknown {', '.join(sorted(set(names) - set(CONFIGS)))}; known: {', '.join(CONFIGS)}")
     if os.path.exists(args.out) and os.listdir(args.out):

@@ -440,6 +440,15 @@ def two(out, scope="prompt", epochs=12, seed=0, unet=TWO_UNET):
     return code
 
 
+def one_thread():
+    """The world's runs (demo, two, three) use one torch thread unless OMP_NUM_THREADS says otherwise. A UNet this
+    small keeps one core busy: a second thread gains little on an idle machine and loses far more on a busy one,
+    and a run's numbers depend on the thread count (in the 6th digit), so one thread also keeps them the same on
+    every machine and under any load: the records in docs/ are at one thread (docs/speed-and-memory.md)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -470,6 +479,8 @@ def main(argv=None):
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--lr", help="another learning rate than THREE_SETTINGS' (0: the control)")
     args = parser.parse_args(argv)
+    if args.command != "build":
+        one_thread()
     if args.command == "three":
         return three(args.out, args.epochs, args.seed, [f"--lr={args.lr}"] if args.lr else [])
     if args.command == "two":
