@@ -984,8 +984,10 @@ def loading(flag, path):
         raise
     except Exception as error:  # OSError, safetensors' SafetensorError, a JSON error: all mean "cannot load"
         reason = first_line(error)
-        hint = ("the folder is damaged or incomplete" if os.path.isdir(path) else "a hub id needs network access "
-                "once, or pass a local folder" + ("" if offline() else " (HF_HUB_OFFLINE=1 for offline use)"))
+        hint = ("the folder is damaged or incomplete" if os.path.isdir(path) else
+                "HF_HUB_OFFLINE is set and it is not in the local hub cache; pass a local folder, or download it once "
+                "where the hub can be reached" if offline() else
+                "a hub id needs network access once, or pass a local folder (HF_HUB_OFFLINE=1 for offline use)")
         raise UsageError(f"{flag}: cannot load {path!r} ({reason}); {hint}") from None
 
 
@@ -1024,7 +1026,8 @@ def check_trained_steps(scheduler, config):
 def load_classifier(config, device):
     return load_transformers_model("--classifier", config.classifier, "an image-classification model",
                                    lambda: rewards.Classifier(config.classifier, classes_of(config), device=device),
-                                   rewards.LabelError, "--classes")  # a class it has no label of: --classes' typo
+                                   rewards.LabelError,  # a class it has no label of: a typo in --classes if given
+                                   "--classes" if config.classes != Config.classes else "--classifier")
 
 
 def load_quality_model(config, device):
@@ -1074,25 +1077,22 @@ def check_hub(config, timeout=5):
     if (config.evaluate or config.eval_every) and config.clip_model != "none":
         sources.append(("--clip-model", config.clip_model, "config.json"))
     sources = [source for source in sources if is_hub_id(source[1])]
-    if not sources:
+    if not sources or offline():  # offline: each model loads from the cache or fails naming its flag (loading)
         return
-    if offline():
-        reason = "HF_HUB_OFFLINE is set"
-    else:
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        try:
-            urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
-            return
-        except urllib.error.HTTPError:  # it answered: reachable
-            return
-        except (OSError, ValueError) as error:  # no route, no name, refused, timed out
-            reason = f"{endpoint} cannot be reached ({first_line(getattr(error, 'reason', error))})"
-        os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported, which is after this
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+        return
+    except urllib.error.HTTPError:  # it answered: reachable
+        return
+    except (OSError, ValueError) as error:  # no route, no name, refused, timed out
+        reason = first_line(getattr(error, "reason", error))
+    os.environ["HF_HUB_OFFLINE"] = "1"  # read when huggingface_hub is first imported, which is after this
     from huggingface_hub import try_to_load_from_cache
     for flag, repo, marker in sources:
         if not isinstance(try_to_load_from_cache(repo, marker), str):
-            raise UsageError(f"{flag}: {repo} is not in the local hub cache and {reason}; pass a local folder, or "
-                             "download it once where the hub can be reached")
+            raise UsageError(f"{flag}: {repo} is not in the local hub cache and {endpoint} cannot be reached "
+                             f"({reason}); pass a local folder, or download it once where the hub can be reached")
 
 
 def offline():

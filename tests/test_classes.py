@@ -249,7 +249,7 @@ def test_bad_classes_and_targets_are_one_line(tiny_sd, tiny_classifier, tmp_path
 def test_a_classifier_without_a_class_is_refused_with_its_labels(tiny_sd, tiny_classifier, tmp_path, capsys):
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--classes",
                       "female,male,nonbinary", "--output-dir", tmp_path / "run", "--mixed-precision", "no")
-    assert one_error_line(result, "--classifier:"), result.stderr
+    assert one_error_line(result, "--classes:"), result.stderr  # the class named is the user's to fix
     assert "has no label 'nonbinary'; its labels are: female, male" in result.stderr
 
 

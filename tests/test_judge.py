@@ -212,8 +212,9 @@ def test_bad_judge_input_is_one_line(tiny_sd, tiny_classifier, tmp_path, capsys,
 def test_cli_end_to_end_with_the_judge(fake, tiny_sd, tiny_classifier, tmp_path, capsys, monkeypatch, labeller, reward):
     monkeypatch.setenv(rewards.JUDGE_KEY_ENV, KEY)
     out = tmp_path / "run"
+    group = ["--judge-group", "2"] if reward == "rank" else []  # refused where it would be ignored
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--labeller", labeller, "--reward",
-                      reward, "--judge-url", fake.url, "--judge-model", "fake-vlm", "--judge-group", "2", "--epochs",
+                      reward, "--judge-url", fake.url, "--judge-model", "fake-vlm", *group, "--epochs",
                       "2", "--batch-size", "4", "--num-steps", "3", "--mixed-precision", "no", "--output-dir", out)
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
