@@ -462,18 +462,21 @@ def main(argv=None):
                    "directions (the multi-prompt world of docs/many-prompts.md)")
     b.add_argument("--three-classes", action="store_true", help="train the UNet on THREE hair styles (70/20/10) and "
                    "a three-label classifier (the K-class world of docs/classes.md); needs --reuse")
-    d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (about a minute on 2 cores)")
+    d = sub.add_parser("demo", help="fine-tune the shipped world with --reward balance (35 s at one thread, "
+                       "on the 2-core development machine)")
     d.add_argument("out", help="the run folder (new)")
     d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
     d.add_argument("--epochs", type=int, default=16)
     d.add_argument("--seed", type=int, default=0)
-    t = sub.add_parser("two", help="fine-tune the two-prompt world on both prompts (about 8 minutes on 2 cores)")
+    t = sub.add_parser("two", help="fine-tune the two-prompt world on both prompts (12 epochs: 35 s at one "
+                       "thread)")
     t.add_argument("out", help="the run folder (new)")
     t.add_argument("--scope", choices=("prompt", "batch"), default="prompt",
                    help="q per prompt (this project) or over the whole batch (the paper's q, the control)")
     t.add_argument("--epochs", type=int, default=12)
     t.add_argument("--seed", type=int, default=0)
-    k = sub.add_parser("three", help="fine-tune the three-class world toward 1/3 of each hair style (about 2 minutes)")
+    k = sub.add_parser("three", help="fine-tune the three-class world toward 1/3 of each hair style (46 s at one "
+                       "thread)")
     k.add_argument("out", help="the run folder (new)")
     k.add_argument("--epochs", type=int, default=16)
     k.add_argument("--seed", type=int, default=0)
