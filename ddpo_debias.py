@@ -113,6 +113,10 @@ class Config:
     truly_alpha: float = 1.0
     """Truly PPO α, the rollback's strength: a sample of advantage |A| settles at KL = A²/(2α²). 1, not the paper's
     5, which hardly moved q on the toy world (docs/toy-world.md)."""
+    kl_base: float = 0.0
+    """β of DPOK's anchor (arXiv 2305.16381): the loss adds β·KL(π_θ(·|x_t) ‖ π_base(·|x_t)), the exact Gaussian KL
+    of each trained step to the pre-trained model's step (per latent element, as the log-probs), so the policy
+    cannot wander once the reward is met. It costs one more forward, without gradient, per trained step. 0: none."""
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ± this, as DDPO."""
     advantage_scale: float = 0.0
@@ -325,6 +329,13 @@ def trainable_parameters(unet):
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
+def frozen_base(unet, base_weights):
+    """The pre-trained model, for --kl-base: `unet` called with the trained weights' values before training
+    (base_weights, name -> tensor) in their place; every frozen weight is shared, so the base costs a copy of the
+    attention weights (93.5M on SD 1.5), not a second UNet."""
+    return lambda *args, **kwargs: torch.func.functional_call(unet, base_weights, args, kwargs)
+
+
 # ----------------------------------------------------------------------------------------- prompts, guidance, sampling
 @torch.no_grad()  # the text encoder is frozen: embeddings are computed once per prompt, never trained
 def encode_prompts(text_encoder, tokenizer, prompts, device):
@@ -409,12 +420,13 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip, scale=0.0):
 
 
 # -------------------------------------------------------------------------------------------------------------- update
-def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantages, config, generator):
+def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantages, config, generator, base=None):
     """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
     gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images, one step at a
-    time. `generator` draws the shuffles; `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler).
+    time. `generator` draws the shuffles; `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler);
+    `base` the pre-trained model (frozen_base) for --kl-base > 0.
 
-    Returns per-micro-step stats (micro-steps, 5) (loss, approx_kl, clipfrac, kl, rollback_frac; stacked tensors,
+    Returns per-micro-step stats (micro-steps, 6) (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base; stacked tensors,
     no host sync inside), how many optimizer steps were skipped, and each optimizer step's gradient norm before
     clipping (None where not finite).
     """
@@ -444,10 +456,19 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
                     loss, st = truly_ppo_loss(log_prob, log_prob_old, adv, kl, config.kl_threshold, config.truly_alpha)
                 else:
                     loss, st = ppo_clip_loss(log_prob, log_prob_old, adv, config.clip_range)
+                kl_base = torch.zeros_like(kl)  # (b,)
+                if config.kl_base > 0:  # DPOK's anchor: the exact KL to the base model's step from the same x_t
+                    with torch.no_grad(), autocast(config, device):  # the base is frozen: a target, never trained
+                        base_pred = guided_noise_pred(base, x_t, samples["timesteps"][k], prompt_embeds,
+                                                      samples["prompt_ids"][idx], config.guidance_scale)
+                    base_mean = ddim_step_with_logprob(scheduler, base_pred, samples["timesteps"][k], x_t, config.eta,
+                                                       prev_latents=x_prev)[2]
+                    kl_base = gaussian_kl(base_mean, mean, std)  # ‖μ_θ - μ_base‖²/(2σ_t²), mean over C·H·W
+                    loss = loss + config.kl_base * kl_base.mean()
                 # weight so the accumulated gradient is that of the mean over the update's images and steps
                 scaler.scale(loss * len(idx) / (per_update * trained)).backward()
                 stats.append(torch.stack([loss.detach(), st["approx_kl"].detach(), st["clipfrac"],
-                                          kl.detach().mean(), st["rollback_frac"]]))
+                                          kl.detach().mean(), st["rollback_frac"], kl_base.detach().mean()]))
         # ---- the weights change here, once per `per_update` images: average, unscale, clip, step, reset.
         average_gradients(params)  # torchrun: the mean over processes, so all take the same step; alone: nothing
         scaler.unscale_(optimizer)
@@ -498,7 +519,7 @@ def train(config, classifier=None):
                 skipped = config.updates_per_epoch
             elif spread > 0:
                 stats, skipped, grad_norms = update(unet, run.optimizer, run.scaler, run.scheduler, run.prompt_embeds,
-                                                    samples, this_process(advantages), config, run.gens[1])
+                                                    samples, this_process(advantages), config, run.gens[1], run.base)
             laps("train")
             # 5. Log the epoch (metrics.jsonl, the sample grid, plot.png), checkpoint every --save-every epochs,
             #    and stop after a signal or after repeated non-finite steps.
@@ -549,7 +570,7 @@ HELP_GROUPS = {  # --help's sections, in the order of the method, then running i
     "the method": ("prompt", "reward", "classes", "target", "threshold", "underrepresented"),
     "sampling": ("batch_size", "num_steps", "guidance_scale", "eta", "seed"),
     "the update (PPO)": ("trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
-                         "kl_threshold", "truly_alpha", "adv_clip", "advantage_scale", "max_grad_norm"),
+                         "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm"),
     "running it": ("epochs", "model", "classifier", "unet", "output_dir", "resume", "save_every", "device",
                    "mixed_precision", "train_batch_size", "low_memory", "compile", "profile"),
     "many prompts (docs/many-prompts.md)": ("prompts", "balance_window"),
@@ -600,6 +621,7 @@ POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
                            "save_every", "eval_images"), AT_LEAST_1),
           **dict.fromkeys(("truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
+          "kl_base": (lambda v: v >= 0, "0 (no anchor) or more"),
           "lr": (lambda v: v >= 0, "0 or more (0 learns nothing: the control run of a comparison)"),
           "clip_range": (lambda v: 0 <= v < 1, "in [0, 1): r is clipped to [1 - ε, 1 + ε]; 0 derives it"),
           "eta": (lambda v: 0 < v <= 1, "in (0, 1]: DDIM's η, above 1 the step's variance is impossible"),
@@ -1118,6 +1140,7 @@ class Run:
     bar: object = None  # the epochs' progress bar
     streak: int = 0  # optimizer steps skipped in a row for non-finite values (MAX_NONFINITE)
     held_out: object = None  # --eval-every: HeldOutCheck
+    base: object = None  # --kl-base: the pre-trained model (frozen_base)
 
 
 def start_run(config, classifier=None):
@@ -1143,6 +1166,8 @@ def start_run(config, classifier=None):
                                             None if config.underrepresented == "auto" else config.underrepresented.lower(),
                                             announce=lead, target=target_of(config), threshold=config.threshold),
               lead=lead)
+    if config.kl_base > 0:  # the trained weights before any update or resume: the base model's
+        run.base = frozen_base(unet, {name: p.detach().clone() for name, p in params.items()})
     metrics, first = [], 0
     if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all
         state = load_checkpoint(os.path.join(out, "checkpoint.pt"), run)
@@ -1240,16 +1265,16 @@ def judge_ranks(config, run, images, prompt_ids):
 
 
 def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, spread, stats, skipped, grad_norms):
-    """The epoch's line of metrics.jsonl (docs/outputs.md). stats: update()'s (micro-steps, 5), or None without an
+    """The epoch's line of metrics.jsonl (docs/outputs.md). stats: update()'s (micro-steps, 6), or None without an
     update; averaged over the update's micro-steps and over the processes."""
     device, B, T = config.device, config.batch_size, config.num_steps
-    (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = [None] * 5, [None] * 5
+    (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base), first_update = [None] * 6, [None] * 6
     if stats is not None:
         on_policy = stats[:len(stats) // config.updates_per_epoch]  # the first update's: r = 1 but for precision
-        means = torch.stack([stats.mean(dim=0), on_policy.mean(dim=0)])  # (2, 5)
+        means = torch.stack([stats.mean(dim=0), on_policy.mean(dim=0)])  # (2, 6)
         means = gather(means[None]).mean(dim=0)  # the processes' mean
-        (loss, approx_kl, clipfrac, kl, rollback_frac), first_update = [[finite_or_none(x) for x in row]
-                                                                        for row in means.tolist()]
+        (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base), first_update = [[finite_or_none(x) for x in row]
+                                                                                 for row in means.tolist()]
     shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
     seconds = laps.seconds
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
@@ -1264,6 +1289,8 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
               "sample_seconds": seconds["sample"], "reward_seconds": seconds["reward"],
               "train_seconds": seconds["train"], "images_per_second": B / (laps.last - laps.start),
               "per_prompt": per_prompt}
+    if config.kl_base > 0:  # the mean KL to the base model over the epoch's trained steps (DPOK's anchor)
+        record["kl_base"] = kl_base
     if run.judge:  # the judge's requests, retries, unparsed answers and tokens this epoch, summed over the ranks
         counts = run.judge.take_stats()
         total = gather(torch.tensor([list(counts.values())], dtype=torch.float64, device=device)).sum(dim=0)
