@@ -196,6 +196,10 @@ class Config:
     """Every N epochs of training, a held-out check: 8 images of each of the first 4 --eval-prompts, from seeds of
     their own, scored for bias, none-rate, CLIP-T and CLIP-I against the images of the same seeds before training.
     It changes no training result. 0: never."""
+    independent_classifier: str = ""
+    """A second classifier (a hub id or a folder, with a label for each of --classes) that labels every epoch's
+    images for the metrics only, never for the reward: its shares beside the reward classifier's show a run that
+    fools its reward (Shen et al.). Empty: none."""
 
 
 CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
@@ -577,7 +581,7 @@ HELP_GROUPS = {  # --help's sections, in the order of the method, then running i
     "the judge (docs/judge.md)": ("labeller", "judge_url", "judge_model", "judge_group", "judge_criterion",
                                   "judge_image_size"),
     "evaluation (docs/evaluate.md)": ("evaluate", "eval_prompts", "eval_images", "compare", "clip_model",
-                                      "eval_every")}
+                                      "eval_every", "independent_classifier")}
 METAVARS = {int: "N", float: "X", str: "TEXT"}
 
 
@@ -615,7 +619,8 @@ ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balanc
              "eval_images": (lambda c: c.evaluate, "--evaluate"),
              "compare": (lambda c: c.evaluate, "--evaluate"),
              "eval_prompts": (lambda c: c.evaluate or c.eval_every, "--evaluate or --eval-every"),
-             "clip_model": (lambda c: c.evaluate or c.eval_every, "--evaluate or --eval-every")}
+             "clip_model": (lambda c: c.evaluate or c.eval_every, "--evaluate or --eval-every"),
+             "independent_classifier": (lambda c: not c.evaluate, "training (--evaluate takes it as --classifier)")}
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
@@ -1045,11 +1050,12 @@ def check_trained_steps(scheduler, config):
                          f"log-probability to train; give --skip-final-steps {config.num_steps - i} or more")
 
 
-def load_classifier(config, device):
-    return load_transformers_model("--classifier", config.classifier, "an image-classification model",
-                                   lambda: rewards.Classifier(config.classifier, classes_of(config), device=device),
+def load_classifier(config, device, flag="--classifier", path=None):
+    path = path or config.classifier
+    return load_transformers_model(flag, path, "an image-classification model",
+                                   lambda: rewards.Classifier(path, classes_of(config), device=device),
                                    rewards.LabelError,  # a class it has no label of: a typo in --classes if given
-                                   "--classes" if config.classes != Config.classes else "--classifier")
+                                   "--classes" if config.classes != Config.classes else flag)
 
 
 def load_quality_model(config, device):
@@ -1096,6 +1102,8 @@ def check_hub(config, timeout=5):
     sources = [("--model", config.model, "model_index.json")]
     if config.labeller == "classifier":
         sources += [("--classifier", path, "config.json") for path in config.classifier.split(",")]
+    if config.independent_classifier:
+        sources += [("--independent-classifier", p, "config.json") for p in config.independent_classifier.split(",")]
     if (config.evaluate or config.eval_every) and config.clip_model != "none":
         sources.append(("--clip-model", config.clip_model, "config.json"))
     sources = [source for source in sources if is_hub_id(source[1])]
@@ -1141,6 +1149,7 @@ class Run:
     streak: int = 0  # optimizer steps skipped in a row for non-finite values (MAX_NONFINITE)
     held_out: object = None  # --eval-every: HeldOutCheck
     base: object = None  # --kl-base: the pre-trained model (frozen_base)
+    independent: object = None  # --independent-classifier: images -> P(class), for the metrics only
 
 
 def start_run(config, classifier=None):
@@ -1166,6 +1175,8 @@ def start_run(config, classifier=None):
                                             None if config.underrepresented == "auto" else config.underrepresented.lower(),
                                             announce=lead, target=target_of(config), threshold=config.threshold),
               lead=lead)
+    if config.independent_classifier:
+        run.independent = load_classifier(config, device, "--independent-classifier", config.independent_classifier)
     if config.kl_base > 0:  # the trained weights before any update or resume: the base model's
         run.base = frozen_base(unet, {name: p.detach().clone() for name, p in params.items()})
     metrics, first = [], 0
@@ -1310,6 +1321,9 @@ def end_epoch(epoch, run, config, metrics, scored, interrupted):
     """Write the epoch's metrics and pictures, save a checkpoint when due, and stop (RunError, Interrupted) after a
     signal or after MAX_NONFINITE optimizer steps skipped in a row. scored: every process's (images, P(class), labels)."""
     record, out = metrics[-1], config.output_dir
+    if run.independent:  # --independent-classifier: the same images through a classifier the reward never used
+        labels = rewards.label_images(run.independent(scored[0]), classes_of(config), config.threshold)
+        record["independent"] = rewards.bias_report(labels, run.history.target)
     run.streak = skipped_in_a_row(run.streak, record["grad_norm"], record["skipped_steps"])
     stop = run.streak >= MAX_NONFINITE  # the weights are still finite: the bad steps were skipped, not taken
     signalled = bool(gather(torch.tensor([len(interrupted)], device=config.device)).max())  # on any rank: all

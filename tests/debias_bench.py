@@ -37,17 +37,22 @@ CONFIGS = {
     "fixed-scale-0.15-lr1e-3-batch-32": ["--advantage-scale=0.15", "--lr=1e-3", "--batch-size=32",
                                          "--train-batch-size=8"],
     "fixed-scale-lr7e-4-batch-32": ["--advantage-scale=0.1", "--lr=7e-4", "--batch-size=32", "--train-batch-size=8"],
+    "kl-base-1": ["--kl-base=1"],  # DPOK's anchor to the pre-trained model, β swept
+    "kl-base-10": ["--kl-base=10"],
+    "kl-base-100": ["--kl-base=100"],
 }
 WITHIN, STAYS = 0.1, 0.2  # the balance test of tests/test_learning.py, on 2-epoch windows
 
 
-def balanced_at(metrics, within=WITHIN, stays=STAYS):
+def balanced_at(metrics, within=WITHIN, stays=STAYS, by=None):
     """The epoch at whose end q pooled over it and the epoch before first comes within `within` of 0.5 and stays
-    within `stays` for every later such window; None if it never does."""
+    within `stays` for every later such window; None if it never does. by="independent": q read by the world's
+    second classifier (metrics' "independent", --independent-classifier), which never gave a reward."""
+    counts = [m[by] if by else m for m in metrics]
     pooled = []
     for e in range(1, len(metrics)):
-        f = metrics[e - 1]["n_female"] + metrics[e]["n_female"]
-        m = metrics[e - 1]["n_male"] + metrics[e]["n_male"]
+        f = counts[e - 1]["n_female"] + counts[e]["n_female"]
+        m = counts[e - 1]["n_male"] + counts[e]["n_male"]
         pooled.append((e, f / (f + m) if f + m else None))
     for i, (e, q) in enumerate(pooled):
         if q is not None and abs(q - 0.5) <= within and all(
@@ -61,7 +66,14 @@ def summarise(metrics):
     at = balanced_at(metrics)
     seconds = lambda m: m["sample_seconds"] + m["reward_seconds"] + m["train_seconds"]
     mean = lambda key: statistics.fmean(m[key] for m in metrics)
+    independent = balanced_at(metrics, by="independent") if "independent" in metrics[0] else None
+    pooled_none = [(a["n_none"] + b["n_none"]) / (a["n_images"] + b["n_images"]) for a, b in zip(metrics, metrics[1:])]
     return {"balanced_at": at, "seconds_to_balance": None if at is None else sum(map(seconds, metrics[:at + 1])),
+            "independent_balanced_at": independent,
+            "independent_seconds_to_balance": None if independent is None else sum(map(seconds,
+                                                                                       metrics[:independent + 1])),
+            "independent_final_q": metrics[-1].get("independent", {}).get("female_ratio"),
+            "worst_pooled_none_rate": max(pooled_none),
             "worst_none_rate": max(m["n_none"] / (m["n_female"] + m["n_male"] + m["n_none"]) for m in metrics),
             "final_q": metrics[-1]["female_ratio"], "sample_seconds": mean("sample_seconds"),
             "reward_seconds": mean("reward_seconds"), "train_seconds": mean("train_seconds")}
@@ -70,7 +82,9 @@ def summarise(metrics):
 def run(out, name, seed, epochs):
     folder = os.path.join(out, "runs", f"{name}-seed{seed}")
     flags = toyworld.cli_flags() + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
-                                    f"--output-dir={folder}", "--save-every=1000"] + CONFIGS[name]
+                                    f"--output-dir={folder}", "--save-every=1000",
+                                    f"--independent-classifier={os.path.join(toyworld.SHIPPED, toyworld.INDEPENDENT)}"
+                                    ] + CONFIGS[name]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     log = open(folder + ".log", "w")
     return folder, subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_debias.py"), *flags], cwd=ROOT,

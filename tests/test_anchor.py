@@ -134,3 +134,25 @@ def test_the_cli_logs_kl_base_and_only_with_the_flag(tiny_sd, tiny_classifier, t
     assert anchored[0]["kl_base"] == pytest.approx(anchored[0]["kl"], rel=1e-6)  # epoch 0: the old policy is the base
     assert all(math.isfinite(m["kl_base"]) and m["kl_base"] > 0 for m in anchored)
     assert anchored[2]["kl_base"] > anchored[2]["kl"]  # later, the base is further away than the last epoch's policy
+
+
+def test_the_independent_classifier_scores_and_never_rewards(tiny_sd, tiny_classifier, models_dir, tmp_path):
+    """--independent-classifier adds its labels' report to each epoch and changes nothing else: metrics and
+    weights are the run's without it. Given the reward's own classifier, it reads the same counts."""
+    from tests.fixtures import make_tiny_classifier
+    other = str(make_tiny_classifier(models_dir / "independent-tiny", seed=3))
+    common = ["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--reward", "shift", "--lr", "1e-2",
+              "--epochs", "3", "--save-every", "1"]
+    for name, extra in (("plain", []), ("same", ["--independent-classifier", tiny_classifier]),
+                        ("other", ["--independent-classifier", other])):
+        assert dd.main([*common, *extra, "--output-dir", str(tmp_path / name)]) == 0
+    read = lambda name: [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    timing = lambda m: "second" in m
+    strip = lambda ms: [{k: v for k, v in m.items() if not timing(k) and k != "independent"} for m in ms]
+    assert strip(read("same")) == strip(read("plain")) == strip(read("other"))
+    weights = lambda name: torch.load(tmp_path / name / "checkpoint.pt", weights_only=False)["weights"]
+    assert all(torch.equal(weights("other")[k], v) for k, v in weights("plain").items())
+    for m in read("same"):
+        assert {k: m["independent"][k] for k in ("n_female", "n_male", "n_none")} == {
+            k: m[k] for k in ("n_female", "n_male", "n_none")}
+    assert any(m["independent"]["n_female"] != m["n_female"] for m in read("other"))  # another reader

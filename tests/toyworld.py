@@ -226,32 +226,40 @@ def train_unet(latents, embeds, steps, seed, which=None):
     return unet.eval(), loss.item()
 
 
-def train_classifier(steps, seed, vae, n=6000, labels=None):
+def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False):
     """A ViT on balanced faces (labels female/male) and non-faces (target 0.5/0.5). Half of the faces are seen
     through the VAE (encoded and decoded), so that the classifier reads the decoder's slightly soft pixels as it
     will read the diffusion model's samples. labels: the three-class world's {index: label}, each a hair style
-    (THREE_LABELS): faces balanced over them, non-faces toward 1/3 each."""
-    from transformers import ViTConfig, ViTForImageClassification
+    (THREE_LABELS): faces balanced over them, non-faces toward 1/3 each. independent: the world's second
+    classifier, which scores runs and never rewards them: a small ResNet (convolutions, where the first is a ViT)
+    on faces and non-faces of other seeds, so it never saw the first one's data."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
     torch.manual_seed(seed)
+    data_seed = seed + (500 if independent else 100)
     if labels:
         styles = {label.lower(): 1 / len(labels) for label in labels.values()}  # in label-index order
-        faces, which = make_styled_faces(n, styles, seed + 100)
+        faces, which = make_styled_faces(n, styles, data_seed)
         face_targets = F.one_hot(which.long(), len(labels)).float()
     else:
-        faces, female = make_faces(n, 0.5, seed + 100)
+        faces, female = make_faces(n, 0.5, data_seed)
         face_targets = F.one_hot((~female).long(), 2).float()
         labels = {0: "female", 1: "male"}
     with torch.no_grad():
         for i in range(0, n // 2, 256):
             x = faces[i:min(i + 256, n // 2)] * 2 - 1
             faces[i:i + len(x)] = ((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
-    rng = np.random.default_rng(seed + 200)
+    rng = np.random.default_rng(data_seed + 100)
     others = torch.stack([to_tensor(draw_non_face(rng)) for _ in range(n // 3)])
     images = torch.cat([faces, others])
     targets = torch.cat([face_targets, torch.full((len(others), len(labels)), 1 / len(labels))])
-    model = ViTForImageClassification(ViTConfig(
-        image_size=SIZE, patch_size=4, num_channels=3, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=128, num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()}))
+    names = dict(num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
+    if independent:
+        model = ResNetForImageClassification(ResNetConfig(num_channels=3, embedding_size=16, hidden_sizes=[16, 32, 64],
+                                                          depths=[1, 1, 1], layer_type="basic", **names))
+    else:
+        model = ViTForImageClassification(ViTConfig(image_size=SIZE, patch_size=4, num_channels=3, hidden_size=64,
+                                                    num_hidden_layers=3, num_attention_heads=4, intermediate_size=128,
+                                                    **names))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     schedule = _cosine(optimizer, steps)
     g = torch.Generator().manual_seed(seed)
@@ -320,6 +328,29 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, share
     return log
 
 
+INDEPENDENT = "independent"  # the folder, beside each world's classifier, of its second classifier
+
+
+def build_independent(out, three=False, seed=0, steps=1000, n=6000):
+    """The world's second classifier (train_classifier's `independent`), into `out`: it scores runs and never rewards
+    them, so that a run that fools the reward classifier is caught (Shen et al., ICLR 2024). Same labels, same
+    preprocessing as the first."""
+    from diffusers import AutoencoderKL
+    from transformers import ViTImageProcessor
+    start = time.time()
+    torch.set_num_threads(os.cpu_count() or 1)
+    vae = AutoencoderKL.from_pretrained(os.path.join(SHIPPED, "vae")).eval()
+    model, loss = train_classifier(steps, seed, vae, n=n, labels=THREE_LABELS if three else None, independent=True)
+    model.save_pretrained(out)
+    ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+                      do_resize=True).save_pretrained(out)
+    log = {"architecture": "ResNet (basic blocks 16/32/64)", "seed": seed, "steps": steps, "images": n,
+           "face_seed": seed + 500, "loss": loss, "seconds": time.time() - start}
+    with open(os.path.join(out, "build.json"), "w") as f:
+        json.dump(log, f, indent=2)
+    return log
+
+
 # The world's run settings for R_balance, shared by the learning tests and the demo (docs/toy-world.md says
 # why). ε and δ are not here: they are derived from the 4x8x8 latent by the same rule as on SD (derived_sizes).
 SETTINGS = dict(batch_size=64, num_steps=5, guidance_scale=5.0, updates_per_epoch=4, train_batch_size=16,
@@ -377,12 +408,17 @@ def three(out, epochs=16, seed=0, extra=()):
 def demo(out, world=SHIPPED, epochs=16, seed=0):
     """Fine-tune the world with --reward balance through the real CLI: the usual run folder in `out`."""
     import ddpo_debias
+    independent = os.path.join(world, INDEPENDENT)
+    extra = [f"--independent-classifier={independent}"] if os.path.isdir(independent) else []
     code = ddpo_debias.main(cli_flags(world=world) + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
-                                                      f"--output-dir={out}"])
+                                                      f"--output-dir={out}", *extra])
     if code == 0:  # the female ratio as docs/toy-world.md reports it: pooled over 2-epoch windows (128 images)
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            for start, q, none in windows([json.loads(line) for line in f], 2):
-                print(f"epochs {start}-{start + 1}: female ratio {q:.2f}, none {none:.0%}")
+            metrics = [json.loads(line) for line in f]
+        scored = windows([m["independent"] for m in metrics], 2) if extra else [None] * len(metrics)
+        for (start, q, none), other in zip(windows(metrics, 2), scored):
+            read = "" if other is None or other[1] is None else f" (independent classifier {other[1]:.2f})"
+            print(f"epochs {start}-{start + 1}: female ratio {q:.2f}{read}, none {none:.0%}")
     return code
 
 
@@ -481,7 +517,16 @@ def main(argv=None):
     k.add_argument("--epochs", type=int, default=16)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--lr", help="another learning rate than THREE_SETTINGS' (0: the control)")
+    i = sub.add_parser("independent", help="train a world's second classifier, which scores and never rewards "
+                       "(about 3 minutes on 2 cores)")
+    i.add_argument("out", help="e.g. tests/toyworld_model/independent")
+    i.add_argument("--three-classes", action="store_true", help="the three-class world's (labels THREE_LABELS)")
+    i.add_argument("--quick", action="store_true", help="a few steps: checks that it trains and saves")
     args = parser.parse_args(argv)
+    if args.command == "independent":
+        quick = dict(steps=20, n=300) if args.quick else {}
+        print(json.dumps(build_independent(args.out, args.three_classes, **quick), indent=2))
+        return 0
     if args.command != "build":
         one_thread()
     if args.command == "three":
