@@ -37,9 +37,10 @@ CONFIGS = {
     "fixed-scale-0.15-lr1e-3-batch-32": ["--advantage-scale=0.15", "--lr=1e-3", "--batch-size=32",
                                          "--train-batch-size=8"],
     "fixed-scale-lr7e-4-batch-32": ["--advantage-scale=0.1", "--lr=7e-4", "--batch-size=32", "--train-batch-size=8"],
-    "kl-base-1": ["--kl-base=1"],  # DPOK's anchor to the pre-trained model, β swept
-    "kl-base-10": ["--kl-base=10"],
-    "kl-base-100": ["--kl-base=100"],
+    "kl-base-0.01": ["--kl-base=0.01"],  # DPOK's anchor to the pre-trained model, β swept (at 1, q never moved)
+    "kl-base-0.03": ["--kl-base=0.03"],
+    "kl-base-0.1": ["--kl-base=0.1"],
+    "kl-base-1": ["--kl-base=1"],
 }
 WITHIN, STAYS = 0.1, 0.2  # the balance test of tests/test_learning.py, on 2-epoch windows
 
@@ -67,14 +68,15 @@ def summarise(metrics):
     seconds = lambda m: m["sample_seconds"] + m["reward_seconds"] + m["train_seconds"]
     mean = lambda key: statistics.fmean(m[key] for m in metrics)
     independent = balanced_at(metrics, by="independent") if "independent" in metrics[0] else None
-    pooled_none = [(a["n_none"] + b["n_none"]) / (a["n_images"] + b["n_images"]) for a, b in zip(metrics, metrics[1:])]
+    images = lambda m: m["n_female"] + m["n_male"] + m["n_none"]
+    pooled_none = [(a["n_none"] + b["n_none"]) / (images(a) + images(b)) for a, b in zip(metrics, metrics[1:])]
     return {"balanced_at": at, "seconds_to_balance": None if at is None else sum(map(seconds, metrics[:at + 1])),
             "independent_balanced_at": independent,
             "independent_seconds_to_balance": None if independent is None else sum(map(seconds,
                                                                                        metrics[:independent + 1])),
             "independent_final_q": metrics[-1].get("independent", {}).get("female_ratio"),
             "worst_pooled_none_rate": max(pooled_none),
-            "worst_none_rate": max(m["n_none"] / (m["n_female"] + m["n_male"] + m["n_none"]) for m in metrics),
+            "worst_none_rate": max(m["n_none"] / images(m) for m in metrics),
             "final_q": metrics[-1]["female_ratio"], "sample_seconds": mean("sample_seconds"),
             "reward_seconds": mean("reward_seconds"), "train_seconds": mean("train_seconds")}
 

@@ -78,6 +78,8 @@ def test_debias_bench_counts_the_epoch_q_balances_by_hand():
                 "reward_seconds": 0.5, "train_seconds": 2.0} for f, m in counts]
     assert balanced_at(metrics) == 3
     assert summarise(metrics)["seconds_to_balance"] == 4 * 3.5 and summarise(metrics)["worst_none_rate"] == 0
+    metrics[2]["n_none"], metrics[3]["n_none"] = 10, 2  # pooled none 0/40, 10/50, 12/52, 2/42, 0/40
+    assert summarise(metrics)["worst_pooled_none_rate"] == 12 / 52 and summarise(metrics)["worst_none_rate"] == 10 / 30
     metrics[4]["n_female"], metrics[4]["n_male"] = 19, 1  # windows 4 and 5 now past 0.7: no lasting balance yet
     assert balanced_at(metrics) is None
 
