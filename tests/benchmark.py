@@ -31,10 +31,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (name, flags, epochs, weight). The defaults are the README's command: 16 images, 50 steps, CFG 5.0, auto
-# precision. A configuration gets the time left in proportion to its weight: --compile's first epoch compiles two
+# precision. --kl-base adds one no-grad forward of the base weights per trained micro-step: its cost on SD's shapes.
+# A configuration gets the time left in proportion to its weight: --compile's first epoch compiles two
 # graphs. fp16 comes last so that it takes the time the others leave: its GradScaler needs epochs to act (20 asked).
 CONFIGS = [("defaults", [], 3, 1.0), ("compile", ["--compile"], 3, 1.8), ("low-memory", ["--low-memory"], 3, 1.0),
-           ("train-batch-size-8", ["--train-batch-size", "8"], 3, 1.0), ("resume", ["--save-every", "1"], 3, 1.2),
+           ("train-batch-size-8", ["--train-batch-size", "8"], 3, 1.0), ("kl-base", ["--kl-base", "0.01"], 3, 1.0),
+           ("resume", ["--save-every", "1"], 3, 1.2),
            ("fp16", ["--mixed-precision", "fp16"], 20, 1.0)]
 TINY = ["--batch-size", "4", "--num-steps", "4", "--mixed-precision", "no"]  # --tiny: before each config's flags
 GRACE = 60  # seconds after SIGTERM for the run to finish its epoch and save, before SIGKILL
