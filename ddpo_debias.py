@@ -530,7 +530,7 @@ def train(config, classifier=None):
             metrics.append(epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, spread, stats,
                                         skipped, grad_norms))
             end_epoch(epoch, run, config, metrics, (gather(samples["images"]), probs, labels), interrupted)
-    finish_run(run, config)
+        finish_run(run, config)  # a signal during the final save waits for it
     return metrics
 
 
@@ -1410,7 +1410,9 @@ def save_unet(unet, config, path):
     copy) with the trained attention weights copied in, so no frozen weight is rounded."""
     full = load_unet(config)
     full.load_state_dict(trained_weights(unet), strict=False)
-    full.save_pretrained(path)
+    full.save_pretrained(path + ".tmp")  # then renamed: a kill during the save leaves no half-written `unet/`
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(path + ".tmp", path)
 
 
 def trained_weights(unet):
@@ -1746,8 +1748,14 @@ def evaluate(config, classifier=None):
     return report
 
 
+def quit_now(signum, frame):
+    """SIGTERM outside the epoch loop (loading, evaluation): stop as Ctrl-C does, cleaning up, exit 128 + 15."""
+    raise KeyboardInterrupt(signum)
+
+
 def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, Ctrl-C is a KeyboardInterrupt
+    sigterm = signal.signal(signal.SIGTERM, quit_now)  # and SIGTERM too, outside the loop's graceful_stop
     config, folder = None, None
     try:
         given = parse_args(argv)
@@ -1774,12 +1782,13 @@ def main(argv=None):
         print(f"ddpo_debias.py: stopped by {signal.Signals(stop.args[0]).name} after saving a checkpoint; continue "
               f"with --resume {config.output_dir}", file=sys.stderr)
         return 128 + stop.args[0]
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         saved = config is not None and config.output_dir and run_state(config.output_dir) == "checkpoint"
         print("ddpo_debias.py: interrupted; " + (f"continue from its last checkpoint with --resume {config.output_dir}"
               if saved else "no checkpoint was saved, so there is nothing to resume"), file=sys.stderr)
-        return 130
+        return 128 + (stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT)
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         if folder:
             folder.release()
         if launched()[1] > 1 and torch.distributed.is_initialized():

@@ -76,6 +76,35 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_143(tiny_sd, tiny_classifier
     assert len(state["metrics"]) == state["epoch"] + 1 == len(read_metrics(out))
 
 
+def test_sigterm_while_loading_stops_with_one_line_and_leaves_no_folder(tiny_sd, tiny_classifier, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Before the loop's graceful stop (loading a model can take a minute): exit 143, no traceback, nothing left."""
+    out, start_run = tmp_path / "run", dd.start_run
+    monkeypatch.setattr(dd, "start_run", lambda *a: (os.kill(os.getpid(), signal.SIGTERM), start_run(*a))[1])
+    result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--output-dir", out)
+    assert result.returncode == 143 and "interrupted" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+
+
+def test_a_kill_during_the_final_save_leaves_no_half_written_unet(tiny_sd, tiny_classifier, tmp_path, capsys,
+                                                                  monkeypatch):
+    """A finished run is one with `unet/`: a save cut off (here by Ctrl-C inside it) must not leave one, and --resume
+    then writes it."""
+    from diffusers import UNet2DConditionModel
+    out, save = tmp_path / "run", UNet2DConditionModel.save_pretrained
+
+    def cut_off(self, path, **kwargs):
+        os.makedirs(path), open(os.path.join(path, "config.json"), "w").close()
+        raise KeyboardInterrupt
+    monkeypatch.setattr(UNet2DConditionModel, "save_pretrained", cut_off)
+    result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--output-dir", out)
+    assert result.returncode == 130 and not (out / "unet").exists()
+    monkeypatch.setattr(UNet2DConditionModel, "save_pretrained", save)
+    result = run_main(capsys, "--resume", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert UNet2DConditionModel.from_pretrained(out / "unet") is not None and not (out / "unet.tmp").exists()
+
+
 def test_run_that_died_in_epoch_0_is_resumable_and_reusable(tiny_sd, tiny_classifier, tmp_path, capsys):
     """config.json and an empty metrics.jsonl, no checkpoint: --resume starts it again; so does a fresh start."""
     args = ["--model", tiny_sd, "--classifier", tiny_classifier, *TINY]
