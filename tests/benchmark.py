@@ -9,7 +9,7 @@ followed by its --resume. Each configuration gets its weighted part of the time 
 its end the run gets SIGTERM, finishes its epoch and saves (docs/reliability.md), and after a grace period
 SIGKILL; what it logged is kept either way. Into OUT, so that few files come back from a lent machine:
 
-    summary.json    the GPU, torch/diffusers/transformers versions, and per configuration: epochs done, exit
+    summary.json    the GPU, torch/diffusers/transformers versions, and per configuration: epochs done (and updated), exit
                     code, seconds per epoch split into sampling, reward and update (epochs after the first), TFLOP/s,
                     peak GB, and the first (on-policy) update's rms of log r and clip fraction (precision alone can
                     clip at ε = 1e-4: DDPO's r is 1 there in exact arithmetic)
@@ -95,7 +95,8 @@ def summarise(metrics):
             "peak_memory_gb": max(peaks) if peaks else None,
             "onpolicy_log_ratio_rms": [m.get("onpolicy_log_ratio_rms") for m in metrics[:3]],
             "onpolicy_clipfrac": [m.get("onpolicy_clipfrac") for m in metrics[:3]],
-            "skipped_steps": sum(m["skipped_steps"] for m in metrics)}
+            "skipped_steps": sum(m["skipped_steps"] for m in metrics),
+            "updated_epochs": sum(m.get("loss") is not None for m in metrics)}  # epochs whose update ran
 
 
 def run_config(name, flags, epochs, base, runs, deadline):
@@ -177,7 +178,11 @@ def main(argv=None):
     summary = {"environment": environment(), "model": model, "model_was": build_model(model, args.tiny),
                "budget_seconds": args.budget, "configurations": {}}
     summary["build_seconds"] = time.time() - began
-    base = ["--model", model, "--classifier", os.path.join(model, "classifier"), "--profile", *(TINY if args.tiny else [])]
+    # --reward shift: the images are noise, which a random classifier puts under none of its labels at 0.7, so
+    # R_balance would be 0 for all and the update skipped (equal rewards); P(female) differs image to image, so every
+    # update runs, at the same cost as R_balance's.
+    base = ["--model", model, "--classifier", os.path.join(model, "classifier"), "--reward", "shift", "--profile",
+            *(TINY if args.tiny else [])]
     todo = [c for c in CONFIGS if c[0] in chosen]
     for i, (name, flags, epochs, weight) in enumerate(todo):
         share = (deadline - time.time()) * weight / sum(c[3] for c in todo[i:])  # its part of what is left
