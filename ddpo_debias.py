@@ -370,6 +370,7 @@ def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, gene
 
     Returns latents (B, T+1, C, H, W) = x_T..x_0, log_probs (B, T) under the sampling policy, means
     (B, T, C, H, W) = μ_old (for the exact KL), timesteps (T,), prompt_ids (B,), images (B, 3, H·8, W·8) in [0, 1].
+    `generator` draws x_T, then each step's z, in that order: a seed gives the same images on any process count.
     """
     scheduler.set_timesteps(config.num_steps, device=device)
     c, s = unet.config.in_channels, unet.config.sample_size
@@ -398,7 +399,8 @@ def decode(vae, latents, config, device):
 
 # -------------------------------------------------------------------------- advantages (the rewards are in rewards.py)
 def compute_advantages(reward_values, prompt_ids, history, adv_clip, scale=0.0):
-    """A = (R - mean) / std, clipped to ±adv_clip (DDPO). (B,) -> (B,); prompt_ids (B,) on the rewards' device.
+    """A = (R - mean) / std (torch's std, n - 1), clipped to ±adv_clip (DDPO). (B,) -> (B,); prompt_ids (B,) on
+    the rewards' device.
 
     The mean and std are those of the image's prompt over its last N rewards once it has N (DDPO's per-prompt stat
     tracking), of the whole batch until then. With one prompt and N = B both are the batch's, as in DDPO's paper.
