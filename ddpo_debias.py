@@ -136,7 +136,7 @@ class Config:
     24 GB card, 8 a 40 GB one (docs/speed-and-memory.md). Larger than an update's images: one micro-batch of them
     all, and config.json records that number."""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """The policy: a hub id or a local Stable Diffusion pipeline folder."""
+    """The policy: a hub id or a local Stable Diffusion pipeline folder (SD 1.x, or 2.x with v-prediction)."""
     classifier: str = "rizvandwiki/gender-classification-2"
     """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
     comma-separated, for intersectional classes."""
@@ -237,7 +237,8 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     DDIM eq. (12): x_{t-1} = √ᾱ_{t-1}·x̂₀ + √(1 - ᾱ_{t-1} - σ_t²)·ε̂ + σ_t·z,  z ~ N(0, I)
     DDIM eq. (16): σ_t = η·√((1 - ᾱ_{t-1}) / (1 - ᾱ_t))·√(1 - ᾱ_t / ᾱ_{t-1})
     Variables -> symbols: alpha_prod_t -> ᾱ_t, alpha_prod_prev -> ᾱ_{t-1}, pred_original_sample -> x̂₀,
-    std_dev -> σ_t, prev_mean -> μ_θ(x_t). Epsilon prediction, no clipping of x̂₀ (SD's config).
+    std_dev -> σ_t, prev_mean -> μ_θ(x_t). Epsilon prediction (SD 1.x), or v (SD 2.x: ε̂ and x̂₀ from v first);
+    no clipping of x̂₀ (SD's config).
     Shapes: noise_pred, latents, prev_latents, noise (z, drawn from `generator` if None) (B, C, H, W); timestep
     an int or (B,). Returns
     prev_latents (B, C, H, W), log_prob (B,), prev_mean (B, C, H, W), std_dev (B, 1, 1, 1).
@@ -251,7 +252,11 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     alpha_prod_t = alphas_cumprod[t].view(-1, 1, 1, 1)
     alpha_prod_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)],  # ᾱ_{t-1}; past the last
                                   scheduler.final_alpha_cumprod).view(-1, 1, 1, 1)   # step, SD's final ᾱ
-    pred_original_sample = (latents - (1 - alpha_prod_t).sqrt() * noise_pred) / alpha_prod_t.sqrt()  # x̂₀, eq. (12)
+    if scheduler.config.prediction_type == "v_prediction":  # SD 2.x: the UNet predicts v = √ᾱ_t·ε - √(1-ᾱ_t)·x₀
+        noise_pred, pred_original_sample = (alpha_prod_t.sqrt() * noise_pred + (1 - alpha_prod_t).sqrt() * latents,
+                                            alpha_prod_t.sqrt() * latents - (1 - alpha_prod_t).sqrt() * noise_pred)
+    else:  # epsilon (SD 1.x): x̂₀ from ε̂, eq. (12)
+        pred_original_sample = (latents - (1 - alpha_prod_t).sqrt() * noise_pred) / alpha_prod_t.sqrt()
     variance = (1 - alpha_prod_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_prev)  # eq. (16) / η²
     std_dev = eta * variance.sqrt()
     direction = (1 - alpha_prod_prev - std_dev**2).sqrt() * noise_pred  # "direction pointing to x_t", eq. (12)
@@ -950,13 +955,19 @@ def load_models(config, device):
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
     path = config.model
+    local = os.path.join(path, "scheduler", "scheduler_config.json")
+    if os.path.exists(local):  # a local folder: its family first (a flow model has no unet/ to complain about)
+        with open(local) as f:
+            check_family(json.load(f).get("_class_name", ""), path)
     check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
     if config.unet:
         check_source("--unet", config.unet, "a UNet", "diffusion_pytorch_model.safetensors")
         check_class("--unet", config.unet, "UNet2DConditionModel")
     dtype = DTYPES[config.mixed_precision]
     with loading("--model", path):
-        scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+        raw = DDIMScheduler.load_config(path, subfolder="scheduler")  # the hub's file, before it is made a DDIM
+        check_family(raw.get("_class_name", ""), path)
+        scheduler = DDIMScheduler.from_config(raw)
         check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
         if not config.evaluate:
             check_trained_steps(scheduler, config)
@@ -1030,11 +1041,21 @@ def check_scheduler(scheduler_config, path, num_steps):
     if num_steps > scheduler_config.num_train_timesteps:
         raise UsageError(f"--num-steps: {num_steps} is more than the scheduler's {scheduler_config.num_train_timesteps} "
                          "training steps")
-    problems = [f"prediction_type={scheduler_config.prediction_type!r}"] if scheduler_config.prediction_type != "epsilon" else []
+    kind = scheduler_config.prediction_type
+    problems = [f"prediction_type={kind!r}"] if kind not in ("epsilon", "v_prediction") else []
     problems += [name for name in ("clip_sample", "thresholding") if scheduler_config.get(name)]
     if problems:
         raise UsageError(f"--model: the scheduler of {path} has {', '.join(problems)}; the DDIM log-probability here "
-                         "needs epsilon prediction without clip_sample or thresholding (SD v1.5's scheduler)")
+                         "needs epsilon (SD 1.x) or v prediction (SD 2.x) without clip_sample or thresholding")
+
+
+def check_family(scheduler_class, path):
+    """Refuse a flow-matching model (SD 3.x, FLUX) by its scheduler's class, before anything loads: its sampler is
+    an ODE with no Gaussian step to take a log-probability of."""
+    if "FlowMatch" in scheduler_class:
+        raise UsageError(f"--model: {path} is a flow-matching model ({scheduler_class}: SD 3.x, FLUX); DDPO's Gaussian "
+                         "step policy needs a DDPM-family model sampled with DDIM (SD 1.x, 2.x), and a flow model "
+                         "would need its ODE turned into an SDE first (as Flow-GRPO does)")
 
 
 def check_trained_steps(scheduler, config):

@@ -144,7 +144,7 @@ def test_compile_uses_two_static_graphs(tiny_sd, tiny_classifier, tmp_path, monk
 
 def test_scheduler_outside_the_equations_is_refused(tiny_sd, tmp_path, capsys):
     import shutil
-    for change, shown in (({"prediction_type": "v_prediction"}, "prediction_type"),
+    for change, shown in (({"prediction_type": "sample"}, "prediction_type"),
                           ({"clip_sample": True}, "clip_sample"), ({"thresholding": True}, "thresholding")):
         model = tmp_path / f"sd-{shown}"
         shutil.copytree(tiny_sd, model)
@@ -153,6 +153,20 @@ def test_scheduler_outside_the_equations_is_refused(tiny_sd, tmp_path, capsys):
         code = dd.main(["--model", str(model), "--output-dir", str(tmp_path / f"run-{shown}"), "--epochs", "1"])
         err = capsys.readouterr().err.strip()
         assert code == 2 and "\n" not in err and "--model" in err and shown in err, err
+
+
+def test_a_flow_matching_model_is_refused_at_start(tmp_path, capsys):
+    """SD 3.x and FLUX (a FlowMatchEulerDiscreteScheduler, a transformer instead of a UNet): one line that says why,
+    exit 2, no run folder (issue 36)."""
+    model = tmp_path / "sd3"
+    (model / "scheduler").mkdir(parents=True), (model / "transformer").mkdir()
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    code = dd.main(["--model", str(model), "--output-dir", str(tmp_path / "run"), "--epochs", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "--model" in err and "flow-matching" in err and "SDE" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cuda_index_reaches_synchronize_and_memory_stats(monkeypatch):

@@ -25,6 +25,29 @@ def test_ddim_step_matches_diffusers(scheduler, eta):
         assert torch.allclose(mean + std * noise, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])  # SD 2.1's scheduler: v, 1000 steps, either spacing
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_v_prediction_step_matches_diffusers_and_torch_distributions(spacing, eta):
+    """SD 2.x: the UNet's output is v; the step gets ε̂ and x̂₀ from it, then is the same Gaussian (issue 36)."""
+    scheduler = DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "v_prediction", "timestep_spacing": spacing})
+    scheduler.set_timesteps(50)
+    g = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps[[0, 10, 25, 49]]:
+        latents, v, noise = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+        ref = scheduler.step(v, t, latents, eta=eta, variance_noise=noise).prev_sample
+        prev, log_prob, mean, std = dd.ddim_step_with_logprob(scheduler, v, t, latents, eta, noise=noise)
+        assert torch.allclose(prev, ref, atol=1e-5)
+        ref_mean = scheduler.step(v, t, latents, eta=eta, variance_noise=torch.zeros_like(v)).prev_sample
+        ref_log_prob = torch.distributions.Normal(ref_mean.double(), std.double().expand_as(mean)).log_prob(
+            prev.double()).mean(dim=(1, 2, 3))
+        assert torch.allclose(log_prob.double(), ref_log_prob, atol=1e-5)
+    epsilon = DDIMScheduler(**{**SD_SCHEDULER, "timestep_spacing": spacing})
+    epsilon.set_timesteps(50)
+    t = int(scheduler.timesteps[10])
+    assert not torch.allclose(dd.ddim_step_with_logprob(epsilon, v, t, latents, eta)[2],
+                              dd.ddim_step_with_logprob(scheduler, v, t, latents, eta)[2])  # v is not read as ε
+
+
 def test_ddim_step_samples_from_generator_and_rescoring_agrees(scheduler):
     latents, noise_pred = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     t = scheduler.timesteps[5]
