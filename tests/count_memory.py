@@ -59,15 +59,16 @@ def fp32_norms():
     return lambda: (setattr(F, "group_norm", group_norm), setattr(F, "layer_norm", layer_norm))
 
 
-def count(micro_batches, checkpointing_options=(False, True)):
+def count(micro_batches, checkpointing_options=(False, True), family="sd15"):
     import ddpo_debias as dd
     from diffusers import DDIMScheduler
     from tests.fixtures import SD_SCHEDULER
-    from tests.random_sd15 import sd15_models
+    from tests import random_sd15
     restore = fp32_norms()
     rows = []
     with torch.device("meta"):  # for their sizes only
-        unet, vae, text_encoder, classifier = sd15_models()
+        unet, vae, text_encoder, classifier = getattr(random_sd15, f"{family}_models")()
+    s, d = unet.config.sample_size, unet.config.cross_attention_dim  # latent side, text embedding width
     with FakeTensorMode(allow_non_fake_inputs=True):
         unet = type(unet).from_config(unet.config)  # the same UNet, with fake weights that can run
         dd.train_attention_only(unet, torch.bfloat16)  # as load_models prepares it
@@ -80,13 +81,13 @@ def count(micro_batches, checkpointing_options=(False, True)):
                    "ViT-base classifier, fp32": 4 * numel(classifier)}
         scheduler = DDIMScheduler(**SD_SCHEDULER)
         scheduler.set_timesteps(50)
-        embeds = torch.randn(2, 77, 768, dtype=torch.bfloat16)
+        embeds = torch.randn(2, 77, d, dtype=torch.bfloat16)
         config = dd.Config(mixed_precision="bf16")
         for checkpointing in checkpointing_options:
             if checkpointing:
                 unet.enable_gradient_checkpointing()
             for b in micro_batches:
-                x_t, x_prev = torch.randn(b, 4, 64, 64), torch.randn(b, 4, 64, 64)
+                x_t, x_prev = torch.randn(b, 4, s, s), torch.randn(b, 4, s, s)
                 t = scheduler.timesteps[:b]
                 tracker = LiveBytes()
                 with tracker:
@@ -101,21 +102,24 @@ def count(micro_batches, checkpointing_options=(False, True)):
         # sampling: one guided forward over 2B = 32 rows without gradients (B = 16, the default)
         tracker = LiveBytes()
         with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            dd.guided_noise_pred(unet, torch.randn(16, 4, 64, 64), scheduler.timesteps[0], embeds,
+            dd.guided_noise_pred(unet, torch.randn(16, 4, s, s), scheduler.timesteps[0], embeds,
                                  torch.zeros(16, dtype=torch.long), 5.0)
         sampling = tracker.peak
     restore()
-    return weights, rows, sampling
+    return weights, rows, sampling, s
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--family", choices=("sd15", "sd21"), default="sd15",
+                        help="SD v1.5 (512 px) or SD 2.1 (768 px, v-prediction: the same memory as epsilon)")
     args = parser.parse_args(argv)
-    weights, rows, sampling = count(args.micro_batches)
+    weights, rows, sampling, s = count(args.micro_batches, family=args.family)
     B, T = 16, 50  # the defaults
-    fixed = {**weights, f"trajectories of B={B}, T={T}: latents and means, fp32": B * (2 * T + 1) * 4 * 64 * 64 * 4}
-    print(f"torch {torch.__version__}; SD v1.5 UNet under FakeTensorMode, bf16 autocast with CUDA's fp32 norms\n")
+    fixed = {**weights, f"trajectories of B={B}, T={T}: latents and means, fp32": B * (2 * T + 1) * 4 * s * s * 4}
+    name = {"sd15": "SD v1.5", "sd21": "SD 2.1 (768 px)"}[args.family]
+    print(f"torch {torch.__version__}; {name} UNet under FakeTensorMode, bf16 autocast with CUDA's fp32 norms\n")
     print("Resident through the run:")
     for name, n in fixed.items():
         print(f"  {name:50s} {n / GIB:6.2f} GiB")

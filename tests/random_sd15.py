@@ -31,6 +31,20 @@ logging.getLogger("transformers.utils.import_utils").addFilter(NoTorchvisionNoti
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` from any folder
 
 
+def sd21_models(tokenizer_vocab_size=49408):
+    """SD 2.1's UNet (768 px: 96x96 latents, linear projections, head dims 5-20), VAE and OpenCLIP-H text encoder, and
+    the same classifier, random: for counting memory (tests/count_memory.py --family sd21)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    _, vae, _, classifier = sd15_models(tokenizer_vocab_size)
+    unet = UNet2DConditionModel(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                                use_linear_projection=True)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+                                                num_hidden_layers=23, projection_dim=1024, hidden_act="gelu",
+                                                vocab_size=tokenizer_vocab_size, max_position_embeddings=77))
+    return unet, vae, text_encoder, classifier
+
+
 def sd15_models(tokenizer_vocab_size=49408):
     """SD v1.5's UNet, VAE and text encoder, and a ViT-base/16 classifier at 224 (as rizvandwiki's), random."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
