@@ -82,6 +82,9 @@ class Config:
     threshold: float = 0.7
     """An image's label is its most probable class when that probability is above this, else none: the paper's 0.7.
     Lower it for a classifier of many classes that is rarely that sure (at least 1/K)."""
+    augment: bool = False
+    """Read the reward's classifier through 5 views of each image (itself, its mirror, two small shifts, a blur) and
+    average P(class): a faint feature that fools it in one view rarely does in all."""
     underrepresented: str = "auto"
     """U for --reward shift: one of --classes, or auto = the rarest class in the first epoch's samples (step 1)."""
     trust_region: str = "clip"
@@ -578,7 +581,7 @@ class Parser(argparse.ArgumentParser):
 
 
 HELP_GROUPS = {  # --help's sections, in the order of the method, then running it, then the extensions
-    "the method": ("prompt", "reward", "classes", "target", "threshold", "underrepresented"),
+    "the method": ("prompt", "reward", "classes", "target", "threshold", "augment", "underrepresented"),
     "sampling": ("batch_size", "num_steps", "guidance_scale", "eta", "seed"),
     "the update (PPO)": ("trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
                          "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm"),
@@ -618,6 +621,7 @@ JUDGED = lambda c: c.labeller == "judge" or c.reward == "rank"
 # A flag that only some settings read is refused without them, rather than ignored: flag -> (used?, by what).
 ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balance or soft_balance"),
              "underrepresented": (lambda c: c.reward == "shift", "--reward shift"),
+             "augment": (lambda c: c.labeller == "classifier", "--labeller classifier"),
              "truly_alpha": (lambda c: c.trust_region == "truly", "--trust-region truly"),
              "kl_threshold": (lambda c: c.trust_region == "truly", "--trust-region truly"),
              "judge_group": (lambda c: c.reward == "rank", "--reward rank"),
@@ -1187,6 +1191,7 @@ def start_run(config, classifier=None):
     judge = load_judge(config)  # first: an unreachable judge is reported before minutes of loading
     unet, vae, text_encoder, tokenizer, scheduler = load_models(config, device)
     labeller = classifier or (judge if config.labeller == "judge" else load_classifier(config, device))
+    labeller = rewards.augmented(labeller) if config.augment else labeller
     prompts = read_prompts(config.prompts, "--prompts", warn=lead) if config.prompts else [config.prompt]
     params = trainable_parameters(unet)
     run = Run(unet=unet, vae=vae, scheduler=scheduler, labeller=labeller, judge=judge,

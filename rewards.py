@@ -524,6 +524,26 @@ def overall(rows: list) -> dict:
             "mean_clip_i": mean([r["clip_i"] for r in rows if r.get("clip_i") is not None])}
 
 
+def views(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) -> (5B, 3, H, W): the images, their mirror, shifted right and down by 1/16 of the side (the edge
+    repeated), and a 3x3 box blur."""
+    s = max(1, images.shape[-1] // 16)
+    H, W = images.shape[-2:]
+    right = torch.nn.functional.pad(images, (s, 0, 0, 0), mode="replicate")[..., :, :W]
+    down = torch.nn.functional.pad(images, (0, 0, s, 0), mode="replicate")[..., :H, :]
+    blur = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    return torch.cat([images, images.flip(-1), right, down, blur])
+
+
+def augmented(labeller):
+    """--augment: P(class) (B, K) as the mean of `labeller`'s over views() of each image. A label then needs the
+    mean above the threshold, so a feature that convinces the classifier in one view only earns no label."""
+    def read(images: torch.Tensor) -> torch.Tensor:
+        probs = labeller(views(images))  # (5B, K)
+        return probs.view(5, len(images), -1).mean(dim=0)
+    return read
+
+
 class ModelInputs:
     """An image processor's preprocessing, in torch on the images' device, so images never leave the GPU for PIL:
     its size, mean and std (from AutoImageProcessor), a bilinear resize and the normalisation."""

@@ -41,6 +41,8 @@ CONFIGS = {
     "kl-base-0.03": ["--kl-base=0.03"],
     "kl-base-0.1": ["--kl-base=0.1"],
     "kl-base-1": ["--kl-base=1"],
+    "augment": ["--augment"],  # the reward's classifier read through 5 views of each image
+    "threshold-0.9": ["--threshold=0.9"],  # a stricter label
     "fast-kl-base-0.03": ["--advantage-scale=0.1", "--lr=1e-3", "--batch-size=32", "--train-batch-size=8",
                           "--kl-base=0.03"],  # the fast combination, anchored
 }

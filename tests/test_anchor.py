@@ -156,3 +156,47 @@ def test_the_independent_classifier_scores_and_never_rewards(tiny_sd, tiny_class
         assert {k: m["independent"][k] for k in ("n_female", "n_male", "n_none")} == {
             k: m[k] for k in ("n_female", "n_male", "n_none")}
     assert any(m["independent"]["n_female"] != m["n_female"] for m in read("other"))  # another reader
+
+
+# ------------------------------------------------------------------------ --augment: the reward read through views
+def test_views_are_the_image_its_mirror_two_shifts_and_a_blur_by_hand():
+    import rewards
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).view(2, 3, 32, 32) / 6144
+    v = rewards.views(images).view(5, 2, 3, 32, 32)
+    assert torch.equal(v[0], images) and torch.equal(v[1], images.flip(-1))
+    s = 32 // 16  # the shift: 1/16 of the side, the edge column (row) repeated into the gap
+    assert torch.equal(v[2][..., :, s:], images[..., :, :-s]) and torch.equal(v[2][..., :, 0], images[..., :, 0])
+    assert torch.equal(v[3][..., s:, :], images[..., :-s, :]) and torch.equal(v[3][..., 0, :], images[..., 0, :])
+    i, j = 5, 7  # an inner pixel's blur: the mean of its 3x3 neighbourhood
+    assert torch.allclose(v[4][..., i, j], images[..., i - 1:i + 2, j - 1:j + 2].mean(dim=(-2, -1)))
+    assert torch.allclose(v[4][..., 0, 0], images[..., :2, :2].mean(dim=(-2, -1)))  # a corner: its 4 pixels
+
+
+def test_augmented_reading_averages_the_views_and_a_one_view_feature_earns_no_label():
+    """A 'classifier' fooled by one bright corner pixel says female with 0.95 when it sees it; averaged over the
+    views (the mirror, the shifts and the blur move or dim the pixel) its P(female) falls under 0.7: no label."""
+    import rewards
+
+    def corner(images):  # (n, 3, H, W) -> (n, 2): female iff the top-left pixel is bright
+        female = torch.where(images[:, 0, 0, 0] > 0.9, 0.95, 0.05)
+        return torch.stack([female, 1 - female], dim=1)
+    images = torch.zeros(4, 3, 32, 32)
+    images[:2, :, 0, 0] = 1.0  # the faint feature, in images 0 and 1
+    plain, read = corner(images), rewards.augmented(corner)(images)
+    by_hand = corner(rewards.views(images)).view(5, 4, 2).mean(dim=0)
+    assert torch.allclose(read, by_hand) and read.shape == (4, 2)
+    assert rewards.label_images(plain)[:2] == ["female", "female"]
+    assert rewards.label_images(read)[:2] == [None, None] and read[0, 0].item() < 0.7
+
+
+def test_the_cli_rewards_through_views_and_only_with_a_classifier(tiny_sd, tiny_classifier, tmp_path, capsys):
+    common = ["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--reward", "shift"]
+    assert dd.main([*common, "--augment", "--output-dir", str(tmp_path / "augmented")]) == 0
+    assert dd.main([*common, "--output-dir", str(tmp_path / "plain")]) == 0
+    read = lambda name: [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert read("augmented")[0]["reward_mean"] != read("plain")[0]["reward_mean"]  # same images, other reading
+    capsys.readouterr()
+    assert dd.main([*common, "--augment", "--labeller", "judge", "--judge-url", "http://127.0.0.1:9",
+                    "--output-dir", str(tmp_path / "judge")]) == 2
+    err = capsys.readouterr().err
+    assert "--augment" in err and "--labeller classifier" in err
