@@ -43,8 +43,12 @@ CONFIGS = {
     "kl-base-1": ["--kl-base=1"],
     "augment": ["--augment"],  # the reward's classifier read through 5 views of each image
     "threshold-0.9": ["--threshold=0.9"],  # a stricter label
+    "fast-kl-base-0.01": ["--advantage-scale=0.1", "--lr=1e-3", "--batch-size=32", "--train-batch-size=8",
+                          "--kl-base=0.01"],  # the fast combination, anchored, β swept
     "fast-kl-base-0.03": ["--advantage-scale=0.1", "--lr=1e-3", "--batch-size=32", "--train-batch-size=8",
-                          "--kl-base=0.03"],  # the fast combination, anchored
+                          "--kl-base=0.03"],
+    "fast-kl-base-0.1": ["--advantage-scale=0.1", "--lr=1e-3", "--batch-size=32", "--train-batch-size=8",
+                         "--kl-base=0.1"],
 }
 WITHIN, STAYS = 0.1, 0.2  # the balance test of tests/test_learning.py, on 2-epoch windows
 
