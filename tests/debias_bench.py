@@ -77,13 +77,16 @@ def summarise(metrics):
     mean = lambda key: statistics.fmean(m[key] for m in metrics)
     independent = balanced_at(metrics, by="independent") if "independent" in metrics[0] else None
     images = lambda m: m["n_female"] + m["n_male"] + m["n_none"]
-    pooled_none = [(a["n_none"] + b["n_none"]) / (images(a) + images(b)) for a, b in zip(metrics, metrics[1:])]
+    pooled = lambda ms: [(a["n_none"] + b["n_none"]) / (images(a) + images(b)) for a, b in zip(ms, ms[1:])]
+    pooled_none = pooled(metrics)
     return {"balanced_at": at, "seconds_to_balance": None if at is None else sum(map(seconds, metrics[:at + 1])),
             "independent_balanced_at": independent,
             "independent_seconds_to_balance": None if independent is None else sum(map(seconds,
                                                                                        metrics[:independent + 1])),
             "independent_final_q": metrics[-1].get("independent", {}).get("female_ratio"),
-            "worst_pooled_none_rate": max(pooled_none),
+            "worst_pooled_none_rate": max(pooled_none),  # by the reward's reading (its --threshold, --augment)
+            "independent_worst_pooled_none_rate": max(pooled([m["independent"] for m in metrics]))
+            if "independent" in metrics[0] else None,  # the faces, read the same way for every configuration
             "worst_none_rate": max(m["n_none"] / images(m) for m in metrics),
             "final_q": metrics[-1]["female_ratio"], "sample_seconds": mean("sample_seconds"),
             "reward_seconds": mean("reward_seconds"), "train_seconds": mean("train_seconds")}
