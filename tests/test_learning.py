@@ -32,11 +32,15 @@ from tests import toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, TWO_EPOCHS = 16, 12
-SHIFT = ["--reward", "shift", "--underrepresented", "female"]
-THREE = [*toyworld.THREE_FLAGS, "--reward", "balance"]  # the three-class world
+# Every run is also scored by its world's independent classifier (another network, trained on other faces, never
+# rewarding): a learning test reads the shares move by it too, so a run that only fools its reward cannot pass.
+JUDGE = [f"--independent-classifier={os.path.join(toyworld.SHIPPED, toyworld.INDEPENDENT)}"]
+SHIFT = ["--reward", "shift", "--underrepresented", "female", *JUDGE]
+THREE = [*toyworld.THREE_FLAGS, "--reward", "balance",
+         f"--independent-classifier={os.path.join(toyworld.THREE_WORLD, toyworld.INDEPENDENT)}"]  # the three-class world
 RUNS = {  # name: (settings, flags) of a run of ddpo_debias.py on the world
-    "balance-clip": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "clip"]),
-    "balance-truly": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "truly"]),
+    "balance-clip": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "clip", *JUDGE]),
+    "balance-truly": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "truly", *JUDGE]),
     "shift-clip": (toyworld.SHIFT_SETTINGS, SHIFT + ["--trust-region", "clip"]),
     "shift-truly": (toyworld.SHIFT_SETTINGS, SHIFT + ["--trust-region", "truly"]),
     "control": (toyworld.SHIFT_SETTINGS, SHIFT + ["--lr", "0"]),
