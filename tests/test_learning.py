@@ -4,7 +4,9 @@ with both trust regions, while the faces stay faces. On the two-prompt world, q 
 where the paper's q over the batch keeps them skewed in opposite directions (docs/many-prompts.md).
 
 Every run is the real CLI on the shipped world, checked against the same run at --lr 0 (same seed, so the same
-noise): that control must fail each check, so each check is a test. At lr 0 the weights never change, so one
+noise): that control must fail each check, so each check is a test. Each check is read by the reward's classifier
+and, for the shares moving, by the world's independent classifier too (--independent-classifier), which never
+rewards. At lr 0 the weights never change, so one
 control serves every reward and trust region: its images and labels are the same for all of them. The two-prompt
 check's control is the batch's q, which must fail it.
 
@@ -105,6 +107,41 @@ def test_r_shift_takes_the_female_ratio_past_0_8(runs, trust_region):
     learned, control = ratios(runs[f"shift-{trust_region}"]), ratios(runs["control"])
     assert shifted(learned), learned
     assert not shifted(control), control
+
+
+def independent_share(metrics, cls, last, classes=("female", "male")):
+    """cls's share of the labelled images of the last `last` epochs, read by the world's independent classifier."""
+    rows = [m["independent"] for m in metrics[-last:]]
+    counts = {c: sum(r[f"n_{c}"] for r in rows) for c in classes}
+    return counts[cls] / sum(counts.values())
+
+
+# Read by a classifier that never gave the reward, the shares move, though less far than the reward's reading says
+# (docs/benchmarks.md: the reward's classifier is partly fooled). Each bar is the midpoint between the lr-0
+# control's highest share and the learnt runs' lowest over seeds (tests/test_learning.py's runs on seeds 0-9 for
+# balance-clip, shift-clip and three, 0-4 for the others and the controls, 2026-12-04): female over the last 4
+# epochs after R_balance, control 0.10-0.13, learnt 0.21-0.60 -> 0.17; after R_shift, over the last 2, control
+# 0.07-0.13, learnt 0.30-0.99 -> 0.21; the three-class world's rarest (tall) over the last 4, control 0.09-0.13,
+# learnt 0.21-0.44 -> 0.17.
+@pytest.mark.parametrize("trust_region", ["clip", "truly"])
+def test_an_independent_classifier_sees_r_balance_raise_the_minority(runs, trust_region):
+    learned = independent_share(runs[f"balance-{trust_region}"], "female", 4)
+    control = independent_share(runs["control"], "female", 4)
+    assert learned >= 0.17 > control, (learned, control)
+
+
+@pytest.mark.parametrize("trust_region", ["clip", "truly"])
+def test_an_independent_classifier_sees_r_shift_raise_u(runs, trust_region):
+    learned = independent_share(runs[f"shift-{trust_region}"], "female", 2)
+    control = independent_share(runs["control"], "female", 2)
+    assert learned >= 0.21 > control, (learned, control)
+
+
+def test_an_independent_classifier_sees_the_rarest_of_three_classes_rise(runs):
+    classes = tuple(toyworld.THREE)
+    learned = independent_share(runs["three"], "tall", 4, classes)
+    control = independent_share(runs["three-control"], "tall", 4, classes)
+    assert learned >= 0.17 > control, (learned, control)
 
 
 @pytest.mark.parametrize("name", [*[n for n in RUNS if not n.startswith("three")], *TWO])
