@@ -104,21 +104,61 @@ def run(out, name, seed, epochs):
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
+def evaluate(out, name, unet=None):
+    """--evaluate of the world on its prompt, 64 images at SETTINGS' steps and guidance, CLIP-I by the world's ViT
+    encoder (as docs/quality/toyworld.sh): the base model's (unet None) into OUT/eval/base, or a run's against it."""
+    world, folder = toyworld.SHIPPED, os.path.join(out, "eval")
+    prompt = os.path.join(folder, "prompt.txt")
+    if not os.path.exists(prompt):
+        os.makedirs(folder, exist_ok=True)
+        with open(prompt, "w") as f:
+            f.write(toyworld.PROMPT + "\n")
+    flags = ["--evaluate", f"--model={world}", f"--classifier={os.path.join(world, 'classifier')}",
+             f"--clip-model={os.path.join(world, 'classifier')}", f"--eval-prompts={prompt}", "--eval-images=64",
+             f"--num-steps={toyworld.SETTINGS['num_steps']}", f"--guidance-scale={toyworld.SETTINGS['guidance_scale']}",
+             "--mixed-precision=no", "--device=cpu", f"--output-dir={os.path.join(folder, name)}"]
+    if unet:
+        flags += [f"--unet={unet}", f"--compare={os.path.join(folder, 'base', 'eval.json')}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_debias.py"), *flags], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def clip_i(out, folders, jobs):
+    """CLIP-I of each run's final UNet against the base model: {run folder name: mean CLIP-I}."""
+    if evaluate(out, "base").wait():
+        sys.exit("the base model's evaluation failed")
+    todo, running, found = list(folders), [], {}
+    while todo or running:
+        while todo and len(running) < jobs:
+            folder = todo.pop(0)
+            name = os.path.basename(folder)
+            running.append((name, evaluate(out, name, os.path.join(folder, "unet"))))
+        time.sleep(0.3)
+        for name, proc in [r for r in running if r[1].poll() is not None]:
+            running.remove((name, proc))
+            with open(os.path.join(out, "eval", name, "eval.json")) as f:
+                found[name] = json.load(f)["overall"]["mean_clip_i"]
+    return found
+
+
 def table(results, epochs):
     rows = [f"{'configuration':28s} {'balanced':>8s} {'epochs':>6s} {'seconds':>7s} {'indep.':>6s} {'seconds':>7s} "
-            f"{'q end':>5s} {'indep.':>6s} {'none 2ep':>8s} {'s/epoch: sample reward update':>30s}"]
+            f"{'q end':>5s} {'indep.':>6s} {'none 2ep':>8s} {'CLIP-I':>6s} {'s/epoch: sample reward update':>30s}"]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for name, r in results.items():
         rows.append(f"{name:28s} {r['balanced']:>8s} {fmt(r['median_epochs'], '>6'):>6s} "
                     f"{fmt(r['median_seconds'], '>7.1f'):>7s} {r.get('independent_balanced', '-'):>6s} "
                     f"{fmt(r.get('independent_median_seconds'), '>7.1f'):>7s} {r['median_final_q']:>5.2f} "
                     f"{fmt(r.get('independent_median_final_q'), '>6.2f'):>6s} {r['worst_pooled_none_rate']:>8.0%} "
+                    f"{fmt(r.get('median_clip_i'), '>6.2f'):>6s} "
                     f"{r['sample_seconds']:>15.2f} {r['reward_seconds']:>6.2f} {r['train_seconds']:>6.2f}")
     return "\n".join(rows + [f"(balanced: seeds whose q, pooled over 2 epochs, came within {WITHIN} of 0.5 and stayed "
                              f"within {STAYS}, in {epochs} epochs, read by the reward's classifier, then by the world's "
                              "independent one (indep.); epochs and seconds are medians, counting a seed that never "
                              f"balanced as {epochs} epochs and its whole training time; q end: the last epoch's median; "
-                             "none 2ep: the worst none-rate pooled over 2 epochs, any seed)"])
+                             "none 2ep: the worst none-rate pooled over 2 epochs, any seed; CLIP-I: the final model's against the base's, "
+                             "with --clip-i)"])
 
 
 def seed_list(text):
@@ -139,6 +179,8 @@ def main(argv=None):
     parser.add_argument("--seeds", default="0,1,2,3,4", type=seed_list, help="comma-separated integers")
     parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
+    parser.add_argument("--clip-i", action="store_true", help="then CLIP-I of each run's final model against the "
+                                                             "base model's (64 images each, about 7 s a run)")
     args = parser.parse_args(argv)
     names, seeds = args.configs.split(","), args.seeds
     if args.epochs < 2 or args.jobs < 1:
@@ -163,6 +205,10 @@ def main(argv=None):
             with open(os.path.join(folder, "metrics.jsonl")) as f:
                 done[name, seed] = summarise([json.loads(line) for line in f])
             print(f"{name} seed {seed}: balanced at epoch {done[name, seed]['balanced_at']}", flush=True)
+    if args.clip_i:
+        scores = clip_i(args.out, [os.path.join(args.out, "runs", f"{n}-seed{s}") for n, s in done], args.jobs)
+        for (name, seed), row in done.items():
+            row["clip_i"] = scores[f"{name}-seed{seed}"]
     results = {}
     for name in names:
         rows = [done[name, s] for s in seeds]
@@ -177,6 +223,7 @@ def main(argv=None):
             "worst_none_rate": max(r["worst_none_rate"] for r in rows),
             "worst_pooled_none_rate": max(r["worst_pooled_none_rate"] for r in rows),
             "median_final_q": statistics.median(r["final_q"] for r in rows if r["final_q"] is not None),
+            **({"median_clip_i": statistics.median(r["clip_i"] for r in rows)} if args.clip_i else {}),
             **({} if rows[0]["independent_final_q"] is None else {  # the world's independent classifier's reading
                 "independent_balanced": f"{sum(r['independent_balanced_at'] is not None for r in rows)}/{len(rows)}",
                 "independent_median_seconds": statistics.median(

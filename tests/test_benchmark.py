@@ -88,7 +88,7 @@ def test_debias_bench_counts_the_epoch_q_balances_by_hand():
 
 def test_debias_bench_runs_and_writes_its_table(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tests.debias_bench", str(tmp_path / "b"), "--configs",
-                             "today,half-steps", "--seeds", "0", "--epochs", "2"], cwd=ROOT, env=ENV,
+                             "today,half-steps", "--seeds", "0", "--epochs", "2", "--clip-i"], cwd=ROOT, env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -96,3 +96,6 @@ def test_debias_bench_runs_and_writes_its_table(tmp_path):
     today, half = bench["results"]["today"], bench["results"]["half-steps"]
     assert today["train_seconds"] > half["train_seconds"] > 0  # 2 of 3 steps trained: a cheaper update
     assert (tmp_path / "b" / "runs" / "today-seed0" / "metrics.jsonl").exists()
+    clip_i = [today["seeds"]["0"]["clip_i"], half["seeds"]["0"]["clip_i"]]
+    assert all(0 < c < 1 for c in clip_i) and today["median_clip_i"] == clip_i[0], clip_i  # trained: not the base
+    assert (tmp_path / "b" / "eval" / "base" / "eval.json").exists()
