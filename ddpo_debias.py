@@ -83,8 +83,7 @@ class Config:
     """An image's label is its most probable class when that probability is above this, else none: the paper's 0.7.
     Lower it for a classifier of many classes that is rarely that sure (at least 1/K)."""
     augment: bool = False
-    """Read the reward's classifier through 5 views of each image (itself, its mirror, two small shifts, a blur) and
-    average P(class): a faint feature that fools it in one view rarely does in all."""
+    """Average the reward classifier's P(class) over 5 views of each image (mirror, shifts, blur)."""
     underrepresented: str = "auto"
     """U for --reward shift: one of --classes, or auto = the rarest class in the first epoch's samples (step 1)."""
     trust_region: str = "clip"
@@ -139,7 +138,7 @@ class Config:
     24 GB card, 8 a 40 GB one (docs/speed-and-memory.md). Larger than an update's images: one micro-batch of them
     all, and config.json records that number."""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """The policy: a hub id or a local Stable Diffusion pipeline folder (SD 1.x, or 2.x with v-prediction)."""
+    """The policy: a hub id or a local SD 1.x or 2.x pipeline folder."""
     classifier: str = "rizvandwiki/gender-classification-2"
     """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
     comma-separated, for intersectional classes."""

@@ -98,5 +98,20 @@ def test_shares_over_all_images_instead_of_the_labelled_ones_is_caught(monkeypat
                                                                                      "r_balance", mutant)
 
 
-def test_the_end_to_end_check_trains_the_toy_world_with_the_project_itself(tmp_path):
-    assert course.train_check(3, str(tmp_path)) == []
+def test_the_end_to_end_check_runs_the_toy_world_and_says_what_failed(tmp_path):
+    """Two epochs are too few to balance: the run goes through the copy's CLI and the verdict names the failure. (The
+    16-epoch run it makes for a student is the suite's balance-clip learning run, same flags and seed, which must
+    balance: tests/test_learning.py.)"""
+    failures = course.train_check(3, str(tmp_path), epochs=2)
+    assert len(failures) == 1 and failures[0].startswith("the two-class toy world did not balance in 2 epochs"), failures
+
+
+def test_the_verdict_by_hand():
+    """q per epoch 0.1 .. 0.5 then near 0.5: balanced; stuck at 0.1: not; 30% none in one epoch: faces broke."""
+    rows = lambda qs, none=0: [{"n_female": round(64 * q), "n_male": 64 - round(64 * q), "n_none": none,
+                                "n_images": 64 + none, "female_ratio": q} for q in qs]
+    assert course.verdict("two-class", rows([0.1, 0.2, 0.35, 0.5, 0.5, 0.55, 0.45, 0.5])) == []
+    assert "did not balance in 8 epochs" in course.verdict("two-class", rows([0.1] * 8))[0]
+    broken = rows([0.1, 0.2, 0.35, 0.5, 0.5, 0.55, 0.45, 0.5])
+    broken[4]["n_none"], broken[4]["n_images"] = 30, 94
+    assert course.verdict("two-class", broken) == ["the two-class toy world's faces broke: 32% 'none' in one epoch"]
