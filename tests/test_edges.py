@@ -79,11 +79,11 @@ def test_sigterm_finishes_the_epoch_saves_and_exits_143(tiny_sd, tiny_classifier
 def test_sigterm_while_loading_stops_with_one_line_and_leaves_no_folder(tiny_sd, tiny_classifier, tmp_path, capsys,
                                                                        monkeypatch):
     """Before the loop's graceful stop (loading a model can take a minute): exit 143, no traceback, nothing left."""
-    out, start_run = tmp_path / "run", dd.start_run
+    out, start_run, before = tmp_path / "run", dd.start_run, signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(dd, "start_run", lambda *a: (os.kill(os.getpid(), signal.SIGTERM), start_run(*a))[1])
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--output-dir", out)
     assert result.returncode == 143 and "interrupted" in result.stderr and "Traceback" not in result.stderr
-    assert not out.exists() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is given back
+    assert not out.exists() and signal.getsignal(signal.SIGTERM) is before  # the handler is given back
 
 
 def test_a_kill_during_the_final_save_leaves_no_half_written_unet(tiny_sd, tiny_classifier, tmp_path, capsys,
