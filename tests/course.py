@@ -102,9 +102,8 @@ def close(a, b, tol):
 
 def sd_scheduler(steps=50, spacing="leading"):
     from diffusers import DDIMScheduler
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000,
-                              timestep_spacing=spacing)  # Stable Diffusion v1.5's, as DDIM
+    from tests.fixtures import SD_SCHEDULER  # Stable Diffusion v1.5's, as DDIM
+    scheduler = DDIMScheduler(**SD_SCHEDULER, timestep_spacing=spacing)
     scheduler.set_timesteps(steps)
     return scheduler
 

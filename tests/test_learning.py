@@ -111,9 +111,7 @@ def test_r_shift_takes_the_female_ratio_past_0_8(runs, trust_region):
 
 def independent_share(metrics, cls, last, classes=("female", "male")):
     """cls's share of the labelled images of the last `last` epochs, read by the world's independent classifier."""
-    rows = [m["independent"] for m in metrics[-last:]]
-    counts = {c: sum(r[f"n_{c}"] for r in rows) for c in classes}
-    return counts[cls] / sum(counts.values())
+    return toyworld.pooled_shares([m["independent"] for m in metrics[-last:]], classes, last)[0][1][cls]
 
 
 # Read by a classifier that never gave the reward, the shares move, though less far than the reward's reading says
