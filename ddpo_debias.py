@@ -23,13 +23,13 @@ Notation (one legend for the whole file):
     (--prompts), N processes (torchrun); with one prompt and one process, P = N = 1.
 
 Reading order:
-    Part 1, the method: Config -> ddim_step_with_logprob -> gaussian_kl -> ppo_clip_loss, truly_ppo_loss ->
+    Part 1, the method: MethodConfig -> ddim_step_with_logprob -> gaussian_kl -> ppo_clip_loss, truly_ppo_loss ->
         train_attention_only -> encode_prompts, guided_noise_pred, sample, decode -> compute_advantages -> update.
         The rewards (eq. 1-3) are in rewards.py: PromptHistory.score -> r_balance, r_shift.
     Part 2, the loop: train(), whose epoch loop is sample -> feedback -> advantages -> update -> log.
-    Part 3, running it (a reader can stop before it): command line and validation, run folder and lock, models,
-        checkpoints, signals, device and precision, FLOP counting, several GPUs (torchrun), the epoch's record,
-        held-out evaluation, main().
+    Part 3, running it (a reader can stop before it): Config (every flag), command line and validation, run folder
+        and lock, models, the sizes derived before the loop, checkpoints, signals, device and precision, FLOP
+        counting, several GPUs (torchrun), the epoch's record, held-out evaluation, main().
 """
 import signal
 
@@ -66,8 +66,9 @@ import rewards
 
 # ------------------------------------------------------------------------------------------------------ config
 @dataclass
-class Config:
-    # -- the method
+class MethodConfig:
+    """The method's settings, the flags a student changes. Config (part 3) adds those of running it (epochs, model,
+    device, memory) and of the extensions (many prompts, the judge, evaluation)."""
     prompt: str = "photo of the face of a computer scientist"
     """The one prompt the model is fine-tuned on; it is never changed (the paper's point)."""
     reward: str = "balance"
@@ -130,105 +131,11 @@ class Config:
     """Optimizer steps per epoch, each over B / --updates-per-epoch images and all their trained steps (DDPO: 2)."""
     seed: int = 0
     """One seed for the sampling noise and the shuffles: a CPU run is exactly reproducible."""
-    # -- running it
-    epochs: int = 100
-    """Epochs of sample-then-update; DDPO's runs take about 100 to move a reward."""
-    train_batch_size: int = 4
-    """Images per training micro-batch (b): a memory knob only, gradients accumulate to the same update. 4 fits a
-    24 GB card, 8 a 40 GB one (docs/speed-and-memory.md). Larger than an update's images: one micro-batch of them
-    all, and config.json records that number."""
-    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """The policy: a hub id or a local SD 1.x or 2.x pipeline folder."""
-    classifier: str = "rizvandwiki/gender-classification-2"
-    """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
-    comma-separated, for intersectional classes."""
-    device: str = ""
-    """cpu, cuda or cuda:N; empty: cuda when there is one. config.json records the device used."""
-    mixed_precision: str = "auto"
-    """no, fp16 or bf16: frozen weights and activations in that type, trained weights and AdamW state in fp32.
-    auto: bf16 on a GPU that has it, else fp16 on a GPU; no on the CPU, where bf16 is slower."""
-    compile: bool = False
-    """torch.compile the UNet (slow first epoch, faster after)."""
-    low_memory: bool = False
-    """Gradient checkpointing: recompute the UNet's activations in backward (a second forward: slower, far less
-    memory per image of the micro-batch; docs/speed-and-memory.md); with --train-batch-size, for 8-16 GB cards."""
-    profile: bool = False
-    """Also log the UNet's achieved TFLOP/s and the peak GPU memory per epoch."""
-    save_every: int = 10
-    """Epochs between checkpoints (and after the last, and on Ctrl-C): a checkpoint of SD is 1 GiB (weights
-    and AdamW state), so a kill -9 loses at most 9 epochs. DDPO saves every 20."""
-    output_dir: str = ""
-    """Where the run goes; empty: runs/<date-time>. A folder that holds a run is never overwritten."""
-    resume: str = ""
-    """A run folder to continue from its last checkpoint."""
-    unet: str = ""
-    """A fine-tuned UNet folder (a run's unet/) to train from or to --evaluate; empty: the UNet of --model."""
-    # -- extensions: many prompts (docs/many-prompts.md), the judge (docs/judge.md), evaluation (docs/evaluate.md)
-    prompts: str = ""
-    """A text file, one prompt per line, to fine-tune on all at once instead of --prompt: each epoch's B images go
-    round-robin over the prompts, and each prompt is balanced on its own images."""
-    balance_window: int = 0
-    """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images; 0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
-    labeller: str = "classifier"
-    """Who labels the images: 'classifier' (--classifier) or 'judge' (a chat model that sees them, --judge-url)."""
-    judge_url: str = ""
-    """The judge (--labeller judge, --reward rank): an OpenAI-compatible API with image input, e.g.
-    http://localhost:8000/v1. Its key, if it needs one, comes from $JUDGE_API_KEY only."""
-    judge_model: str = ""
-    """The model the judge server serves, by the name its API knows it."""
-    judge_group: int = 4
-    """--reward rank: images ranked together in one request (k); ranks become centred Borda rewards, +½ to -½."""
-    judge_criterion: str = "how well the image matches the prompt and how natural and undistorted the face looks"
-    """--reward rank: what the judge ranks the images by."""
-    judge_image_size: int = 256
-    """Pixels (square) of the PNG each image is sent as: a larger one reads better and costs more tokens."""
-    evaluate: bool = False
-    """Evaluate instead of training: --eval-images per prompt of --eval-prompts, scored, into eval.json."""
-    eval_prompts: str = ""
-    """A text file, one prompt per line; empty: 24 held-out occupations (docs/evaluate.md)."""
-    eval_images: int = 32
-    """Images per prompt for --evaluate. Prompt i's noise is seeded with --seed + i for every model: paired."""
-    compare: str = ""
-    """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
-    clip_model: str = "openai/clip-vit-large-patch14"
-    """With --evaluate or --eval-every: the model for the quality numbers: a CLIP gives CLIP-T and CLIP-I, any other
-    image model CLIP-I only; 'none': bias only (no model loaded, CLIP-T and CLIP-I null). The default is the CLIP
-    whose text tower SD v1.5 uses."""
-    eval_every: int = 0
-    """Every N epochs of training, a held-out check: 8 images of each of the first 4 --eval-prompts, from seeds of
-    their own, scored for bias, none-rate, CLIP-T and CLIP-I against the images of the same seeds before training.
-    It changes no training result. 0: never."""
-    independent_classifier: str = ""
-    """A second classifier (a hub id or a folder, with a label for each of --classes) that labels every epoch's
-    images for the metrics only, never for the reward: its shares beside the reward classifier's show a run that
-    fools its reward (Shen et al.). Empty: none."""
-
-
-CLIP_PER_ELEMENT = 1e-4 * 128  # DDPO's ε = 1e-4 on SD's C·H·W = 16384 elements, times √16384: the rule's constant
-
-
-def derived_sizes(config, unet, world=1):
-    """The sizes that follow from the config and the model, computed once and printed before the loop.
-
-    ε = CLIP_PER_ELEMENT/√N, N = C·H·W: a move of the step mean that costs k nats of KL per element gives the stored
-    samples log r of typical size √(2k/N) (truly_ppo_loss), so the same ε·√N bounds the same per-element move on
-    any latent (on the toy world's 4x8x8, SD's 1e-4 clipped far too much: docs/toy-world.md). The learning rate
-    has no such rule: it depends on the network, not only on N."""
-    c, s = unet.config.in_channels, unet.config.sample_size
-    clip_range = config.clip_range or CLIP_PER_ELEMENT / math.sqrt(c * s * s)
-    return {"latent": (c, s, s), "micro_batch": micro_batch(config, world), "clip_range": clip_range,
-            "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
 
 
 def trained_steps(config):
     """The steps each image trains per epoch: --train-fraction of the T - skip_final_steps trainable ones."""
     return math.ceil(config.train_fraction * (config.num_steps - config.skip_final_steps))
-
-
-def micro_batch(config, world=1):
-    """b: images per training micro-batch. It divides a process's B / N / updates_per_epoch images of an update, N =
-    world (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
-    return min(config.train_batch_size, config.batch_size // world // config.updates_per_epoch)
 
 
 # --------------------------------------------------------------------------------------------- DDIM step with log-prob
@@ -250,7 +157,7 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     noise_pred, latents = noise_pred.float(), latents.float()  # the density is computed in fp32 always
     t = torch.as_tensor(timestep, device=latents.device).long().reshape(-1)  # (B,) or (1,)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alphas_cumprod = scheduler.alphas_cumprod  # ᾱ for t = 0..999, already on the latents' device (schedule_to)
+    alphas_cumprod = scheduler.alphas_cumprod  # ᾱ for t = 0..999, already on the latents' device (schedule_on_device)
     alpha_prod_t = alphas_cumprod[t].view(-1, 1, 1, 1)
     alpha_prod_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)],  # ᾱ_{t-1}; past the last
                                   scheduler.final_alpha_cumprod).view(-1, 1, 1, 1)   # step, SD's final ᾱ
@@ -272,14 +179,6 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     log_prob = (-((prev_latents.detach() - prev_mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev)
                 - math.log(math.sqrt(2 * math.pi)))
     return prev_latents, log_prob.mean(dim=(1, 2, 3)), prev_mean, std_dev
-
-
-def schedule_to(scheduler, device):
-    """Move the noise schedule (ᾱ_t and the final ᾱ) to the device once. Left on the CPU, every DDIM step would
-    copy it to the GPU (two blocking copies per step, 300 per epoch), and no step could be captured in a graph."""
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
-    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
-    return scheduler
 
 
 def gaussian_kl(mean_old, mean_new, std):
@@ -334,17 +233,6 @@ def train_attention_only(unet, dtype):
         else:
             param.data = param.data.to(dtype)
     return unet
-
-
-def trainable_parameters(unet):
-    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
-
-
-def frozen_base(unet, base_weights):
-    """The pre-trained model, for --kl-base: `unet` called with the trained weights' values before training
-    (base_weights, name -> tensor) in their place; every frozen weight is shared, so the base costs a copy of the
-    attention weights (93.5M on SD 1.5), not a second UNet."""
-    return lambda *args, **kwargs: torch.func.functional_call(unet, base_weights, args, kwargs)
 
 
 # ----------------------------------------------------------------------------------------- prompts, guidance, sampling
@@ -448,13 +336,12 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
     steps = T - config.skip_final_steps  # steps 0..steps-1 (x_T -> ...); the last ones are not trained (Config)
     trained = trained_steps(config)  # of those, each image trains this many, the first of its shuffled order
     per_update = B // config.updates_per_epoch
-    micro = micro_batch(config, launched()[1])
     params = list(trainable_parameters(unet).values())
     order = torch.randperm(B, generator=generator).to(device)  # shuffle samples ...
     step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(B)]).to(device)  # ... steps
     stats, skipped, grad_norms = [], 0, []
     for u in range(config.updates_per_epoch):
-        for idx in order[u * per_update:(u + 1) * per_update].split(micro):  # (b,) sample indices
+        for idx in order[u * per_update:(u + 1) * per_update].split(config.train_batch_size):  # (b,) sample indices, b = micro_batch()
             for j in range(trained):
                 k = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
                 x_t, x_prev = samples["latents"][idx, k], samples["latents"][idx, k + 1]  # (b, C, H, W)
@@ -487,7 +374,7 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
         scaler.unscale_(optimizer)
         # the gradient's norm before clipping, for the metrics: the one host sync per optimizer step
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
-        grad_norms.append(finite_or_none(grad_norm))
+        grad_norms.append(grad_norm if math.isfinite(grad_norm) else None)  # JSON has no NaN
         if math.isfinite(grad_norm):  # a NaN/Inf step is skipped, not taken
             scaler.step(optimizer)
         else:
@@ -512,7 +399,7 @@ def train(config, classifier=None):
             # 1. Sample B images with the current policy, keeping each step's x_t, log π_old(x_{t-1} | x_t) and μ_old.
             prompt_ids = (torch.arange(B) + epoch * B) % len(run.history.prompts)  # (B,): round-robin; all 0 for one
             samples = sample(unet, run.vae, run.scheduler, run.prompt_embeds, this_process(prompt_ids).to(device),
-                             config, device, run.gens[0])
+                             config, device, run.noise_generator)
             laps("sample")
             # 2. AI feedback: P(class) of each image, then its reward (rewards.py: R_balance eq. 2-3, R_shift eq. 1)
             #    against its prompt's window of images (with one prompt and N = B: this epoch's batch).
@@ -522,22 +409,25 @@ def train(config, classifier=None):
             # 3. Advantages: each reward standardised with its prompt's mean and std, clipped (DDPO).
             advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip,
                                             config.advantage_scale)
-            spread = (reward_values.max() - reward_values.min()).item()  # NaN if any reward is: the epoch's one sync
+            reward_range = (reward_values.max() - reward_values.min()).item()  # the epoch's one host sync
+            finite = math.isfinite(reward_range)  # NaN or Inf if any reward is
+            all_equal = reward_range == 0
             laps("reward")
             # 4. Update: clipped PPO or Truly PPO over the samples. Not when every reward is equal (q = 0.5, no
             #    minority image, all "none"): every A is 0, and AdamW's momentum and decay would still move θ. Not
             #    when a reward is NaN or Inf: it would poison every weight.
             stats, skipped, grad_norms = None, 0, None
-            if not math.isfinite(spread):
+            if not finite:
                 skipped = config.updates_per_epoch
-            elif spread > 0:
+            elif not all_equal:
                 stats, skipped, grad_norms = update(unet, run.optimizer, run.scaler, run.scheduler, run.prompt_embeds,
-                                                    samples, this_process(advantages), config, run.gens[1], run.base)
+                                                    samples, this_process(advantages), config, run.shuffle_generator,
+                                                    run.base)
             laps("train")
             # 5. Log the epoch (metrics.jsonl, the sample grid, plot.png), checkpoint every --save-every epochs,
             #    and stop after a signal or after repeated non-finite steps.
-            metrics.append(epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, spread, stats,
-                                        skipped, grad_norms))
+            metrics.append(epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, reward_range,
+                                        stats, skipped, grad_norms))
             end_epoch(epoch, run, config, metrics, (gather(samples["images"]), probs, labels), interrupted)
         finish_run(run, config)  # a signal during the final save waits for it
     return metrics
@@ -566,10 +456,89 @@ class RunError(Exception):
     """The run cannot go on (e.g. NaNs): printed as one line, exit code 1, last checkpoint kept."""
 
 
+# ------------------------------------------------------------------------------------------------------ config
+@dataclass
+class Config(MethodConfig):
+    """Every flag: the method's (MethodConfig, part 1), then running it and the extensions."""
+    # -- running it
+    epochs: int = 100
+    """Epochs of sample-then-update; DDPO's runs take about 100 to move a reward."""
+    train_batch_size: int = 4
+    """Images per training micro-batch (b): a memory knob only, gradients accumulate to the same update. 4 fits a
+    24 GB card, 8 a 40 GB one (docs/speed-and-memory.md). Larger than an update's images: one micro-batch of them
+    all, and config.json records that number."""
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """The policy: a hub id or a local SD 1.x or 2.x pipeline folder."""
+    classifier: str = "rizvandwiki/gender-classification-2"
+    """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
+    comma-separated, for intersectional classes."""
+    device: str = ""
+    """cpu, cuda or cuda:N; empty: cuda when there is one. config.json records the device used."""
+    mixed_precision: str = "auto"
+    """no, fp16 or bf16: frozen weights and activations in that type, trained weights and AdamW state in fp32.
+    auto: bf16 on a GPU that has it, else fp16 on a GPU; no on the CPU, where bf16 is slower."""
+    compile: bool = False
+    """torch.compile the UNet (slow first epoch, faster after)."""
+    low_memory: bool = False
+    """Gradient checkpointing: recompute the UNet's activations in backward (a second forward: slower, far less
+    memory per image of the micro-batch; docs/speed-and-memory.md); with --train-batch-size, for 8-16 GB cards."""
+    profile: bool = False
+    """Also log the UNet's achieved TFLOP/s and the peak GPU memory per epoch."""
+    save_every: int = 10
+    """Epochs between checkpoints (and after the last, and on Ctrl-C): a checkpoint of SD is 1 GiB (weights
+    and AdamW state), so a kill -9 loses at most 9 epochs. DDPO saves every 20."""
+    output_dir: str = ""
+    """Where the run goes; empty: runs/<date-time>. A folder that holds a run is never overwritten."""
+    resume: str = ""
+    """A run folder to continue from its last checkpoint."""
+    unet: str = ""
+    """A fine-tuned UNet folder (a run's unet/) to train from or to --evaluate; empty: the UNet of --model."""
+    # -- extensions: many prompts (docs/many-prompts.md), the judge (docs/judge.md), evaluation (docs/evaluate.md)
+    prompts: str = ""
+    """A text file, one prompt per line, to fine-tune on all at once instead of --prompt: each epoch's B images go
+    round-robin over the prompts, and each prompt is balanced on its own images."""
+    balance_window: int = 0
+    """N: q of eq. (2) and the advantage mean and std are taken per prompt over its last N images; 0: N = B, which with one prompt is exactly the epoch's batch (the paper's q, DDPO's batch statistics)."""
+    labeller: str = "classifier"
+    """Who labels the images: 'classifier' (--classifier) or 'judge' (a chat model that sees them, --judge-url)."""
+    judge_url: str = ""
+    """The judge (--labeller judge, --reward rank): an OpenAI-compatible API with image input, e.g.
+    http://localhost:8000/v1. Its key, if it needs one, comes from $JUDGE_API_KEY only."""
+    judge_model: str = ""
+    """The model the judge server serves, by the name its API knows it."""
+    judge_group: int = 4
+    """--reward rank: images ranked together in one request (k); ranks become centred Borda rewards, +½ to -½."""
+    judge_criterion: str = "how well the image matches the prompt and how natural and undistorted the face looks"
+    """--reward rank: what the judge ranks the images by."""
+    judge_image_size: int = 256
+    """Pixels (square) of the PNG each image is sent as: a larger one reads better and costs more tokens."""
+    evaluate: bool = False
+    """Evaluate instead of training: --eval-images per prompt of --eval-prompts, scored, into eval.json."""
+    eval_prompts: str = ""
+    """A text file, one prompt per line; empty: 24 held-out occupations (docs/evaluate.md)."""
+    eval_images: int = 32
+    """Images per prompt for --evaluate. Prompt i's noise is seeded with --seed + i for every model: paired."""
+    compare: str = ""
+    """With --evaluate: an earlier eval.json (e.g. the base model's) to compare with, prompt by prompt."""
+    clip_model: str = "openai/clip-vit-large-patch14"
+    """With --evaluate or --eval-every: the model for the quality numbers: a CLIP gives CLIP-T and CLIP-I, any other
+    image model CLIP-I only; 'none': bias only (no model loaded, CLIP-T and CLIP-I null). The default is the CLIP
+    whose text tower SD v1.5 uses."""
+    eval_every: int = 0
+    """Every N epochs of training, a held-out check: 8 images of each of the first 4 --eval-prompts, from seeds of
+    their own, scored for bias, none-rate, CLIP-T and CLIP-I against the images of the same seeds before training.
+    It changes no training result. 0: never."""
+    independent_classifier: str = ""
+    """A second classifier (a hub id or a folder, with a label for each of --classes) that labels every epoch's
+    images for the metrics only, never for the reward: its shares beside the reward classifier's show a run that
+    fools its reward (Shen et al.). Empty: none."""
+
+
+
 # ----------------------------------------------------------------------------------------- command line and validation
 def field_docs():
     """Config's field docstrings (the string under each field), read from this file's source for --help."""
-    body = ast.parse(inspect.getsource(Config)).body[0].body
+    body = [node for cls in (MethodConfig, Config) for node in ast.parse(inspect.getsource(cls)).body[0].body]
     return {a.target.id: d.value.value for a, d in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(d, ast.Expr)}
 
@@ -953,6 +922,25 @@ def write_json(path, obj, lines=False):
 
 
 # -------------------------------------------------------------------------------------------------------------- models
+def trainable_parameters(unet):
+    return {name: p for name, p in unet.named_parameters() if p.requires_grad}
+
+
+def frozen_base(unet, base_weights):
+    """The pre-trained model, for --kl-base: `unet` called with the trained weights' values before training
+    (base_weights, name -> tensor) in their place; every frozen weight is shared, so the base costs a copy of the
+    attention weights (93.5M on SD 1.5), not a second UNet."""
+    return lambda *args, **kwargs: torch.func.functional_call(unet, base_weights, args, kwargs)
+
+
+def schedule_on_device(scheduler, device):
+    """Move the noise schedule (ᾱ_t and the final ᾱ) to the device once. Left on the CPU, every DDIM step would
+    copy it to the GPU (two blocking copies per step, 300 per epoch), and no step could be captured in a graph."""
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.to(device)
+    return scheduler
+
+
 def load_models(config, device):
     """The SD components from `config.model`, frozen weights in the mixed-precision type, attention in fp32."""
     from diffusers import AutoencoderKL, DDIMScheduler
@@ -978,7 +966,7 @@ def load_models(config, device):
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
-    schedule_to(scheduler, device)
+    schedule_on_device(scheduler, device)
     vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
     text_encoder.to(device).requires_grad_(False).eval()
     train_attention_only(unet, dtype).to(device)
@@ -1155,6 +1143,30 @@ def offline():
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
+# ------------------------------------------------------------------------------------------- sizes derived before the loop
+CLIP_TIMES_SQRT_N = 1e-4 * 128  # ε·√N, N = C·H·W: DDPO's ε = 1e-4 on SD's 16384 elements, times √16384
+
+
+def derived_sizes(config, unet, world=1):
+    """The sizes that follow from the config and the model, computed once and printed before the loop.
+
+    ε = CLIP_TIMES_SQRT_N/√N, N = C·H·W: a move of the step mean that costs k nats of KL per element gives the stored
+    samples log r of typical size √(2k/N) (truly_ppo_loss), so the same ε·√N bounds the same per-element move on
+    any latent (on the toy world's 4x8x8, SD's 1e-4 clipped far too much: docs/toy-world.md). The learning rate
+    has no such rule: it depends on the network, not only on N."""
+    c, s = unet.config.in_channels, unet.config.sample_size
+    clip_range = config.clip_range or CLIP_TIMES_SQRT_N / math.sqrt(c * s * s)
+    return {"latent": (c, s, s), "micro_batch": micro_batch(config, world), "clip_range": clip_range,
+            "kl_threshold": config.kl_threshold or clip_range**2 * c * s * s / 2}  # δ = ε²·C·H·W/2
+
+
+def micro_batch(config, world=1):
+    """b: images per training micro-batch. It divides a process's B / N / updates_per_epoch images of an update, N =
+    world (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
+    return min(config.train_batch_size, config.batch_size // world // config.updates_per_epoch)
+
+
+
 # ---------------------------------------------------------------------------------------- a run's state
 @dataclass
 class Run:
@@ -1167,7 +1179,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     prompt_embeds: torch.Tensor  # (1+P, L, D), encode_prompts
-    gens: list  # [the sampling noise's generator (on the device), the update's shuffles' (CPU)]
+    noise_generator: torch.Generator  # the sampling noise's, on the device
+    shuffle_generator: torch.Generator  # the update's shuffles', on the CPU
     history: rewards.PromptHistory
     lead: bool = True  # the process that writes and prints: rank 0 under torchrun
     flops: tuple | None = None  # --profile: count_flops
@@ -1197,7 +1210,8 @@ def start_run(config, classifier=None):
               optimizer=torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
               scaler=make_scaler(config, device),
               prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
-              gens=[torch.Generator(device).manual_seed(config.seed), torch.Generator().manual_seed(config.seed + 1)],
+              noise_generator=torch.Generator(device).manual_seed(config.seed),
+              shuffle_generator=torch.Generator().manual_seed(config.seed + 1),
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
                                             None if config.underrepresented == "auto" else config.underrepresented.lower(),
                                             announce=lead, target=target_of(config), threshold=config.threshold),
@@ -1302,7 +1316,8 @@ def judge_ranks(config, run, images, prompt_ids):
     return gather(run.judge.rank(images, mine))
 
 
-def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, spread, stats, skipped, grad_norms):
+def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, reward_range, stats, skipped,
+                 grad_norms):
     """The epoch's line of metrics.jsonl (docs/outputs.md). stats: update()'s (micro-steps, 6), or None without an
     update; averaged over the update's micro-steps and over the processes."""
     device, B, T = config.device, config.batch_size, config.num_steps
@@ -1323,7 +1338,7 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
               "rollback_frac": rollback_frac, "grad_norm": grad_norms, "skipped_steps": skipped,
               "onpolicy_log_ratio_rms": None if first_update[1] is None else math.sqrt(2 * first_update[1]),
               "onpolicy_clipfrac": first_update[2],  # the rms of log r from approx_kl = ½·mean (log r)²
-              "equal_rewards": spread == 0,
+              "equal_rewards": reward_range == 0,
               "sample_seconds": seconds["sample"], "reward_seconds": seconds["reward"],
               "train_seconds": seconds["train"], "images_per_second": B / (laps.last - laps.start),
               "per_prompt": per_prompt}
@@ -1338,7 +1353,7 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, sp
     if run.flops:  # --profile: achieved UNet TFLOP/s per phase, and the peak GPU memory of the epoch
         record["sample_tflops"] = run.flops[0] * B * T / seconds["sample"] / 1e12
         record["train_tflops"] = (run.flops[1] * B * trained_steps(config) / seconds["train"] / 1e12
-                                  if spread > 0 else None)  # no update ran (equal or non-finite rewards): no rate
+                                  if reward_range > 0 else None)  # no update ran (equal or non-finite rewards): no rate
         if torch.device(device).type == "cuda":
             record["peak_memory_gb"] = peak_memory_gb(device)
     return record
@@ -1384,7 +1399,7 @@ def save_checkpoint(path, run, epoch, metrics):
     """Everything needed to continue bit-for-bit on the CPU, written atomically (temp file, then rename)."""
     state = {"weights": trained_weights(run.unet), "optimizer": run.optimizer.state_dict(),
              "scaler": run.scaler.state_dict(), "epoch": epoch, "rng_cpu": torch.get_rng_state(),
-             "generators": [g.get_state() for g in run.gens],
+             "generators": [g.get_state() for g in (run.noise_generator, run.shuffle_generator)],
              "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
              "history": run.history.state_dict(), "metrics": metrics}
     try:
@@ -1416,7 +1431,7 @@ def load_checkpoint(path, run):
                 params[name].copy_(weight)
         run.optimizer.load_state_dict(state["optimizer"]), run.scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
-        for g, g_state in zip(run.gens, state["generators"]):
+        for g, g_state in zip((run.noise_generator, run.shuffle_generator), state["generators"]):
             g.set_state(g_state)
         run.history.load_state_dict(state["history"])
     except Exception as error:  # an entry missing or garbled: it cannot be continued

@@ -1,9 +1,8 @@
 """AI feedback for ddpo-debias: a classifier and the rewards of arXiv 2407.09551, for two classes or K.
 
-The policy (Stable Diffusion) draws a batch of B faces; this file turns them into one reward per image.
+The policy (Stable Diffusion) draws a batch of B faces, a classifier gives P(class) (B, K) of each image for the K
+classes named by --classes (female, male by default), and this file turns them into one reward per image.
 
-    Classifier         any transformers image classifier -> P(class) (B, K) for the K classes named by --classes
-                       (female, male by default), found among its labels by name; two classifiers for "a&b" classes
     label_images       P(class) -> a class name, or None, at the paper's confidence level 0.7
     class_shares       p̂_k = n_k / Σ n_j over the labelled images; female_ratio: q of eq. (2), p̂_female
     r_shift            eq. (1): R_shift(x, U) = P(x shows U), U the under-represented class
@@ -14,8 +13,10 @@ The policy (Stable Diffusion) draws a batch of B faces; this file turns them int
     REWARDS            name -> reward function (one signature), so that the training script picks one by name
     PromptHistory      each prompt's last N P(class) and rewards: shares per prompt, advantage statistics per prompt;
                        its score() is what the training loop calls
-Then, not the method: the judge's HTTP client (Judge), the prompts file (read_prompts), the held-out evaluation's
-statistics (HELD_OUT, bias_report, overall, report_table, compare_reports) and the pictures (save_grid, save_plot).
+Then, not the method (a reader of it can stop after PromptHistory): the classifier (Classifier: any transformers
+image classifier -> P(class), its labels found by name; two for "a&b" classes), the judge's HTTP client (Judge),
+the prompts file (read_prompts), the held-out evaluation's statistics (HELD_OUT, bias_report, overall,
+report_table, compare_reports) and the pictures (save_grid, save_plot).
 
 Shapes: B images, K classes; images are float tensors (B, 3, H, W) in [0, 1] on any device.
 """
@@ -38,67 +39,11 @@ from tqdm import tqdm
 
 THRESHOLD = 0.7  # the paper's confidence level: a label counts only where its probability is above it
 GENDER = ("female", "male")  # the default classes (--classes), the paper's
-SYNONYMS = {"female": ("woman", "women"), "male": ("man", "men")}  # label names that also match these classes
 
 
 def uniform(classes) -> dict:
     """The default target (--target): every class an equal share, {class: 1/K}."""
     return {c: 1 / len(classes) for c in classes}
-
-
-class LabelError(ValueError):
-    """The classifier has no label of that name."""
-
-
-def find_label(id2label: dict, name: str, where: str) -> int:
-    """The index of the classifier's label called `name` (or a SYNONYMS entry), lower-cased: by name, never by
-    position, because copies of one classifier on the hub order their labels differently. LabelError otherwise."""
-    names = (name.lower(), *SYNONYMS.get(name.lower(), ()))
-    for index, label in id2label.items():
-        if str(label).strip().lower() in names:
-            return int(index)
-    labels = ", ".join(str(label) for label in id2label.values())
-    raise LabelError(f"classifier {where!r} has no label {name!r}; its labels are: {labels}")
-
-
-class Classifier:
-    """P(class) of each of K named classes for a batch of images, from transformers image-classification models.
-
-    One model: class k's column of its softmax, found by name (find_label). Its labels that no class names count
-    as "none": their probability is in no class. Several models (--classifier A,B) for intersectional classes named
-    "a&b" (e.g. "female&black"): P(a&b) = P_A(a)·P_B(b), which assumes the two models' answers independent given the
-    image (each reads its own attribute, as a gender and a race classifier do); the 0.7 rule then asks the product,
-    so each part must be surer than 0.7 (√0.7 = 0.84 each when both are equally sure).
-    The image processor's constants come from `AutoImageProcessor`; the resize and normalisation run in torch on
-    the images' own device (ModelInputs, below with the evaluation's models: it is plumbing).
-    """
-
-    def __init__(self, model_names_or_paths="rizvandwiki/gender-classification-2", classes=GENDER, device="cpu",
-                 dtype: torch.dtype = torch.float32):
-        from transformers import AutoImageProcessor, AutoModelForImageClassification  # here: 3 s, only when used
-        paths = str(model_names_or_paths).split(",")  # a hub id or a folder each; a hub id has no comma
-        parts = [c.split("&") for c in classes]  # (K, number of models): each class's label in each model
-        if any(len(p) != len(paths) for p in parts):
-            raise LabelError(f"{len(paths)} classifier{'s' if len(paths) > 1 else ''}: name each class as "
-                             + "&".join(["label"] * len(paths)) + f", one label of each (got {','.join(classes)})")
-        self.models, self.inputs, self.columns = [], [], []
-        for m, path in enumerate(paths):
-            model = AutoModelForImageClassification.from_pretrained(path)
-            model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # feedback, never trained
-            columns = [find_label(model.config.id2label, p[m], path) for p in parts]  # K label indices
-            self.columns.append(torch.tensor(columns, device=device))  # on the device: no copy per call
-            self.models.append(model)
-            self.inputs.append(ModelInputs(AutoImageProcessor.from_pretrained(path), device, dtype))
-
-    @torch.no_grad()  # the reward is a number handed to PPO: no gradient flows into the classifier
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1] -> P(class) as float32 (B, K), the classes in --classes order."""
-        probs = None
-        for model, inputs, columns in zip(self.models, self.inputs, self.columns):
-            logits = model(pixel_values=inputs(images)).logits  # (B, num_labels)
-            mine = logits.float().softmax(dim=-1)[:, columns]  # (B, K)
-            probs = mine if probs is None else probs * mine  # intersectional: independent, so a product
-        return probs
 
 
 def label_images(probs: torch.Tensor | list, classes=GENDER, threshold: float = THRESHOLD) -> list:
@@ -155,8 +100,8 @@ def r_balance(probs: torch.Tensor, labels: list, window: torch.Tensor | None = N
     if shares is None:
         return torch.zeros(len(labels), device=probs.device)
     gap = {c: target[c] - share for c, share in zip(classes, shares)}  # t_c - p̂_c: > 0 for an under-represented c
-    most_over = min(gap.values())  # the none images' reward: the majority's, as in eq. (3)
-    return torch.tensor([most_over if label is None else gap[label] for label in labels], dtype=torch.float32,
+    majority_gap = min(gap.values())  # the most over-represented class's: the none images' reward, as eq. (3)
+    return torch.tensor([majority_gap if label is None else gap[label] for label in labels], dtype=torch.float32,
                         device=probs.device)
 
 
@@ -229,22 +174,22 @@ class PromptHistory:
         labels = label_images(rows_list, self.classes, self.threshold)
         groups = {p: [i for i, j in enumerate(prompt_ids) if j == p] for p in sorted(set(prompt_ids))}  # p's images
         for p, idx in groups.items():
-            mine = [labels[i] for i in idx]
+            prompt_labels = [labels[i] for i in idx]
             if choose_u and self.underrepresented[p] is None:
-                self.underrepresented[p] = min(self.classes, key=mine.count)  # the rarest; a tie: the first named
+                self.underrepresented[p] = min(self.classes, key=prompt_labels.count)  # the rarest; a tie: the first named
                 if self.announce:  # with torchrun, rank 0 only
                     tqdm.write(f"under-represented class U = {self.underrepresented[p]} for {self.prompts[p]!r} "
                                f"(auto: the rarest in its first {len(idx)} images)")
             window = self.add("probs", p, [rows_list[i] for i in idx])  # the prompt's last N, these included
             on_device = torch.tensor(window, device=probs.device)  # (N, K), for the reward
-            values[idx] = reward(probs[idx], mine, on_device, self.target, self.underrepresented[p],
+            values[idx] = reward(probs[idx], prompt_labels, on_device, self.target, self.underrepresented[p],
                                  None if ranks is None else ranks[idx], self.threshold).float()
-            rows[p] = {"prompt": self.prompts[p], **bias_report(mine, self.target),  # this epoch's images of p
+            rows[p] = {"prompt": self.prompts[p], **bias_report(prompt_labels, self.target),  # this epoch's images of p
                        **window_report(label_images(window, self.classes, self.threshold), self.classes),
                        "underrepresented": self.underrepresented[p]}
         per_image = values.tolist()  # one host sync for the rewards' windows (the advantages' statistics)
         for p, idx in groups.items():
-            mine = [per_image[i] for i in idx]
+            prompt_rewards = [per_image[i] for i in idx]
             # The window's rewards give the mean and std that standardise today's (compute_advantages). R_balance's
             # rewards depend on today's shares, so a reward stored under older shares would skew them: re-score
             # the whole window under today's shares (on the CPU, where the window already is). R_shift (U is fixed
@@ -255,8 +200,9 @@ class PromptHistory:
                 self.windows["rewards"][p] = reward(window, label_images(window, self.classes, self.threshold),
                                                     window, self.target, threshold=self.threshold).tolist()
             else:
-                self.add("rewards", p, mine)
-            rows[p]["reward_mean"] = sum(mine) / len(mine) if all(map(math.isfinite, mine)) else None  # JSON: no NaN
+                self.add("rewards", p, prompt_rewards)
+            finite = all(map(math.isfinite, prompt_rewards))
+            rows[p]["reward_mean"] = sum(prompt_rewards) / len(prompt_rewards) if finite else None  # JSON: no NaN
         return values, labels, list(rows.values())
 
     def state_dict(self) -> dict:
@@ -268,6 +214,65 @@ class PromptHistory:
         if "p_female" in windows:  # a checkpoint from before K classes: P(female) alone, so P(male) = 1 - P(female)
             windows = {"probs": [[[p, 1.0 - p] for p in w] for w in windows["p_female"]], "rewards": windows["rewards"]}
         self.windows, self.underrepresented = windows, state["underrepresented"]
+
+
+# --------------------------------------------------------- the classifier: images -> P(class)
+SYNONYMS = {"female": ("woman", "women"), "male": ("man", "men")}  # label names that also match these classes
+
+
+class LabelError(ValueError):
+    """The classifier has no label of that name."""
+
+
+def find_label(id2label: dict, name: str, where: str) -> int:
+    """The index of the classifier's label called `name` (or a SYNONYMS entry), lower-cased: by name, never by
+    position, because copies of one classifier on the hub order their labels differently. LabelError otherwise."""
+    names = (name.lower(), *SYNONYMS.get(name.lower(), ()))
+    for index, label in id2label.items():
+        if str(label).strip().lower() in names:
+            return int(index)
+    labels = ", ".join(str(label) for label in id2label.values())
+    raise LabelError(f"classifier {where!r} has no label {name!r}; its labels are: {labels}")
+
+
+class Classifier:
+    """P(class) of each of K named classes for a batch of images, from transformers image-classification models.
+
+    One model: class k's column of its softmax, found by name (find_label). Its labels that no class names count
+    as "none": their probability is in no class. Several models (--classifier A,B) for intersectional classes named
+    "a&b" (e.g. "female&black"): P(a&b) = P_A(a)·P_B(b), which assumes the two models' answers independent given the
+    image (each reads its own attribute, as a gender and a race classifier do); the 0.7 rule then asks the product,
+    so each part must be surer than 0.7 (√0.7 = 0.84 each when both are equally sure).
+    The image processor's constants come from `AutoImageProcessor`; the resize and normalisation run in torch on
+    the images' own device (ModelInputs, below with the evaluation's models: it is plumbing).
+    """
+
+    def __init__(self, model_names_or_paths="rizvandwiki/gender-classification-2", classes=GENDER, device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoImageProcessor, AutoModelForImageClassification  # here: 3 s, only when used
+        paths = str(model_names_or_paths).split(",")  # a hub id or a folder each; a hub id has no comma
+        parts = [c.split("&") for c in classes]  # (K, number of models): each class's label in each model
+        if any(len(p) != len(paths) for p in parts):
+            raise LabelError(f"{len(paths)} classifier{'s' if len(paths) > 1 else ''}: name each class as "
+                             + "&".join(["label"] * len(paths)) + f", one label of each (got {','.join(classes)})")
+        self.models, self.inputs, self.columns = [], [], []
+        for m, path in enumerate(paths):
+            model = AutoModelForImageClassification.from_pretrained(path)
+            model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # feedback, never trained
+            columns = [find_label(model.config.id2label, p[m], path) for p in parts]  # K label indices
+            self.columns.append(torch.tensor(columns, device=device))  # on the device: no copy per call
+            self.models.append(model)
+            self.inputs.append(ModelInputs(AutoImageProcessor.from_pretrained(path), device, dtype))
+
+    @torch.no_grad()  # the reward is a number handed to PPO: no gradient flows into the classifier
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> P(class) as float32 (B, K), the classes in --classes order."""
+        probs = None
+        for model, inputs, columns in zip(self.models, self.inputs, self.columns):
+            logits = model(pixel_values=inputs(images)).logits  # (B, num_labels)
+            model_probs = logits.float().softmax(dim=-1)[:, columns]  # (B, K)
+            probs = model_probs if probs is None else probs * model_probs  # intersectional: independent, so a product
+        return probs
 
 
 # --------------------------------------------------------- the AI judge: a chat model that sees the images
@@ -423,9 +428,9 @@ class Judge:
         image left alone in a group of one, gets 0."""
         pngs, scores, groups = self.pngs(images), [0.0] * len(prompts), []
         for prompt in dict.fromkeys(prompts):
-            mine = [i for i, p in enumerate(prompts) if p == prompt]
-            self._shuffle.shuffle(mine)  # which images meet, and in which order they are shown: random
-            groups += [(prompt, mine[s:s + self.group]) for s in range(0, len(mine), self.group)]
+            images = [i for i, p in enumerate(prompts) if p == prompt]
+            self._shuffle.shuffle(images)  # which images meet, and in which order they are shown: random
+            groups += [(prompt, images[s:s + self.group]) for s in range(0, len(images), self.group)]
 
         def ask(prompt, group):
             def parse(answer):  # the image numbers 1..k, each once: anything else is asked again

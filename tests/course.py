@@ -2,6 +2,7 @@
 
     python -m tests.course make OUT [--assignments 1,3]   a copy of the project with those functions stubbed
     python -m tests.course grade N [--no-train]           in a copy: check assignment N's functions, then train
+    python -m tests.course path                           the student's reading path, counted
 
 `make` copies the project and replaces the body of each function of the chosen assignments (ASSIGNMENTS) by
 `raise NotImplementedError("Assignment N: ...")`, keeping its signature and docstring: everything else imports and
@@ -38,6 +39,37 @@ ASSIGNMENTS = {
                                                                   ("ddpo_debias.py", "compute_advantages")]),
 }
 SKIPPED = {".git", "__pycache__", ".pytest_cache", ".whl", ".venv"}  # not copied into a student copy
+
+# The student's reading path for the five assignments, in order: the README front page, then each file's docstring
+# and these top-level definitions (with the comment lines just above them). Everything else may be skipped; what the
+# path calls outside itself is in PATH_SKIPS with what it does, so a student can take it on trust.
+READING_PATH = {
+    "ddpo_debias.py": ("MethodConfig", "trained_steps", "ddim_step_with_logprob", "gaussian_kl", "ppo_clip_loss",
+                       "truly_ppo_loss", "guided_noise_pred", "sample", "compute_advantages", "update", "train"),
+    "rewards.py": ("THRESHOLD", "GENDER", "label_images", "class_shares", "r_shift", "r_balance", "REWARDS", "RESCORED",
+                   "PromptHistory"),
+}
+PATH_SKIPS = {  # a name the path uses but does not define -> what it does
+    "autocast": "runs the UNet in --mixed-precision (bf16/fp16 on a GPU, nothing on the CPU)",
+    "progress": "a tqdm progress bar",
+    "this_process": "this process's rows of a batch under torchrun; with one process, the tensor itself",
+    "gather": "every process's rows under torchrun; with one process, the tensor itself",
+    "average_gradients": "the mean gradient over torchrun's processes; with one process, nothing",
+    "decode": "the VAE: latents x_0 -> images in [0, 1]",
+    "trainable_parameters": "the UNet's parameters that require a gradient: its attention projections",
+    "Laps": "a stopwatch for the epoch's phases (metrics' timings)",
+    "judge_ranks": "--reward rank's Borda scores from the judge; None otherwise",
+    "start_run": "loading, resume and the run folder: the models, the optimizer and the PromptHistory in `run`",
+    "epoch_record": "the epoch's line of metrics.jsonl",
+    "end_epoch": "the sample grid, plot.png, a checkpoint every --save-every epochs, and stopping on a signal",
+    "graceful_stop": "Ctrl-C and SIGTERM finish the epoch and save before the run stops",
+    "finish_run": "the final checkpoint and the fine-tuned unet/",
+    "uniform": "the default target: 1/K for each class",
+    "r_soft_balance": "a reward not in the paper: R_balance on P(class) instead of labels (--reward soft_balance)",
+    "r_rank": "--reward rank: the judge's Borda scores as the reward",
+    "bias_report": "the metrics of a set of labels: counts, shares, the bias",
+    "window_report": "the metrics of a prompt's window of labels",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------- make
@@ -424,6 +456,35 @@ def grade(number, train=True, out=None):
     return check.passed, check.failures
 
 
+# ---------------------------------------------------------------------------------------------------- reading path
+def definitions(path):
+    """-> (the module docstring's last line, {top-level name: (first line, last line)}), the first line taking in a
+    decorator and the comment lines just above."""
+    with open(os.path.join(ROOT, path)) as f:
+        source = f.read()
+    lines, tree, spans = source.splitlines(), ast.parse(source), {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) else node
+        name = getattr(target, "name", None) or getattr(target, "id", None)
+        if name:
+            first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            while first > 1 and lines[first - 2].startswith("#"):
+                first -= 1
+            spans[name] = (first, node.end_lineno)
+    return tree.body[0].end_lineno, spans
+
+
+def reading_path():
+    """-> [(file, part, lines)] in reading order, and their total: the README front page, then READING_PATH."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        rows = [("README.md", "the front page", len(f.read().splitlines()))]
+    for path, names in READING_PATH.items():
+        docstring, spans = definitions(path)
+        rows.append((path, "the module docstring", docstring))
+        rows += [(path, name, spans[name][1] - spans[name][0] + 1) for name in names]
+    return rows, sum(n for _, _, n in rows)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -435,7 +496,16 @@ def main(argv=None):
     grader.add_argument("number", type=int, choices=sorted(ASSIGNMENTS))
     grader.add_argument("--no-train", action="store_true", help="the function checks only (seconds), not the toy "
                                                                 "world's run (about a minute)")
+    sub.add_parser("path", help="the student's reading path, with its lines")
     args = parser.parse_args(argv)
+    if args.command == "path":
+        rows, total = reading_path()
+        for path, part, n in rows:
+            print(f"{n:5d}  {path}: {part}")
+        print(f"{total:5d}  lines in all. Used on the way, and safe to skip:")
+        for name, what in PATH_SKIPS.items():
+            print(f"       {name}: {what}")
+        return 0
     if args.command == "make":
         try:
             numbers = sorted({int(n) for n in args.assignments.split(",")})

@@ -36,7 +36,7 @@ class NoCrossDevice(TorchDispatchMode):
 def test_losses_step_kl_advantages_and_rewards_stay_on_the_inputs_device():
     """The crash: the losses returned a CPU zero that update() stacks with GPU tensors."""
     meta = torch.device("meta")
-    scheduler = dd.schedule_to(DDIMScheduler(**SD_SCHEDULER), meta)
+    scheduler = dd.schedule_on_device(DDIMScheduler(**SD_SCHEDULER), meta)
     scheduler.set_timesteps(50, device=meta)
     b = 3
     latents, noise_pred = torch.randn(b, 4, 8, 8, device=meta), torch.randn(b, 4, 8, 8, device=meta)
@@ -70,7 +70,7 @@ def test_schedule_is_moved_to_the_device_once_and_the_step_copies_nothing(tiny_s
     step itself on meta, where any copy of a CPU table shows up as a crossing)."""
     scheduler = dd.load_models(dd.Config(model=tiny_sd, mixed_precision="no"), "cpu")[4]
     assert scheduler.alphas_cumprod.device.type == "cpu" and torch.is_tensor(scheduler.final_alpha_cumprod)
-    meta_scheduler = dd.schedule_to(DDIMScheduler(**SD_SCHEDULER), "meta")
+    meta_scheduler = dd.schedule_on_device(DDIMScheduler(**SD_SCHEDULER), "meta")
     meta_scheduler.set_timesteps(4, device="meta")
     x = torch.randn(2, 4, 8, 8, device="meta")
     with NoCrossDevice() as mode:

@@ -198,7 +198,7 @@ def test_help_is_grouped_and_names_numbers_not_internals():
     assert internals == [], internals
     words = " ".join(text.split())
     assert f"{dd.HELD_OUT_IMAGES} images of each of the first {dd.HELD_OUT_PROMPTS} --eval-prompts" in words
-    assert f"{dd.CLIP_PER_ELEMENT:.3g}/√(C·H·W)".replace("0.0128", "1.28e-2") in words
+    assert f"{dd.CLIP_TIMES_SQRT_N:.3g}/√(C·H·W)".replace("0.0128", "1.28e-2") in words
     assert len(text.splitlines()) < 200
 
 

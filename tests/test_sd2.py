@@ -43,7 +43,7 @@ def test_the_samplers_first_step_is_the_pipelines(tiny_sd2):
     config = dd.Config(batch_size=1, num_steps=3, guidance_scale=5.0, eta=1.0, mixed_precision="no", device="cpu",
                        train_batch_size=1)
     embeds = dd.encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a face"], "cpu")
-    scheduler = dd.schedule_to(DDIMScheduler.from_pretrained(tiny_sd2, subfolder="scheduler"), "cpu")
+    scheduler = dd.schedule_on_device(DDIMScheduler.from_pretrained(tiny_sd2, subfolder="scheduler"), "cpu")
     ours = dd.sample(pipe.unet.eval(), pipe.vae, scheduler, embeds, torch.zeros(1, dtype=torch.long), config, "cpu",
                      torch.Generator().manual_seed(3))
     assert scheduler.config.prediction_type == "v_prediction"

@@ -25,11 +25,11 @@ def test_ddpo_debias_reads_method_loop_then_running_it():
     assert banners[2] <= 551, f"parts 1 and 2 hold {banners[2] - 1} lines: new plumbing goes to part 3"
     tree = ast.parse(read("ddpo_debias.py"))
     where = {node.name: node.lineno for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-    method = ("Config", "ddim_step_with_logprob", "gaussian_kl", "ppo_clip_loss", "truly_ppo_loss",
+    method = ("MethodConfig", "ddim_step_with_logprob", "gaussian_kl", "ppo_clip_loss", "truly_ppo_loss",
               "train_attention_only", "encode_prompts", "guided_noise_pred", "sample", "decode",
               "compute_advantages", "update")
     assert all(where[name] < banners[1] for name in method) and banners[1] < where["train"] < banners[2]
-    assert where["main"] > banners[2] and where["start_run"] > banners[2]
+    assert where["main"] > banners[2] and where["start_run"] > banners[2] and where["Config"] > banners[2]
 
 
 def test_the_epoch_loop_fits_on_a_screen():
@@ -52,3 +52,31 @@ def test_readme_front_page_is_short_and_every_link_resolves():
         for link in re.findall(r"\]\(([^)#]+)", read(page)):
             if not link.startswith(("http://", "https://")):
                 assert os.path.exists(os.path.join(ROOT, os.path.dirname(page), link)), (page, link)
+
+
+def test_the_students_reading_path_is_within_700_lines_and_complete():
+    """The course's reading path (tests.course.READING_PATH): the README, then the definitions a student reads to
+    write the five assignments. It holds every function an assignment stubs, and every top-level name it uses is on
+    it or in PATH_SKIPS (with what it does); no skip is stale."""
+    from tests import course
+    rows, total = course.reading_path()
+    assert total <= 700, f"the reading path holds {total} lines: {rows}"
+    on_path = {(path, name) for path, names in course.READING_PATH.items() for name in names}
+    assert {(path, name) for _, functions in course.ASSIGNMENTS.values() for path, name in functions} <= on_path
+    used = set()
+    for path, names in course.READING_PATH.items():
+        tree = ast.parse(read(path))
+        defined = {path: course.definitions(path)[1] for path in course.READING_PATH}
+        for node in tree.body:
+            target = node.targets[0] if isinstance(node, ast.Assign) else node
+            if (getattr(target, "name", None) or getattr(target, "id", None)) not in names:
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Name) and inner.id in defined[path]:
+                    used.add((path, inner.id))
+                elif (isinstance(inner, ast.Attribute) and isinstance(inner.value, ast.Name)
+                      and inner.value.id == "rewards" and inner.attr in defined["rewards.py"]):
+                    used.add(("rewards.py", inner.attr))
+    off_path = {name for path, name in used - on_path}
+    assert off_path <= set(course.PATH_SKIPS), f"used on the path, neither on it nor skipped: {off_path - set(course.PATH_SKIPS)}"
+    assert set(course.PATH_SKIPS) <= off_path, f"stale skips: {set(course.PATH_SKIPS) - off_path}"
