@@ -323,12 +323,13 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip, scale=0.0):
 # -------------------------------------------------------------------------------------------------------------- update
 def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantages, config, generator, base=None):
     """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
-    gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images, one step at a
-    time. `generator` draws the shuffles; `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler);
-    `base` the pre-trained model (frozen_base) for --kl-base > 0.
+    gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images (b =
+    --train-batch-size, which start_run sets to micro_batch()), one step at a time. `generator` draws the shuffles;
+    `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler); `base` the pre-trained model (frozen_base)
+    for --kl-base > 0.
 
-    Returns per-micro-step stats (micro-steps, 6) (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base; stacked tensors,
-    no host sync inside), how many optimizer steps were skipped, and each optimizer step's gradient norm before
+    Returns per-micro-step stats (micro-steps, 6) (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base; stacked
+    tensors, no host sync inside), how many optimizer steps were skipped, and each optimizer step's gradient norm before
     clipping (None where not finite).
     """
     device = config.device
@@ -341,17 +342,17 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
     step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(B)]).to(device)  # ... steps
     stats, skipped, grad_norms = [], 0, []
     for u in range(config.updates_per_epoch):
-        for idx in order[u * per_update:(u + 1) * per_update].split(config.train_batch_size):  # (b,) sample indices, b = micro_batch()
+        for idx in order[u * per_update:(u + 1) * per_update].split(config.train_batch_size):  # (b,) sample indices
             for j in range(trained):
-                k = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
-                x_t, x_prev = samples["latents"][idx, k], samples["latents"][idx, k + 1]  # (b, C, H, W)
+                step_idx = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
+                x_t, x_prev = samples["latents"][idx, step_idx], samples["latents"][idx, step_idx + 1]  # (b, C, H, W)
+                t, ids = samples["timesteps"][step_idx], samples["prompt_ids"][idx]  # (b,) each
                 with autocast(config, device):
-                    noise_pred = guided_noise_pred(unet, x_t, samples["timesteps"][k], prompt_embeds,
-                                                   samples["prompt_ids"][idx], config.guidance_scale)
-                _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, samples["timesteps"][k],
-                                                                x_t, config.eta, prev_latents=x_prev)
-                kl = gaussian_kl(samples["means"][idx, k], mean, std)  # exact, (b,)
-                log_prob_old, adv = samples["log_probs"][idx, k], advantages[idx]
+                    noise_pred = guided_noise_pred(unet, x_t, t, prompt_embeds, ids, config.guidance_scale)
+                _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, config.eta,
+                                                                prev_latents=x_prev)
+                kl = gaussian_kl(samples["means"][idx, step_idx], mean, std)  # exact, (b,)
+                log_prob_old, adv = samples["log_probs"][idx, step_idx], advantages[idx]
                 if config.trust_region == "truly":  # EXERCISE: add a trust region here (e.g. a KL penalty, PPO-KL)
                     loss, st = truly_ppo_loss(log_prob, log_prob_old, adv, kl, config.kl_threshold, config.truly_alpha)
                 else:
@@ -359,10 +360,8 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
                 kl_base = torch.zeros_like(kl)  # (b,)
                 if config.kl_base > 0:  # DPOK's anchor: the exact KL to the base model's step from the same x_t
                     with torch.no_grad(), autocast(config, device):  # the base is frozen: a target, never trained
-                        base_pred = guided_noise_pred(base, x_t, samples["timesteps"][k], prompt_embeds,
-                                                      samples["prompt_ids"][idx], config.guidance_scale)
-                    base_mean = ddim_step_with_logprob(scheduler, base_pred, samples["timesteps"][k], x_t, config.eta,
-                                                       prev_latents=x_prev)[2]
+                        base_pred = guided_noise_pred(base, x_t, t, prompt_embeds, ids, config.guidance_scale)
+                    base_mean = ddim_step_with_logprob(scheduler, base_pred, t, x_t, config.eta, prev_latents=x_prev)[2]
                     kl_base = gaussian_kl(base_mean, mean, std)  # ‖μ_θ - μ_base‖²/(2σ_t²), mean over C·H·W
                     loss = loss + config.kl_base * kl_base.mean()
                 # weight so the accumulated gradient is that of the mean over the update's images and steps

@@ -80,3 +80,11 @@ def test_the_students_reading_path_is_within_700_lines_and_complete():
     off_path = {name for path, name in used - on_path}
     assert off_path <= set(course.PATH_SKIPS), f"used on the path, neither on it nor skipped: {off_path - set(course.PATH_SKIPS)}"
     assert set(course.PATH_SKIPS) <= off_path, f"stale skips: {set(course.PATH_SKIPS) - off_path}"
+
+
+def test_the_reading_path_in_the_docs_is_todays(capsys):
+    """docs/course.md shows `python -m tests.course path` as it prints today, and the README its total."""
+    from tests import course
+    assert course.main(["path"]) == 0
+    printed, total = capsys.readouterr().out, course.reading_path()[1]
+    assert printed in read("docs/course.md") and f"the {total} lines to read" in read("README.md")
