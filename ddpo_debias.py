@@ -250,12 +250,17 @@ def encode_prompts(text_encoder, tokenizer, prompts, device):
 
 def guided_noise_pred(unet, latents, timesteps, prompt_embeds, prompt_ids, guidance_scale):
     """Classifier-free guidance: one UNet pass over 2b rows. latents (b, C, H, W), timesteps () or (b,),
-    prompt_embeds (1+P, L, D) from encode_prompts, prompt_ids (b,) the prompt of each latent, in 0..P-1."""
+    prompt_embeds (1+P, L, D) from encode_prompts (SDXL: a dict, encode_prompts_xl), prompt_ids (b,) the prompt of
+    each latent, in 0..P-1."""
     b = latents.shape[0]
-    # (2b, L, D): b unconditional rows, then each latent's prompt
-    embeds = torch.cat([prompt_embeds[:1].expand(b, -1, -1), prompt_embeds[1 + prompt_ids]])
+    rows = torch.cat([prompt_ids.new_zeros(b), 1 + prompt_ids])  # (2b,): b unconditional rows, then each prompt's
+    embeds, added = prompt_embeds, {}
+    if isinstance(prompt_embeds, dict):  # SDXL: also its pooled text embedding and size ids, the UNet's added inputs
+        embeds = prompt_embeds["encoder_hidden_states"]
+        added = {name: prompt_embeds[name][rows] for name in ("text_embeds", "time_ids")}
     t = timesteps.repeat(2) if timesteps.dim() else timesteps  # per-sample steps in training, one in sampling
-    noise_uncond, noise_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds).sample.chunk(2)
+    noise_uncond, noise_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds[rows],
+                                    added_cond_kwargs=added).sample.chunk(2)
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)  # ε̂, (b, C, H, W)
 
 
@@ -284,10 +289,11 @@ def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, gene
 
 @torch.no_grad()
 def decode(vae, latents, config, device):
-    """x_0 (B, C, H, W) -> images (B, 3, 8H, 8W) in [0, 1], in chunks of --train-batch-size: the VAE's memory."""
+    """x_0 (B, C, H, W) -> images (B, 3, 8H, 8W) in [0, 1], in chunks of --train-batch-size: the VAE's memory.
+    A VAE kept in fp32 (SDXL's under fp16, which overflows: load_models) runs without autocast."""
     images = []
     for chunk in latents.split(config.train_batch_size):
-        with autocast(config, device):
+        with autocast(config, device) if vae.dtype != torch.float32 else contextlib.nullcontext():  # SDXL's fp16
             images.append(vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample.float())
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
@@ -941,9 +947,10 @@ def schedule_on_device(scheduler, device):
 
 
 def load_models(config, device):
-    """The SD components from `config.model`, frozen weights in the mixed-precision type, attention in fp32."""
+    """The SD components from `config.model`, frozen weights in the mixed-precision type, attention in fp32. An SDXL
+    pipeline (its model_index.json names a second text encoder) gives TextEncodersXL and a pair of tokenizers."""
     from diffusers import AutoencoderKL, DDIMScheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
     path = config.model
     local = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.exists(local):  # a local folder: its family first (a flow model has no unet/ to complain about)
@@ -961,10 +968,20 @@ def load_models(config, device):
         check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
         if not config.evaluate:
             check_trained_steps(scheduler, config)
+        index = pipeline_index(path)
+        xl = (index.get("text_encoder_2") or [None])[0] is not None  # SDXL: a second text encoder
         unet = load_unet(config)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+        if xl and dtype == torch.float16 and vae.config.force_upcast:
+            vae = vae.float()  # SDXL's VAE overflows in fp16 (its pipeline upcasts it too); a fixed VAE says so
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+        if xl:
+            text_encoder = TextEncodersXL(
+                text_encoder, CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", dtype=dtype),
+                image_size=unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1),
+                zeros_for_empty=index.get("force_zeros_for_empty_prompt", True))
+            tokenizer = (tokenizer, CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
     schedule_on_device(scheduler, device)
     vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
     text_encoder.to(device).requires_grad_(False).eval()
@@ -972,6 +989,54 @@ def load_models(config, device):
     if config.low_memory:
         unet.enable_gradient_checkpointing()  # recompute activations in backward: memory for time
     return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def pipeline_index(path):
+    """A pipeline's model_index.json (which components it has): a folder's own ({} without one), else the hub's."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "model_index.json")):
+            return {}
+        with open(os.path.join(path, "model_index.json")) as f:
+            return json.load(f)
+    from diffusers import DiffusionPipeline
+    return DiffusionPipeline.load_config(path)
+
+
+class TextEncodersXL(torch.nn.Module):
+    """SDXL's two frozen text encoders, and what its conditioning needs besides them (encode_prompts_xl)."""
+
+    def __init__(self, first, second, image_size, zeros_for_empty):
+        super().__init__()
+        self.first, self.second = first, second  # CLIP ViT-L; OpenCLIP bigG with its projection (the pooled one)
+        self.image_size = image_size  # pixels: the size ids' original and target size (1024 for SDXL base)
+        self.zeros_for_empty = zeros_for_empty  # the unconditional row is zeros (force_zeros_for_empty_prompt)
+
+
+def encode_for(text_encoder, tokenizer, prompts, device):
+    """The policy's conditioning for `prompts`, row 0 unconditional: encode_prompts, or SDXL's encode_prompts_xl."""
+    if isinstance(text_encoder, TextEncodersXL):
+        return encode_prompts_xl(text_encoder, tokenizer, prompts, device)
+    return encode_prompts(text_encoder, tokenizer, prompts, device)
+
+
+@torch.no_grad()  # frozen, as encode_prompts
+def encode_prompts_xl(encoders, tokenizers, prompts, device):
+    """SDXL's conditioning, built as its pipeline builds it -> {"encoder_hidden_states": (1+P, L, D1+D2) both
+    encoders' penultimate hidden states side by side, "text_embeds": (1+P, D2) the second's pooled projection,
+    "time_ids": (1+P, 6) (original h, w; crop top, left; target h, w)}, row 0 unconditional (the empty prompt, or
+    zeros where the model asks for them), row 1+p prompt p. guided_noise_pred takes the dict as it is."""
+    hidden = []
+    for encoder, tokenizer in zip((encoders.first, encoders.second), tokenizers):
+        ids = tokenizer(["", *prompts], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # (1+P, L, D_i): SDXL conditions on the penultimate layer
+    embeds, pooled = torch.cat(hidden, dim=-1), out.text_embeds  # pooled: the second encoder's, (1+P, D2)
+    if encoders.zeros_for_empty:
+        embeds[0], pooled[0] = 0, 0
+    size = encoders.image_size
+    time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=embeds.dtype, device=device)
+    return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids.expand(len(embeds), 6)}
 
 
 def load_unet(config):
@@ -1208,7 +1273,7 @@ def start_run(config, classifier=None):
     run = Run(unet=unet, vae=vae, scheduler=scheduler, labeller=labeller, judge=judge,
               optimizer=torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
               scaler=make_scaler(config, device),
-              prompt_embeds=encode_prompts(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
+              prompt_embeds=encode_for(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
               noise_generator=torch.Generator(device).manual_seed(config.seed),
               shuffle_generator=torch.Generator().manual_seed(config.seed + 1),
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,
@@ -1667,7 +1732,7 @@ class HeldOutCheck:
 
     def __init__(self, config, run, text_encoder, tokenizer, reference_path, resumed=False):
         self.prompts = read_prompts(config.eval_prompts)[:HELD_OUT_PROMPTS]
-        self.embeds = [encode_prompts(text_encoder, tokenizer, [p], config.device) for p in self.prompts]
+        self.embeds = [encode_for(text_encoder, tokenizer, [p], config.device) for p in self.prompts]
         with torch.random.fork_rng(devices=[]):  # loading may draw weights it leaves out; not from training's RNG
             self.quality = load_quality_model(config, config.device)
         self.texts = self.quality and self.quality.texts(self.prompts)  # (prompts, D); None: no text tower or model
@@ -1761,7 +1826,7 @@ def evaluate(config, classifier=None):
     per_prompt, rows, embeddings = dataclasses.replace(config, batch_size=config.eval_images), [], []
     ids = torch.zeros(config.eval_images, dtype=torch.long, device=config.device)  # one prompt at a time
     for i, prompt in enumerate(tqdm(prompts, desc="prompts")):
-        embeds = encode_prompts(text_encoder, tokenizer, [prompt], config.device)
+        embeds = encode_for(text_encoder, tokenizer, [prompt], config.device)
         noise = torch.Generator(config.device).manual_seed(config.seed + i)  # prompt i: the same noise for any model
         images = sample(unet, vae, scheduler, embeds, ids, per_prompt, config.device, noise)["images"]
         probs = classifier(images)  # (n, K)

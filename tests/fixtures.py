@@ -2,6 +2,8 @@
 
     make_tokenizer(path)            a CLIPTokenizer from a byte-level vocab.json and a one-line merges.txt
     make_tiny_sd(path)              a StableDiffusionPipeline folder: UNet 32/64 channels, CLIP hidden 32
+    make_tiny_sdxl(path)            a StableDiffusionXLPipeline folder: two text encoders, added conditions, and
+                                    SDXL's own scheduler file (Euler), as the hub's SDXL base has them
     make_tiny_classifier(path)      a ViT image classifier with the labels given (female/male by default)
 """
 import json
@@ -64,6 +66,50 @@ def make_tiny_sd(path, seed=0, sample_size=8):
                                    scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(path)
+    return path
+
+
+# SDXL base's scheduler_config.json: an Euler scheduler, which load_models turns into a DDIM as for SD 1.5.
+SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                  "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear",
+                  "num_train_timesteps": 1000, "prediction_type": "epsilon", "sample_max_value": 1.0,
+                  "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading",
+                  "trained_betas": None, "use_karras_sigmas": False}
+
+
+def make_tiny_sdxl(path, seed=0, sample_size=8):
+    """SDXL's architecture in small (as diffusers' own SDXL tests build it): the UNet's cross-attention reads both
+    encoders' states side by side (32 + 32), and its added "text_time" embedding the second encoder's pooled
+    projection (32) with the six size ids (8 each): 6·8 + 32 = 80 inputs."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=16, scaling_factor=0.13025, force_upcast=True)
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = make_tokenizer(vocab)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+                vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer, unet=unet,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, hidden_act="gelu")), tokenizer_2=tokenizer,
+        scheduler=DDIMScheduler(**SD_SCHEDULER))
+    pipe.save_pretrained(path)
+    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SDXL_SCHEDULER, f)
+    with open(os.path.join(path, "model_index.json")) as f:
+        index = json.load(f)
+    with open(os.path.join(path, "model_index.json"), "w") as f:
+        json.dump({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, f, indent=2)
     return path
 
 
