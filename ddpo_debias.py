@@ -473,7 +473,7 @@ class Config(MethodConfig):
     24 GB card, 8 a 40 GB one (docs/speed-and-memory.md). Larger than an update's images: one micro-batch of them
     all, and config.json records that number."""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """The policy: a hub id or a local SD 1.x or 2.x pipeline folder."""
+    """The policy: a hub id or a local SD 1.x, 2.x or SDXL pipeline folder (SDXL is recognised from it)."""
     classifier: str = "rizvandwiki/gender-classification-2"
     """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
     comma-separated, for intersectional classes."""
@@ -1101,7 +1101,7 @@ def check_scheduler(scheduler_config, path, num_steps):
     problems += [name for name in ("clip_sample", "thresholding") if scheduler_config.get(name)]
     if problems:
         raise UsageError(f"--model: the scheduler of {path} has {', '.join(problems)}; the DDIM log-probability here "
-                         "needs epsilon (SD 1.x) or v prediction (SD 2.x) without clip_sample or thresholding")
+                         "needs epsilon (SD 1.x, SDXL) or v prediction (SD 2.x) without clip_sample or thresholding")
 
 
 def check_family(scheduler_class, path):
@@ -1109,7 +1109,7 @@ def check_family(scheduler_class, path):
     an ODE with no Gaussian step to take a log-probability of."""
     if "FlowMatch" in scheduler_class:
         raise UsageError(f"--model: {path} is a flow-matching model ({scheduler_class}: SD 3.x, FLUX); DDPO's Gaussian "
-                         "step policy needs a DDPM-family model sampled with DDIM (SD 1.x, 2.x), and a flow model "
+                         "step policy needs a DDPM-family model sampled with DDIM (SD 1.x, 2.x, SDXL), and a flow model "
                          "would need its ODE turned into an SDE first (as Flow-GRPO does)")
 
 

@@ -2,6 +2,7 @@
 
     python -m tests.benchmark OUT                 on a GPU machine: SD v1.5's architecture with random weights
     python -m tests.benchmark OUT --tiny          the tests' tiny models on the CPU (what the suite runs)
+    python -m tests.benchmark OUT --only sdxl,sdxl-low-memory    SDXL's shapes (built in --sdxl-model), 1024 px
 
 It builds the SD v1.5 architecture with random weights (tests.random_sd15) in --model, or reuses it there, then
 runs the real CLI with --profile in each configuration of CONFIGS, one after another, and a kill -9 of one run
@@ -37,18 +38,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [("defaults", [], 3, 1.0), ("compile", ["--compile"], 3, 1.8), ("low-memory", ["--low-memory"], 3, 1.0),
            ("train-batch-size-8", ["--train-batch-size", "8"], 3, 1.0), ("kl-base", ["--kl-base", "0.01"], 3, 1.0),
            ("resume", ["--save-every", "1"], 3, 1.2),
-           ("fp16", ["--mixed-precision", "fp16"], 20, 1.0)]
+           ("fp16", ["--mixed-precision", "fp16"], 20, 1.0),
+           # SDXL (--sdxl-model: its shapes with random weights, 1024 px): T = 10 so that an epoch takes about half a
+           # minute on an H200; its sampling and update scale with T (docs/speed-and-memory.md extrapolates to 50)
+           ("sdxl", ["--num-steps", "10"], 3, 1.5), ("sdxl-low-memory", ["--num-steps", "10", "--low-memory"], 3, 1.5)]
+SDXL = ("sdxl", "sdxl-low-memory")  # the configurations run on the SDXL pipeline
 TINY = ["--batch-size", "4", "--num-steps", "4", "--mixed-precision", "no"]  # --tiny: before each config's flags
 GRACE = 60  # seconds after SIGTERM for the run to finish its epoch and save, before SIGKILL
 PACKED = ("metrics.jsonl", "config.json", "plot.png")  # of each run folder, into runs.tar.gz
 
 
-def build_model(path, tiny):
-    """The pipeline folder and its classifier, built once: SD v1.5's shapes with random weights, or the tiny ones."""
+def build_model(path, tiny, sdxl=False):
+    """The pipeline folder and its classifier, built once: SD v1.5's (or SDXL's) shapes with random weights, or
+    the tiny ones."""
     if os.path.exists(os.path.join(path, "model_index.json")):
         return "reused"
     from tests import random_sd15
-    random_sd15.main([path] + (["--tiny"] if tiny else []))
+    if sdxl and tiny:
+        from tests.fixtures import make_tiny_classifier, make_tiny_sdxl
+        make_tiny_sdxl(path), make_tiny_classifier(os.path.join(path, "classifier"))
+    else:
+        random_sd15.main([path] + (["--tiny"] if tiny else []) + (["--sdxl"] if sdxl else []))
     return "built"
 
 
@@ -158,6 +168,8 @@ def main(argv=None):
     parser.add_argument("out", help="a new folder for summary.json and runs.tar.gz")
     parser.add_argument("--model", help="the random pipeline folder, built if missing (default: /tmp/ddpo-sd15, "
                                         "or /tmp/ddpo-tiny with --tiny)")
+    parser.add_argument("--sdxl-model", help="the random SDXL pipeline folder for the sdxl configurations, built if "
+                                             "missing (default: /tmp/ddpo-sdxl, or /tmp/ddpo-tiny-sdxl with --tiny)")
     parser.add_argument("--budget", type=float, default=420, help="seconds for all runs together (default 420)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models and a small batch, for the CPU")
     parser.add_argument("--only", help="comma-separated configuration names (default: all of CONFIGS)")
@@ -175,19 +187,26 @@ def main(argv=None):
     model = args.model or ("/tmp/ddpo-tiny" if args.tiny else "/tmp/ddpo-sd15")
     runs = os.path.join(args.out, "runs")
     os.makedirs(runs)
-    summary = {"environment": environment(), "model": model, "model_was": build_model(model, args.tiny),
-               "budget_seconds": args.budget, "configurations": {}}
+    todo = [c for c in CONFIGS if c[0] in chosen]
+    summary = {"environment": environment(), "model": model, "budget_seconds": args.budget, "configurations": {}}
+    if any(c[0] not in SDXL for c in todo):
+        summary["model_was"] = build_model(model, args.tiny)
+    sdxl_model = args.sdxl_model or ("/tmp/ddpo-tiny-sdxl" if args.tiny else "/tmp/ddpo-sdxl")
+    if any(c[0] in SDXL for c in todo):
+        began_sdxl = time.time()
+        summary.update(sdxl_model=sdxl_model, sdxl_model_was=build_model(sdxl_model, args.tiny, sdxl=True),
+                       sdxl_build_seconds=time.time() - began_sdxl)
     summary["build_seconds"] = time.time() - began
     # --reward shift: the images are noise, which a random classifier puts under none of its labels at 0.7, so
     # R_balance would be 0 for all and the update skipped (equal rewards); P(female) differs image to image, so every
     # update runs, at the same cost as R_balance's.
-    base = ["--model", model, "--classifier", os.path.join(model, "classifier"), "--reward", "shift", "--profile",
-            *(TINY if args.tiny else [])]
-    todo = [c for c in CONFIGS if c[0] in chosen]
+    base = lambda folder: ["--model", folder, "--classifier", os.path.join(folder, "classifier"), "--reward", "shift",
+                           "--profile", *(TINY if args.tiny else [])]
     for i, (name, flags, epochs, weight) in enumerate(todo):
         share = (deadline - time.time()) * weight / sum(c[3] for c in todo[i:])  # its part of what is left
         print(f"{name}: up to {share:.0f} s", flush=True)
-        row = run_config(name, flags, args.epochs or epochs, base, runs, time.time() + share)
+        row = run_config(name, flags, args.epochs or epochs, base(sdxl_model if name in SDXL else model), runs,
+                         time.time() + share)
         summary["configurations"][name] = row
         print(f"  {row['ended']}, exit {row['returncode']}, {row['epochs_done']} epochs, "
               f"{row['epoch_seconds'] or 0:.1f} s/epoch after the first, peak {row['peak_memory_gb']} GB", flush=True)

@@ -69,6 +69,7 @@ def count(micro_batches, checkpointing_options=(False, True), family="sd15"):
     with torch.device("meta"):  # for their sizes only
         unet, vae, text_encoder, classifier = getattr(random_sd15, f"{family}_models")()
     s, d = unet.config.sample_size, unet.config.cross_attention_dim  # latent side, text embedding width
+    xl = unet.config.addition_embed_type == "text_time"  # SDXL: added conditions (pooled text, size ids)
     with FakeTensorMode(allow_non_fake_inputs=True):
         unet = type(unet).from_config(unet.config)  # the same UNet, with fake weights that can run
         dd.train_attention_only(unet, torch.bfloat16)  # as load_models prepares it
@@ -77,11 +78,15 @@ def count(micro_batches, checkpointing_options=(False, True), family="sd15"):
         weights = {"UNet trained attention weights, fp32": 4 * trained,
                    "UNet frozen weights, bf16": 2 * (numel(unet) - trained),
                    "AdamW state (two fp32 moments)": 8 * trained,
-                   "VAE, bf16": 2 * numel(vae), "CLIP text encoder, bf16": 2 * numel(text_encoder),
+                   "VAE, bf16": 2 * numel(vae),
+                   f"text encoder{'s (two)' if xl else ''}, bf16": 2 * numel(text_encoder),
                    "ViT-base classifier, fp32": 4 * numel(classifier)}
         scheduler = DDIMScheduler(**SD_SCHEDULER)
         scheduler.set_timesteps(50)
         embeds = torch.randn(2, 77, d, dtype=torch.bfloat16)
+        if xl:  # as encode_prompts_xl gives them: (1+P, ...) rows
+            embeds = {"encoder_hidden_states": embeds, "text_embeds": torch.randn(2, 1280, dtype=torch.bfloat16),
+                      "time_ids": torch.randn(2, 6, dtype=torch.bfloat16)}
         config = dd.Config(mixed_precision="bf16")
         for checkpointing in checkpointing_options:
             if checkpointing:
@@ -105,32 +110,51 @@ def count(micro_batches, checkpointing_options=(False, True), family="sd15"):
             dd.guided_noise_pred(unet, torch.randn(16, 4, s, s), scheduler.timesteps[0], embeds,
                                  torch.zeros(16, dtype=torch.long), 5.0)
         sampling = tracker.peak
+        # the VAE's decode of b images (decode's chunks are --train-batch-size's), no grad: large at SDXL's 1024 px
+        vae = type(vae).from_config(vae.config)
+        for p in vae.parameters():  # bf16, as load_models gives it (p.data: a fake tensor cannot be swapped by .to)
+            p.data = p.data.to(torch.bfloat16)
+        decoding = {}
+        for b in micro_batches:
+            tracker = LiveBytes()
+            with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                vae.decode(torch.randn(b, 4, s, s, dtype=torch.bfloat16))
+            decoding[b] = tracker.peak
     restore()
-    return weights, rows, sampling, s
+    return weights, rows, sampling, s, decoding
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--family", choices=("sd15", "sd21"), default="sd15",
-                        help="SD v1.5 (512 px) or SD 2.1 (768 px, v-prediction: the same memory as epsilon)")
+    parser.add_argument("--family", choices=("sd15", "sd21", "sdxl"), default="sd15",
+                        help="SD v1.5 (512 px), SD 2.1 (768 px, v-prediction: the same memory as epsilon) or SDXL "
+                             "(1024 px)")
     args = parser.parse_args(argv)
-    weights, rows, sampling, s = count(args.micro_batches, family=args.family)
+    weights, rows, sampling, s, decoding = count(args.micro_batches, family=args.family)
     B, T = 16, 50  # the defaults
     fixed = {**weights, f"trajectories of B={B}, T={T}: latents and means, fp32": B * (2 * T + 1) * 4 * s * s * 4}
-    name = {"sd15": "SD v1.5", "sd21": "SD 2.1 (768 px)"}[args.family]
+    name = {"sd15": "SD v1.5", "sd21": "SD 2.1 (768 px)", "sdxl": "SDXL base 1.0 (1024 px)"}[args.family]
     print(f"torch {torch.__version__}; {name} UNet under FakeTensorMode, bf16 autocast with CUDA's fp32 norms\n")
     print("Resident through the run:")
     for name, n in fixed.items():
         print(f"  {name:50s} {n / GIB:6.2f} GiB")
     total_fixed = sum(fixed.values())
     print(f"  {'total':50s} {total_fixed / GIB:6.2f} GiB\n")
-    print(f"Sampling step, 32 rows (B = 16 with CFG), no grad: peak {sampling / GIB:.2f} GiB\n")
+    print(f"Sampling step, 32 rows (B = 16 with CFG), no grad: peak {sampling / GIB:.2f} GiB")
+    print("VAE decode of b images (decode's chunks are --train-batch-size), no grad: "
+          + ", ".join(f"b {b}: {peak / GIB:.2f} GiB" for b, peak in decoding.items()) + "\n")
     print("Training micro-step (forward + backward of b images with CFG, incl. fp32 gradients of trained weights):")
     print(f"  {'checkpointing':14s} {'b':>3s} {'peak GiB':>9s} {'per image':>10s} {'+ resident':>11s}")
     for checkpointing, b, peak in rows:
         print(f"  {'yes' if checkpointing else 'no':14s} {b:3d} {peak / GIB:9.2f} {peak / b / GIB:10.2f} "
               f"{(peak + total_fixed) / GIB:11.2f}")
+    print("\nThe largest micro-batch b (--train-batch-size) whose epoch peak, max(training step, sampling step, VAE "
+          "decode) + resident, fits a card (counted, before the allocator's overhead; at most 8, an update's images at the defaults):")
+    for capacity in (24, 48, 80):  # a "24 GB" card holds 24 GiB
+        fits = {ckpt: max([b for c, b, peak in rows if c == ckpt and max(peak, sampling, decoding[b]) + total_fixed
+                           <= capacity * GIB], default=None) for ckpt in (False, True)}
+        print(f"  {capacity} GB: {fits[False] or 'none'} without --low-memory, {fits[True] or 'none'} with it")
 
 
 if __name__ == "__main__":

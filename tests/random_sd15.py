@@ -4,6 +4,7 @@
                                                  ViT-base classifier in OUT_DIR/classifier: the real FLOPs and
                                                  memory of `ddpo_debias.py`, without the 4 GB download
     python -m tests.random_sd15 OUT_DIR --tiny   the tests' tiny models instead, for a CPU smoke run
+    python -m tests.random_sd15 OUT_DIR --sdxl   SDXL base's shapes (UNet 2.6B, two text encoders, 1024 px)
     (or python path/to/tests/random_sd15.py ... from any folder)
 
 Then: python ddpo_debias.py --model OUT_DIR --classifier OUT_DIR/classifier ...
@@ -45,6 +46,28 @@ def sd21_models(tokenizer_vocab_size=49408):
     return unet, vae, text_encoder, classifier
 
 
+def sdxl_models(tokenizer_vocab_size=49408):
+    """SDXL base 1.0's UNet (1024 px: 128x128 latents, 320-640-1280 channels, 1-2-10 transformer layers, 2048-wide
+    cross-attention, "text_time" added conditions), its VAE, and its two text encoders (CLIP ViT-L, OpenCLIP bigG
+    with projection) as a ModuleList, and the same classifier, random: for counting memory and for benchmarks."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    _, _, first, classifier = sd15_models(tokenizer_vocab_size)
+    unet = UNet2DConditionModel(
+        sample_size=128, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                        sample_size=1024, scaling_factor=0.13025, force_upcast=True)
+    second = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_attention_heads=20, num_hidden_layers=32, projection_dim=1280,
+        hidden_act="gelu", vocab_size=tokenizer_vocab_size, max_position_embeddings=77))
+    return unet, vae, torch.nn.ModuleList([first, second]), classifier
+
+
 def sd15_models(tokenizer_vocab_size=49408):
     """SD v1.5's UNet, VAE and text encoder, and a ViT-base/16 classifier at 224 (as rizvandwiki's), random."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -77,12 +100,36 @@ def make_sd15(path, seed=0):
                       image_std=[0.5] * 3).save_pretrained(os.path.join(path, "classifier"))
 
 
+def make_sdxl(path, seed=0):
+    """SDXL's shapes with random weights, saved in fp16 (5 GB, not 10: load_models casts them), with SDXL's own
+    scheduler file (Euler, which load_models makes a DDIM)."""
+    import json
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from transformers import ViTImageProcessor
+    from tests.fixtures import SD_SCHEDULER, SDXL_SCHEDULER, make_tokenizer
+    torch.manual_seed(seed)
+    unet, vae, (first, second), classifier = sdxl_models()
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = make_tokenizer(vocab)
+    StableDiffusionXLPipeline(vae=vae, text_encoder=first, text_encoder_2=second, tokenizer=tokenizer,
+                              tokenizer_2=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER)
+                              ).to(torch.float16).save_pretrained(path)
+    with open(os.path.join(path, "scheduler", "scheduler_config.json"), "w") as f:
+        json.dump(SDXL_SCHEDULER, f)
+    classifier.save_pretrained(os.path.join(path, "classifier"))
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(os.path.join(path, "classifier"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])  # unknown flags are refused
     parser.add_argument("out_dir", help="the pipeline folder to write (the classifier goes in OUT_DIR/classifier)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models instead of SD 1.5's shapes")
+    parser.add_argument("--sdxl", action="store_true", help="SDXL base's shapes (1024 px) instead of SD 1.5's")
     args = parser.parse_args(argv)
-    if args.tiny:
+    if args.sdxl:
+        make_sdxl(args.out_dir)
+    elif args.tiny:
         from tests.fixtures import make_tiny_classifier, make_tiny_sd
         make_tiny_sd(args.out_dir), make_tiny_classifier(os.path.join(args.out_dir, "classifier"))
     else:

@@ -99,3 +99,19 @@ def test_debias_bench_runs_and_writes_its_table(tmp_path):
     clip_i = [today["seeds"]["0"]["clip_i"], half["seeds"]["0"]["clip_i"]]
     assert all(0 < c < 1 for c in clip_i) and today["median_clip_i"] == clip_i[0], clip_i  # trained: not the base
     assert (tmp_path / "b" / "eval" / "base" / "eval.json").exists()
+
+
+def test_the_sdxl_configurations_run_on_their_own_pipeline(tiny_pipeline, tmp_path):
+    """--only sdxl,...: no SD 1.5 folder is needed; the SDXL one (tiny here) is built in --sdxl-model, and every epoch
+    of both SDXL configurations samples and updates with --profile's counts."""
+    out = tmp_path / "bench"
+    summary = benchmark(out, tmp_path / "no-sd15", "--only", "sdxl,sdxl-low-memory", "--sdxl-model",
+                        tmp_path / "tiny-sdxl", "--epochs", "2", "--budget", "200")
+    assert summary["sdxl_model_was"] == "built" and "model_was" not in summary
+    assert not os.path.exists(tmp_path / "no-sd15")
+    for name in ("sdxl", "sdxl-low-memory"):
+        row = summary["configurations"][name]
+        assert row["returncode"] == 0 and row["epochs_done"] == 2 and row["updated_epochs"] == 2, row
+        assert row["sample_tflops"] > 0 and row["train_tflops"] > 0
+    with open(tmp_path / "tiny-sdxl" / "model_index.json") as f:
+        assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
