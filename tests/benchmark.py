@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -212,11 +213,16 @@ def main(argv=None):
               f"{row['epoch_seconds'] or 0:.1f} s/epoch after the first, peak {row['peak_memory_gb']} GB", flush=True)
         with open(os.path.join(args.out, "summary.json"), "w") as f:  # after every configuration: a kill keeps it
             json.dump(summary, f, indent=2)
+        for large in ("checkpoint.pt", "unet", "unet.tmp"):  # SDXL's are 11 and 10 GB: free the disk as we go
+            path = os.path.join(runs, name, large)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
     summary["total_seconds"] = time.time() - began
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     pack(runs, os.path.join(args.out, "runs.tar.gz"))
-    import shutil
     shutil.rmtree(runs)  # checkpoints and UNets (GBs on SD): only the packed files come back
     print(f"wrote {args.out}/summary.json and {args.out}/runs.tar.gz in {summary['total_seconds']:.0f} s")
     return 0
