@@ -97,3 +97,15 @@ def test_the_cli_trains_resumes_and_saves_a_unet_the_sdxl_pipeline_samples_with(
     assert changed and all(any(key in f".{name}" for key in dd.TRAINABLE) for name in changed)
     image = pipeline(tiny_sdxl, unet)("a face", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and bool(torch.isfinite(torch.tensor(image)).all())
+
+
+def test_a_fixed_vae_stays_in_fp16(tiny_sdxl, tmp_path):
+    """A VAE whose config does not ask for the upcast (SDXL's fp16-fixed VAEs, placed as the pipeline's vae/) keeps
+    the mixed-precision type."""
+    import json
+    import shutil
+    model = tmp_path / "fixed"
+    shutil.copytree(tiny_sdxl, model)
+    path = model / "vae" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "force_upcast": False}))
+    assert dd.load_models(dd.Config(model=str(model), mixed_precision="fp16"), "cpu")[1].dtype == torch.float16
