@@ -428,9 +428,9 @@ class Judge:
         image left alone in a group of one, gets 0."""
         pngs, scores, groups = self.pngs(images), [0.0] * len(prompts), []
         for prompt in dict.fromkeys(prompts):
-            images = [i for i, p in enumerate(prompts) if p == prompt]
-            self._shuffle.shuffle(images)  # which images meet, and in which order they are shown: random
-            groups += [(prompt, images[s:s + self.group]) for s in range(0, len(images), self.group)]
+            members = [i for i, p in enumerate(prompts) if p == prompt]  # the prompt's image indices
+            self._shuffle.shuffle(members)  # which images meet, and in which order they are shown: random
+            groups += [(prompt, members[s:s + self.group]) for s in range(0, len(members), self.group)]
 
         def ask(prompt, group):
             def parse(answer):  # the image numbers 1..k, each once: anything else is asked again
