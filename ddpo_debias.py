@@ -928,6 +928,7 @@ def write_json(path, obj, lines=False):
 
 # -------------------------------------------------------------------------------------------------------------- models
 def trainable_parameters(unet):
+    """name -> parameter, of those that train (the attention projections: train_attention_only)."""
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
