@@ -766,7 +766,7 @@ def save_grid(images, probs, labels, title, path, thumb=128, threshold=THRESHOLD
         x, y = (i % columns) * thumb, top + (i // columns) * (thumb + 14)
         grid.paste(Image.fromarray(pix).resize((thumb, thumb)), (x, y))
         draw.text((x + 3, y + thumb + 1), f"{label or 'none'} {p:.2f}", fill="black")
-    grid.save(path)
+    grid.save(path, compress_level=1)  # one grid an epoch: PIL's default level 6 is 4x slower for 20% less disk
 
 
 def save_plot(metrics, path, target=None, width=520, height=170):
