@@ -29,17 +29,23 @@ def pipeline(model, unet=None):
         **({"unet": unet} if unet else {}))
 
 
-def test_the_samplers_first_step_is_the_pipelines(tiny_sd2):
-    """Same seed, same prompt, guidance 5, η = 1: x_T and then the step's noise come from one generator in the same
-    order in both, so x_{T-1} agrees to float rounding."""
-    pipe = pipeline(tiny_sd2)
+def pipeline_steps(pipe, prompt="a face", steps=3, seed=3):
+    """The latents after each of a diffusers pipeline's DDIM steps (guidance 5, η = 1, one seeded generator)."""
     seen = []
 
     def keep(pipe, i, t, kwargs):
         seen.append(kwargs["latents"].clone())
         return kwargs
-    pipe("a face", num_inference_steps=3, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(3),
+    pipe(prompt, num_inference_steps=steps, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(seed),
          output_type="latent", callback_on_step_end=keep)
+    return seen
+
+
+def test_the_samplers_first_step_is_the_pipelines(tiny_sd2):
+    """Same seed, same prompt, guidance 5, η = 1: x_T and then the step's noise come from one generator in the same
+    order in both, so x_{T-1} agrees to float rounding."""
+    pipe = pipeline(tiny_sd2)
+    seen = pipeline_steps(pipe)
     config = dd.Config(batch_size=1, num_steps=3, guidance_scale=5.0, eta=1.0, mixed_precision="no", device="cpu",
                        train_batch_size=1)
     embeds = dd.encode_prompts(pipe.text_encoder, pipe.tokenizer, ["a face"], "cpu")
@@ -51,16 +57,20 @@ def test_the_samplers_first_step_is_the_pipelines(tiny_sd2):
     assert torch.allclose(ours["latents"][:, -1], seen[-1], atol=1e-4)  # and so on to x_0
 
 
-def test_the_cli_trains_resumes_and_saves_a_unet_the_pipeline_samples_with(tiny_sd2, tiny_classifier, tmp_path,
-                                                                           capsys):
-    out = tmp_path / "run"
-    args = ["--model", tiny_sd2, "--classifier", tiny_classifier, *TINY, "--reward", "shift", "--save-every", "1"]
+def train_and_resume(capsys, model, classifier, out):
+    """The CLI: 2 epochs of --reward shift on `model` saved every epoch, then --resume to 3 -> the UNet it saved."""
+    args = ["--model", model, "--classifier", classifier, *TINY, "--reward", "shift", "--save-every", "1"]
     result = run_main(capsys, *args, "--output-dir", out)
     assert result.returncode == 0, result.stderr[-2000:]
     result = run_main(capsys, "--resume", out, "--epochs", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = read_metrics(out)
     assert [m["epoch"] for m in metrics] == [0, 1, 2] and all(m["loss"] is not None for m in metrics)
-    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    return UNet2DConditionModel.from_pretrained(out / "unet")
+
+
+def test_the_cli_trains_resumes_and_saves_a_unet_the_pipeline_samples_with(tiny_sd2, tiny_classifier, tmp_path,
+                                                                           capsys):
+    unet = train_and_resume(capsys, tiny_sd2, tiny_classifier, tmp_path / "run")
     image = pipeline(tiny_sd2, unet)("a face", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and bool(torch.isfinite(torch.tensor(image)).all())

@@ -8,8 +8,7 @@ from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionM
 
 import ddpo_debias as dd
 from tests.fixtures import make_tiny_sdxl
-from tests.test_cli import TINY, read_metrics
-from tests.test_edges import run_main
+from tests.test_sd2 import pipeline_steps, train_and_resume
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +62,7 @@ def test_the_samplers_steps_are_the_pipelines(tiny_sdxl):
     """Same seed, same prompt, guidance 5, η = 1: x_T and each step's noise come from one generator in the same
     order in both, so x_{T-1} agrees to float rounding, and so on to x_0."""
     pipe = pipeline(tiny_sdxl)
-    seen = []
-
-    def keep(pipe, i, t, kwargs):
-        seen.append(kwargs["latents"].clone())
-        return kwargs
-    pipe("a face", num_inference_steps=3, guidance_scale=5.0, eta=1.0, generator=torch.Generator().manual_seed(3),
-         output_type="latent", callback_on_step_end=keep)
+    seen = pipeline_steps(pipe)
     config = dd.Config(batch_size=1, num_steps=3, guidance_scale=5.0, eta=1.0, mixed_precision="no", device="cpu",
                        train_batch_size=1)
     _, _, text_encoder, tokenizer, scheduler = dd.load_models(dd.Config(model=str(tiny_sdxl), mixed_precision="no"),
@@ -83,15 +76,7 @@ def test_the_samplers_steps_are_the_pipelines(tiny_sdxl):
 
 def test_the_cli_trains_resumes_and_saves_a_unet_the_sdxl_pipeline_samples_with(tiny_sdxl, tiny_classifier,
                                                                                  tmp_path, capsys):
-    out = tmp_path / "run"
-    args = ["--model", tiny_sdxl, "--classifier", tiny_classifier, *TINY, "--reward", "shift", "--save-every", "1"]
-    result = run_main(capsys, *args, "--output-dir", out)
-    assert result.returncode == 0, result.stderr[-2000:]
-    result = run_main(capsys, "--resume", out, "--epochs", "3")
-    assert result.returncode == 0, result.stderr[-2000:]
-    metrics = read_metrics(out)
-    assert [m["epoch"] for m in metrics] == [0, 1, 2] and all(m["loss"] is not None for m in metrics)
-    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    unet = train_and_resume(capsys, tiny_sdxl, tiny_classifier, tmp_path / "run")
     base = UNet2DConditionModel.from_pretrained(tiny_sdxl, subfolder="unet")
     changed = [name for name, p in unet.named_parameters() if not torch.equal(p, base.get_parameter(name))]
     assert changed and all(any(key in f".{name}" for key in dd.TRAINABLE) for name in changed)
