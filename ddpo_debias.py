@@ -238,11 +238,8 @@ def train_attention_only(unet, dtype):
 # ----------------------------------------------------------------------------------------- prompts, guidance, sampling
 @torch.no_grad()  # the text encoder is frozen: embeddings are computed once per prompt, never trained
 def encode_prompts(text_encoder, tokenizer, prompts, device):
-    """-> (1+P, L, D): row 0 the empty prompt (unconditional), row 1+p prompt p. L = 77 tokens for SD."""
-    for prompt in prompts:
-        if len(tokenizer(prompt).input_ids) > tokenizer.model_max_length:
-            print(f"warning: prompt {prompt[:40]!r}... is longer than {tokenizer.model_max_length} tokens and is "
-                  "truncated", file=sys.stderr)
+    """-> (1+P, L, D): row 0 the empty prompt (unconditional), row 1+p prompt p. L = 77 tokens for SD; a longer
+    prompt is truncated (encode_for warns)."""
     ids = tokenizer(["", *prompts], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(device)
     return text_encoder(ids)[0]
@@ -537,7 +534,6 @@ class Config(MethodConfig):
     """A second classifier (a hub id or a folder, with a label for each of --classes) that labels every epoch's
     images for the metrics only, never for the reward: its shares beside the reward classifier's show a run that
     fools its reward (Shen et al.). Empty: none."""
-
 
 
 # ----------------------------------------------------------------------------------------- command line and validation
@@ -1014,7 +1010,13 @@ class TextEncodersXL(torch.nn.Module):
 
 
 def encode_for(text_encoder, tokenizer, prompts, device):
-    """The policy's conditioning for `prompts`, row 0 unconditional: encode_prompts, or SDXL's encode_prompts_xl."""
+    """The policy's conditioning for `prompts`, row 0 unconditional: encode_prompts, or SDXL's encode_prompts_xl.
+    A prompt longer than the tokenizer's 77 tokens is truncated by both: a warning says so."""
+    first = tokenizer[0] if isinstance(tokenizer, tuple) else tokenizer  # SDXL's two have the same length
+    for prompt in prompts:
+        if len(first(prompt).input_ids) > first.model_max_length:
+            print(f"warning: prompt {prompt[:40]!r}... is longer than {first.model_max_length} tokens and is "
+                  "truncated", file=sys.stderr)
     if isinstance(text_encoder, TextEncodersXL):
         return encode_prompts_xl(text_encoder, tokenizer, prompts, device)
     return encode_prompts(text_encoder, tokenizer, prompts, device)
@@ -1274,7 +1276,7 @@ def start_run(config, classifier=None):
     run = Run(unet=unet, vae=vae, scheduler=scheduler, labeller=labeller, judge=judge,
               optimizer=torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=1e-4),  # DDPO's weight decay
               scaler=make_scaler(config, device),
-              prompt_embeds=encode_for(text_encoder, tokenizer, prompts, device),  # (1+P, L, D), once per run
+              prompt_embeds=encode_for(text_encoder, tokenizer, prompts, device),  # (1+P, L, D) or SDXL's dict, once
               noise_generator=torch.Generator(device).manual_seed(config.seed),
               shuffle_generator=torch.Generator().manual_seed(config.seed + 1),
               history=rewards.PromptHistory(prompts, config.balance_window or config.batch_size,

@@ -534,9 +534,9 @@ def views(images: torch.Tensor) -> torch.Tensor:
     repeated), and a 3x3 box blur."""
     s = max(1, images.shape[-1] // 16)
     H, W = images.shape[-2:]
-    right = torch.nn.functional.pad(images, (s, 0, 0, 0), mode="replicate")[..., :, :W]
-    down = torch.nn.functional.pad(images, (0, 0, s, 0), mode="replicate")[..., :H, :]
-    blur = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    right = F.pad(images, (s, 0, 0, 0), mode="replicate")[..., :, :W]
+    down = F.pad(images, (0, 0, s, 0), mode="replicate")[..., :H, :]
+    blur = F.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
     return torch.cat([images, images.flip(-1), right, down, blur])
 
 
