@@ -43,7 +43,9 @@ import dataclasses
 import datetime
 import fcntl
 import fnmatch
+import importlib
 import inspect
+import re
 import json
 import math
 import os
@@ -440,7 +442,7 @@ def train(config, classifier=None):
 # checkpoints, signals, devices, several processes and evaluation.
 # =====================================================================================================================
 CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"), "labeller": ("classifier", "judge"),
-           "mixed_precision": ("auto", "no", "fp16", "bf16")}
+           "mixed_precision": ("auto", "no", "fp16", "bf16"), "ensemble": ("", *rewards.ENSEMBLES)}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
 
@@ -473,7 +475,10 @@ class Config(MethodConfig):
     """The policy: a hub id or a local SD 1.x, 2.x or SDXL pipeline folder (SDXL is recognised from it)."""
     classifier: str = "rizvandwiki/gender-classification-2"
     """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
-    comma-separated, for intersectional classes."""
+    comma-separated, for intersectional classes, or several of the same classes with --ensemble."""
+    ensemble: str = ""
+    """With several --classifier of the same classes: how their P(class) combine, so that each must agree: min (the
+    worst case, Coste et al.), product, or mean-std (mean - std over the models). Empty: intersectional classes."""
     device: str = ""
     """cpu, cuda or cuda:N; empty: cuda when there is one. config.json records the device used."""
     mixed_precision: str = "auto"
@@ -533,7 +538,8 @@ class Config(MethodConfig):
     independent_classifier: str = ""
     """A second classifier (a hub id or a folder, with a label for each of --classes) that labels every epoch's
     images for the metrics only, never for the reward: its shares beside the reward classifier's show a run that
-    fools its reward (Shen et al.). Empty: none."""
+    fools its reward (Shen et al.). Or MODULE:NAME, a reader of your own in Python (tests.referee:Referee, the toy
+    worlds' referee): NAME(classes, device=...) must return images -> P(class). Empty: none."""
 
 
 # ----------------------------------------------------------------------------------------- command line and validation
@@ -554,7 +560,7 @@ HELP_GROUPS = {  # --help's sections, in the order of the method, then running i
     "sampling": ("batch_size", "num_steps", "guidance_scale", "eta", "seed"),
     "the update (PPO)": ("trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
                          "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm"),
-    "running it": ("epochs", "model", "classifier", "unet", "output_dir", "resume", "save_every", "device",
+    "running it": ("epochs", "model", "classifier", "ensemble", "unet", "output_dir", "resume", "save_every", "device",
                    "mixed_precision", "train_batch_size", "low_memory", "compile", "profile"),
     "many prompts (docs/many-prompts.md)": ("prompts", "balance_window"),
     "the judge (docs/judge.md)": ("labeller", "judge_url", "judge_model", "judge_group", "judge_criterion",
@@ -591,6 +597,8 @@ JUDGED = lambda c: c.labeller == "judge" or c.reward == "rank"
 ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balance or soft_balance"),
              "underrepresented": (lambda c: c.reward == "shift", "--reward shift"),
              "augment": (lambda c: c.labeller == "classifier", "--labeller classifier"),
+             "ensemble": (lambda c: c.labeller == "classifier" and "," in c.classifier,
+                          "several --classifier, comma-separated, and --labeller classifier"),
              "truly_alpha": (lambda c: c.trust_region == "truly", "--trust-region truly"),
              "kl_threshold": (lambda c: c.trust_region == "truly", "--trust-region truly"),
              "judge_group": (lambda c: c.reward == "rank", "--reward rank"),
@@ -665,7 +673,10 @@ def validate(config, given=None):
         raise UsageError(f"--underrepresented: must be auto or one of --classes ({', '.join(classes)}), got "
                          f"{config.underrepresented!r}")
     models = config.classifier.split(",")
-    if config.labeller == "classifier" and any(c.count("&") + 1 != len(models) for c in classes):
+    if config.ensemble and any("&" in c for c in classes):
+        raise UsageError(f"--classes: an --ensemble reads the same classes in every classifier, so name each class "
+                         f"once; got {config.classes!r}")
+    if config.labeller == "classifier" and not config.ensemble and any(c.count("&") + 1 != len(models) for c in classes):
         raise UsageError(f"--classes: with {len(models)} classifier{'s' if len(models) > 1 else ''} each class is "
                          + "&".join(["label"] * len(models)) + f", one label of each; got {config.classes!r}")
     if config.eval_every and config.evaluate:
@@ -1134,9 +1145,28 @@ def check_trained_steps(scheduler, config):
 def load_classifier(config, device, flag="--classifier", path=None):
     path = path or config.classifier
     return load_transformers_model(flag, path, "an image-classification model",
-                                   lambda: rewards.Classifier(path, classes_of(config), device=device),
+                                   lambda: rewards.Classifier(path, classes_of(config), device=device,
+                                                              ensemble=config.ensemble if flag == "--classifier"
+                                                              else ""),
                                    rewards.LabelError,  # a class it has no label of: a typo in --classes if given
                                    "--classes" if config.classes != Config.classes else flag)
+
+
+def python_reader(spec):
+    """--independent-classifier MODULE:NAME (a Python reader), not a hub id or a folder."""
+    return bool(re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec)) and not os.path.exists(spec)
+
+
+def load_independent(config, device):
+    """--independent-classifier: a classifier as --classifier's, or MODULE:NAME called with the run's classes."""
+    spec = config.independent_classifier
+    if not python_reader(spec):
+        return load_classifier(config, device, "--independent-classifier", spec)
+    module, name = spec.split(":")
+    try:
+        return getattr(importlib.import_module(module), name)(classes_of(config), device=device)
+    except Exception as error:  # not importable, no such name, or the reader refused the classes
+        raise UsageError(f"--independent-classifier: cannot make the reader {spec} ({first_line(error)})") from None
 
 
 def load_quality_model(config, device):
@@ -1183,7 +1213,7 @@ def check_hub(config, timeout=5):
     sources = [("--model", config.model, "model_index.json")]
     if config.labeller == "classifier":
         sources += [("--classifier", path, "config.json") for path in config.classifier.split(",")]
-    if config.independent_classifier:
+    if config.independent_classifier and not python_reader(config.independent_classifier):
         sources += [("--independent-classifier", p, "config.json") for p in config.independent_classifier.split(",")]
     if (config.evaluate or config.eval_every) and config.clip_model != "none":
         sources.append(("--clip-model", config.clip_model, "config.json"))
@@ -1284,7 +1314,7 @@ def start_run(config, classifier=None):
                                             announce=lead, target=target_of(config), threshold=config.threshold),
               lead=lead)
     if config.independent_classifier:
-        run.independent = load_classifier(config, device, "--independent-classifier", config.independent_classifier)
+        run.independent = load_independent(config, device)
     if config.kl_base > 0:  # the trained weights before any update or resume: the base model's
         run.base = frozen_base(unet, {name: p.detach().clone() for name, p in params.items()})
     metrics, first = [], 0

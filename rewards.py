@@ -235,6 +235,14 @@ def find_label(id2label: dict, name: str, where: str) -> int:
     raise LabelError(f"classifier {where!r} has no label {name!r}; its labels are: {labels}")
 
 
+# --ensemble: P(class) of several classifiers of the same classes (M, B, K) -> (B, K), combined so that each must
+# agree: a label then needs every model sure, and a feature that fools one model earns less (Coste et al., arXiv
+# 2310.02743: the worst case, unlike the mean, stopped over-optimisation of a reward model ensemble).
+ENSEMBLES = {"min": lambda p: p.min(dim=0).values,  # the worst case: each model must be surer than 0.7
+             "product": lambda p: p.prod(dim=0),  # as intersectional classes: the product must pass 0.7
+             "mean-std": lambda p: (p.mean(dim=0) - p.std(dim=0, correction=0)).clamp(min=0)}  # λ = 1
+
+
 class Classifier:
     """P(class) of each of K named classes for a batch of images, from transformers image-classification models.
 
@@ -243,15 +251,21 @@ class Classifier:
     "a&b" (e.g. "female&black"): P(a&b) = P_A(a)·P_B(b), which assumes the two models' answers independent given the
     image (each reads its own attribute, as a gender and a race classifier do); the 0.7 rule then asks the product,
     so each part must be surer than 0.7 (√0.7 = 0.84 each when both are equally sure).
+    Several models of the same classes (--classifier A,B --ensemble min): every model reads every class, and
+    ENSEMBLES[ensemble] combines their P(class); what no class keeps counts as "none".
     The image processor's constants come from `AutoImageProcessor`; the resize and normalisation run in torch on
     the images' own device (ModelInputs, below with the evaluation's models: it is plumbing).
     """
 
     def __init__(self, model_names_or_paths="rizvandwiki/gender-classification-2", classes=GENDER, device="cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, ensemble: str = ""):
         from transformers import AutoImageProcessor, AutoModelForImageClassification  # here: 3 s, only when used
         paths = str(model_names_or_paths).split(",")  # a hub id or a folder each; a hub id has no comma
-        parts = [c.split("&") for c in classes]  # (K, number of models): each class's label in each model
+        self.ensemble = ENSEMBLES[ensemble] if ensemble else None
+        if ensemble and any("&" in c for c in classes):
+            raise LabelError(f"an ensemble reads the same classes in every model: name each class once (got "
+                             f"{','.join(classes)})")
+        parts = [[c] * len(paths) if ensemble else c.split("&") for c in classes]  # (K, models): each model's label
         if any(len(p) != len(paths) for p in parts):
             raise LabelError(f"{len(paths)} classifier{'s' if len(paths) > 1 else ''}: name each class as "
                              + "&".join(["label"] * len(paths)) + f", one label of each (got {','.join(classes)})")
@@ -267,12 +281,11 @@ class Classifier:
     @torch.no_grad()  # the reward is a number handed to PPO: no gradient flows into the classifier
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1] -> P(class) as float32 (B, K), the classes in --classes order."""
-        probs = None
-        for model, inputs, columns in zip(self.models, self.inputs, self.columns):
-            logits = model(pixel_values=inputs(images)).logits  # (B, num_labels)
-            model_probs = logits.float().softmax(dim=-1)[:, columns]  # (B, K)
-            probs = model_probs if probs is None else probs * model_probs  # intersectional: independent, so a product
-        return probs
+        model_probs = torch.stack([model(pixel_values=inputs(images)).logits.float().softmax(dim=-1)[:, columns]
+                                   for model, inputs, columns in zip(self.models, self.inputs, self.columns)])
+        if self.ensemble:  # (M, B, K) -> (B, K): the same classes, combined conservatively
+            return self.ensemble(model_probs)
+        return model_probs.prod(dim=0)  # intersectional: the models' answers independent given the image
 
 
 # --------------------------------------------------------- the AI judge: a chat model that sees the images

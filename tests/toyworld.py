@@ -63,38 +63,63 @@ SHIPPED = os.path.join(HERE, "toyworld_model")  # the committed world
 
 
 # --------------------------------------------------------------------------------------------- the faces
-def draw_face(rng, female, hair=None):
-    """One 32x32 face as a PIL image, drawn at 4x and downsampled (antialiased). rng: np.random.Generator.
+def face_geometry(rng, female, hair=None):
+    """The random draws of one face, in draw_face's order: its colours and where each part goes (4x pixels).
     hair: the three-class world's style, "short" (the cap alone, as a "male" face), "long" (as a "female" face) or
     "tall" (hair piled high above the head); None: long if female else short, the two-class world."""
-    style = hair or ("long" if female else "short")
     s = 4 * SIZE
     jitter = lambda c, d=25: tuple(int(np.clip(v + rng.integers(-d, d + 1), 0, 255)) for v in c)
-    background = tuple(int(v) for v in rng.integers(40, 230, 3))
-    image = Image.new("RGB", (s, s), background)
-    draw = ImageDraw.Draw(image)
-    cx, cy = s / 2 + rng.uniform(-10, 10), s * 0.45 + rng.uniform(-8, 8)
-    r = rng.uniform(0.2, 0.26) * s  # head half-height
-    w = r * rng.uniform(0.78, 0.9)  # head half-width
-    skin, hair = jitter(SKIN[rng.integers(len(SKIN))], 12), jitter(HAIR[rng.integers(len(HAIR))], 15)
-    clothes = tuple(int(v) for v in rng.integers(0, 256, 3))
-    draw.ellipse((cx - 2.2 * w, cy + 1.5 * r, cx + 2.2 * w, cy + 3.6 * r), fill=clothes)  # shoulders
-    if style == "long":  # long hair: behind the head, falling beside the face to below the chin
-        length = rng.uniform(1.45, 1.8) * r
-        draw.rounded_rectangle((cx - 1.35 * w, cy - 1.15 * r, cx + 1.35 * w, cy + length), radius=w * 0.9, fill=hair)
-    if style == "tall":  # tall hair: piled above the head, no lower than the cap's top
-        height = rng.uniform(1.6, 1.9) * r
-        draw.rounded_rectangle((cx - 0.8 * w, cy - height, cx + 0.8 * w, cy - 0.5 * r), radius=w * 0.6, fill=hair)
-    draw.rectangle((cx - 0.35 * w, cy + 0.7 * r, cx + 0.35 * w, cy + 1.7 * r), fill=skin)  # neck
-    draw.ellipse((cx - w, cy - r, cx + w, cy + r), fill=skin)  # head
-    top = rng.uniform(0.25, 0.45)  # the cap (both classes): hair over the top of the head
-    draw.chord((cx - 1.08 * w, cy - 1.12 * r, cx + 1.08 * w, cy + (1 - 2 * top) * r * 1.1), 180, 360, fill=hair)
-    eye_y, eye_dx, eye_r = cy - rng.uniform(0.0, 0.15) * r, w * rng.uniform(0.33, 0.45), r * 0.11
+    g = dict(style=hair or ("long" if female else "short"), background=tuple(int(v) for v in rng.integers(40, 230, 3)))
+    g["cx"], g["cy"] = s / 2 + rng.uniform(-10, 10), s * 0.45 + rng.uniform(-8, 8)
+    g["r"] = rng.uniform(0.2, 0.26) * s  # head half-height
+    g["w"] = g["r"] * rng.uniform(0.78, 0.9)  # head half-width
+    g["skin"], g["hair"] = jitter(SKIN[rng.integers(len(SKIN))], 12), jitter(HAIR[rng.integers(len(HAIR))], 15)
+    g["clothes"] = tuple(int(v) for v in rng.integers(0, 256, 3))
+    if g["style"] == "long":
+        g["length"] = rng.uniform(1.45, 1.8) * g["r"]
+    if g["style"] == "tall":
+        g["height"] = rng.uniform(1.6, 1.9) * g["r"]
+    g["top"] = rng.uniform(0.25, 0.45)  # the cap's depth
+    g["eye_y"], g["eye_dx"] = g["cy"] - rng.uniform(0.0, 0.15) * g["r"], g["w"] * rng.uniform(0.33, 0.45)
+    g["mouth_y"], g["mouth_w"] = g["cy"] + rng.uniform(0.4, 0.55) * g["r"], g["w"] * rng.uniform(0.3, 0.5)
+    return g
+
+
+def paint_face(draw, g, colour):
+    """Draw face g's parts, back to front, each filled with colour(part): its own colour (draw_face) or a region's
+    index (the referee's maps, tests/referee.py). Parts: clothes, long hair, tall hair, neck, head, cap, eyes,
+    mouth (the background is the canvas's)."""
+    cx, cy, r, w = g["cx"], g["cy"], g["r"], g["w"]
+    draw.ellipse((cx - 2.2 * w, cy + 1.5 * r, cx + 2.2 * w, cy + 3.6 * r), fill=colour("clothes"))  # shoulders
+    if g["style"] == "long":  # long hair: behind the head, falling beside the face to below the chin
+        draw.rounded_rectangle((cx - 1.35 * w, cy - 1.15 * r, cx + 1.35 * w, cy + g["length"]), radius=w * 0.9,
+                               fill=colour("long hair"))
+    if g["style"] == "tall":  # tall hair: piled above the head, no lower than the cap's top
+        draw.rounded_rectangle((cx - 0.8 * w, cy - g["height"], cx + 0.8 * w, cy - 0.5 * r), radius=w * 0.6,
+                               fill=colour("tall hair"))
+    draw.rectangle((cx - 0.35 * w, cy + 0.7 * r, cx + 0.35 * w, cy + 1.7 * r), fill=colour("neck"))
+    draw.ellipse((cx - w, cy - r, cx + w, cy + r), fill=colour("head"))
+    # the cap (both classes): hair over the top of the head
+    draw.chord((cx - 1.08 * w, cy - 1.12 * r, cx + 1.08 * w, cy + (1 - 2 * g["top"]) * r * 1.1), 180, 360,
+               fill=colour("cap"))
+    eye_y, eye_dx, eye_r = g["eye_y"], g["eye_dx"], r * 0.11
     for ex in (cx - eye_dx, cx + eye_dx):
-        draw.ellipse((ex - eye_r, eye_y - eye_r, ex + eye_r, eye_y + eye_r), fill=(25, 25, 35))
-    mouth_y, mouth_w = cy + rng.uniform(0.4, 0.55) * r, w * rng.uniform(0.3, 0.5)
-    draw.arc((cx - mouth_w, mouth_y - 0.2 * r, cx + mouth_w, mouth_y + 0.15 * r), 20, 160, fill=(150, 40, 50),
+        draw.ellipse((ex - eye_r, eye_y - eye_r, ex + eye_r, eye_y + eye_r), fill=colour("eyes"))
+    mouth_y, mouth_w = g["mouth_y"], g["mouth_w"]
+    draw.arc((cx - mouth_w, mouth_y - 0.2 * r, cx + mouth_w, mouth_y + 0.15 * r), 20, 160, fill=colour("mouth"),
              width=max(2, int(r * 0.08)))
+
+
+PART_COLOURS = {"eyes": (25, 25, 35), "mouth": (150, 40, 50)}  # the same on every face
+COLOUR_OF = {"long hair": "hair", "tall hair": "hair", "cap": "hair", "neck": "skin", "head": "skin"}  # the rest: own
+
+
+def draw_face(rng, female, hair=None):
+    """One 32x32 face as a PIL image, drawn at 4x and downsampled (antialiased). rng: np.random.Generator.
+    hair: as face_geometry's."""
+    g = face_geometry(rng, female, hair)
+    image = Image.new("RGB", (4 * SIZE, 4 * SIZE), g["background"])
+    paint_face(ImageDraw.Draw(image), g, lambda part: PART_COLOURS.get(part) or g[COLOUR_OF.get(part, part)])
     return image.resize((SIZE, SIZE), Image.LANCZOS)
 
 
@@ -141,6 +166,32 @@ def make_faces(n, female_share, seed):
     female[:round(n * female_share)] = True
     rng.shuffle(female)
     return torch.stack([to_tensor(draw_face(rng, f)) for f in female]), torch.from_numpy(female)
+
+
+# ------------------------------------------------------------------------------------------- the attack
+def latent_attack(probs_of, vae, images, target, steps=40, lr=0.05, budget=0.04, generator=None):
+    """Faces pushed toward class `target` by Adam on their VAE latents, as a run's UNet could push its samples:
+    -> the decoded attacked images (B, 3, 32, 32) in [0, 1]. probs_of: images -> P(class) (B, K), differentiable.
+    A penalty holds each image's mean absolute change from its clean decoding near `budget` (0.04: the change of
+    the halos that fooled the reward's ViT), so the face keeps its look; the attack ends when every image is read
+    as `target` above 0.7, or after `steps`."""
+    with torch.no_grad():
+        start = vae.encode(images * 2 - 1).latent_dist.mode()
+        clean = ((vae.decode(start).sample + 1) / 2).clamp(0, 1)
+    if generator is not None:  # a random start inside the latent's noise, so that two attacks differ
+        start = start + 0.05 * torch.randn(start.shape, generator=generator)
+    delta = torch.zeros_like(start, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=lr)
+    for _ in range(steps):
+        attacked = ((vae.decode(start + delta).sample + 1) / 2).clamp(0, 1)
+        probs = probs_of(attacked)[:, target]
+        change = (attacked - clean).abs().mean((1, 2, 3))
+        if bool((probs > 0.7).all()) and bool((change <= budget).all()):
+            break
+        loss = (-(probs + 1e-6).log() + 50 * (change - budget).clamp(min=0)).sum()
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    with torch.no_grad():
+        return ((vae.decode(start + delta).sample + 1) / 2).clamp(0, 1)
 
 
 # ------------------------------------------------------------------------------------------ the training

@@ -1,0 +1,230 @@
+"""The toy worlds' referee: which hair style explains an image best, read by fitting the world's own renderer.
+
+    python -m tests.referee FOLDER_OR_UNET [--images 512] [--seed 0] [--three-classes] [--out FILE.json]
+
+A reward's classifier can be fooled: a run at R_balance learnt to add faint pale halos that its ViT reads as long
+hair (docs/benchmarks.md). The referee reads what the world means instead, by analysis by synthesis. draw_face
+paints a face from a handful of numbers (position, head size, cap depth, hair length, four colours), so:
+  1. for each hair style among the classes, a grid of geometries (GRID: the head's centre and size, its width,
+     the cap's depth, the hair's length or height) is painted as region maps (background, clothes, hair, skin),
+     blurred as the VAE blurs, with a one-pixel ring round the figure for the VAE's colour bleed. Least squares
+     gives each region's colour; the geometry with the least squared error is the style's best fit;
+  2. each style's best fit is painted in its fitted colours by the world's own painter (toyworld.paint_face) and
+     sent through the world's VAE, as every sample was; e_s = its squared distance to the image;
+  3. P(style) = softmax(-e_s / TEMPERATURE): the style whose painting, seen through the VAE, looks like the image.
+     The cap and the long hair share one colour, so a halo that is not the cap's colour explains nothing; where
+     the VAE leaves the two styles alike, the margin is small and the label "none" (max P <= 0.7).
+An image that no face explains (its best fit leaves an rms error above FACE_RMS per pixel) reads "none": noise,
+blobs, shuffled pieces, a face that fell apart. The referee has no weights: nothing was trained, nothing the reward
+uses is read. It is a reader for the toy worlds only (it knows how they are drawn); on SD, see docs/evaluate.md.
+
+As an independent reader of a run: `ddpo_debias.py ... --independent-classifier tests.referee:Referee` (the
+metrics' "independent" block; tests.toyworld demo does this). tests/test_referee.py checks it: accuracy through
+the VAE, non-faces, attacks that fool the reward's classifiers, and how often its errors coincide with theirs.
+"""
+import argparse
+import itertools
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` from any folder
+from tests import toyworld  # noqa: E402
+
+STYLES = {"female": "long", "male": "short", "long": "long", "short": "short", "tall": "tall"}  # class -> hair style
+# The regions fitted: each part's index in the region maps. The long and the tall hair are zones with colours of
+# their own in the fit, so that what lies there (hair, a halo, background) never pulls the head's place or the
+# cap's colour; eyes and mouth are too small to fit and count as skin.
+REGIONS = {"background": 0, "clothes": 1, "cap": 2, "neck": 3, "head": 3, "eyes": 3, "mouth": 3, "long hair": 4,
+           "tall hair": 5}
+S = 4 * toyworld.SIZE  # draw_face paints at 4x
+# The geometries fitted: draw_face's ranges (face_geometry), each cut into a few values, at 4x pixels.
+GRID = dict(dx=np.linspace(-9, 9, 5), dy=np.linspace(-8, 8, 9), r=np.linspace(0.205, 0.255, 6) * S,
+            width=(0.81, 0.87), top=(0.3, 0.4), length=(1.54, 1.71), height=(1.68, 1.82))
+BLUR = 0.7  # the VAE's blur, as a Gaussian's std in pixels
+# draw_face's hair and skin: a palette entry and its jitter per channel. The fitted hair (the cap's colour) and skin
+# are moved into them, so the paintings compared are faces the world can draw.
+PALETTES = {"hair": (toyworld.HAIR, 15), "skin": (toyworld.SKIN, 12)}
+PALETTE_SLACK = 10  # per channel, for the colours' blur at the figure's edges
+CUT = 0.5  # t: how much of the full hair of that style, in the cap's colour, the image holds; above CUT: that style
+SOFTNESS = 0.118  # P(style) = softmax over (CUT for short, t per style) / SOFTNESS: |t - CUT| >= 0.1 gives P >= 0.7
+LEGIBLE = 0.5  # the squared distance below which a style's painting and the short one look alike through the VAE
+FACE_RMS = 0.065  # per value: 99.8% of the world's faces through the VAE fit closer, noise and blobs fit far worse
+
+
+def geometries(styles):
+    """draw_face's geometries on GRID with a zone for each style in `styles` beyond short (the eyes and mouth at
+    their mean places)."""
+    lengths = GRID["length"] if "long" in styles else (None,)
+    heights = GRID["height"] if "tall" in styles else (None,)
+    for dx, dy, r, width, top, length, height in itertools.product(
+            GRID["dx"], GRID["dy"], GRID["r"], GRID["width"], GRID["top"], lengths, heights):
+        w, cy = r * width, S * 0.45 + dy
+        yield dict(cx=S / 2 + dx, cy=cy, r=r, w=w, top=top, eye_y=cy - 0.075 * r, eye_dx=0.39 * w,
+                   mouth_y=cy + 0.475 * r, mouth_w=0.4 * w, length=length and length * r, height=height and height * r)
+
+
+def region_maps(g, styles):
+    """-> (R, 32, 32): the share of each pixel in each region (REGIONS) of face g with every zone in `styles`; the
+    zones of styles not in `styles` are left out (R = 4 + their number)."""
+    image = Image.new("L", (S, S), 0)
+    draw = ImageDraw.Draw(image)
+    for style in [s for s in ("long", "tall") if s in styles] or ["short"]:  # each zone painted where it lies
+        toyworld.paint_face(draw, {**g, "style": style}, lambda part: REGIONS[part])
+    parts = F.one_hot(torch.from_numpy(np.asarray(image).astype(np.int64)), 6).permute(2, 0, 1).float()
+    kept = [0, 1, 2, 3] + [REGIONS[f"{s} hair"] for s in ("long", "tall") if s in styles]
+    return F.avg_pool2d(parts[None], 4)[0, kept]
+
+
+def fitting_basis(maps):
+    """(G, R, 32, 32) region maps -> (G, 1024, R + 1) orthonormal bases of what least squares can paint: each region
+    blurred by BLUR, and a ring one pixel wide round the figure, taken from the background, for the VAE's bleed."""
+    figure = 1 - maps[:, :1]
+    ring = (F.max_pool2d(figure, 3, 1, 1) - figure).clamp(min=0)
+    maps = torch.cat([maps[:, :1] - ring, maps[:, 1:], ring], dim=1)  # (G, R + 1, 32, 32)
+    kernel = torch.exp(-torch.arange(-2, 3.0) ** 2 / (2 * BLUR ** 2))
+    kernel = kernel / kernel.sum()
+    flat = F.pad(maps.reshape(-1, 1, 32, 32), (2, 2, 2, 2), mode="replicate")
+    flat = F.conv2d(F.conv2d(flat, kernel.view(1, 1, 1, 5)), kernel.view(1, 1, 5, 1))
+    basis, _ = torch.linalg.qr(flat.reshape(len(maps), maps.shape[1], 1024).transpose(1, 2))
+    return basis
+
+
+def best_fit(basis, images, chunk=200):
+    """images (N, 3, 32, 32) -> the index of the geometry whose basis leaves the least squared error, (N,)."""
+    x = images.reshape(len(images), 3, 1024).transpose(1, 2)  # (N, 1024, 3)
+    best, arg = torch.full((len(images),), float("inf")), torch.zeros(len(images), dtype=torch.long)
+    for i in range(0, len(basis), chunk):
+        explained = torch.einsum("gpk,npc->ngkc", basis[i:i + chunk], x).pow(2).sum((2, 3))  # (N, g)
+        value, index = explained.neg().min(1)  # the least error is the most explained
+        better = value < best
+        best, arg = torch.where(better, value, best), torch.where(better, index + i, arg)
+    return arg
+
+
+def in_palette(colour, palette, slack=PALETTE_SLACK):
+    """The colour moved into the nearest palette entry's box (the entry ± its jitter ± slack, per channel)."""
+    centre = min(palette[0], key=lambda c: sum((a - b) ** 2 for a, b in zip(c, colour)))
+    reach = palette[1] + slack
+    return tuple(int(min(max(v, c - reach), c + reach)) for v, c in zip(colour, centre))
+
+
+def paintings(g, maps, image, styles):
+    """Face g in the colours least squares fits to `image` (3, 32, 32), painted by draw_face's painter once per
+    style: the short face, and each other style's hair added in the cap's colour. -> (len(styles), 3, 32, 32)."""
+    colours = torch.linalg.lstsq(maps.flatten(1).T, image.reshape(3, 1024).T).solution.clamp(0, 1) * 255
+    fitted = [tuple(int(v) for v in c.round()) for c in colours]
+    fill = {"background": fitted[0], "clothes": fitted[1], "hair": in_palette(fitted[2], PALETTES["hair"]),
+            "skin": in_palette(fitted[3], PALETTES["skin"])}
+    painted = []
+    for style in styles:
+        canvas = Image.new("RGB", (S, S), fill["background"])
+        toyworld.paint_face(ImageDraw.Draw(canvas), {**g, "style": style}, lambda part: toyworld.PART_COLOURS.get(
+            part) or fill[toyworld.COLOUR_OF.get(part, part)])
+        painted.append(toyworld.to_tensor(canvas.resize((toyworld.SIZE, toyworld.SIZE), Image.LANCZOS)))
+    return torch.stack(painted)
+
+
+class Referee:
+    """images (B, 3, 32, 32) in [0, 1] -> P(class) (B, K), as rewards.Classifier: the classes "female"/"male"
+    (long/short hair) or "short"/"long"/"tall" (the three-class world), in the order given."""
+
+    def __init__(self, classes=("female", "male"), device="cpu", world=toyworld.SHIPPED):
+        from diffusers import AutoencoderKL
+        unknown = [c for c in classes if c.lower() not in STYLES]
+        if unknown:
+            raise ValueError(f"the referee reads the toy worlds' classes ({', '.join(STYLES)}), not {unknown}")
+        self.classes = [STYLES[c.lower()] for c in classes]
+        self.styles = ["short"] + [s for s in ("long", "tall") if s in self.classes]  # the paintings, short first
+        self.vae = AutoencoderKL.from_pretrained(os.path.join(world, "vae")).eval().requires_grad_(False)
+        self.shapes = list(geometries(self.styles))
+        self.maps = torch.stack([region_maps(g, self.styles) for g in self.shapes])
+        self.basis = fitting_basis(self.maps)
+
+    def through_vae(self, images, chunk=256):
+        """The VAE's round trip, as every sample was made: encode (its mode), decode."""
+        with torch.no_grad():
+            return torch.cat([((self.vae.decode(self.vae.encode(images[i:i + chunk] * 2 - 1).latent_dist.mode()).sample
+                                + 1) / 2).clamp(0, 1) for i in range(0, len(images), chunk)])
+
+    def read(self, images):
+        """(B, 3, 32, 32) -> t (B, styles), the image's place on the line from the short painting (0) to each
+        style's (1) through the VAE (t of short: CUT); and each image's rms distance to its nearest painting (B,)."""
+        images = images.detach().float().cpu().clamp(0, 1)
+        arg = best_fit(self.basis, images)
+        painted = torch.stack([paintings(self.shapes[a], self.maps[a], image, self.styles)
+                               for a, image in zip(arg.tolist(), images)])  # (B, styles, 3, 32, 32)
+        seen = self.through_vae(painted.flatten(0, 1)).view(painted.shape).flatten(2)  # (B, styles, 3072)
+        short, image = seen[:, :1], images.flatten(1)[:, None]
+        along = seen[:, 1:] - short  # (B, styles - 1, 3072): what each style's hair changes in the image
+        reach = along.pow(2).sum(-1)
+        t = ((image - short) * along).sum(-1) / reach.clamp(min=1e-6)
+        t = torch.where(reach < LEGIBLE, torch.full_like(t, CUT), t)  # alike through the VAE: no evidence either way
+        rms = ((seen - image).pow(2).mean(-1).min(dim=1).values).sqrt()
+        return torch.cat([torch.full((len(images), 1), CUT), t], dim=1), rms
+
+    def __call__(self, images):
+        t, rms = self.read(images)
+        probs = (t / SOFTNESS).softmax(dim=1)  # (B, styles)
+        probs[rms > FACE_RMS] = 1 / len(self.styles)  # "none": no face of this world explains the image
+        return probs[:, [self.styles.index(c) for c in self.classes]].to(images.device)
+
+
+def sample_and_read(unet, images=512, seed=0, three=False, steps=toyworld.SETTINGS["num_steps"]):
+    """A UNet's (folder, or a run folder's unet/) `images` fresh samples of the world's prompt at the world's
+    settings, read by the referee: -> {class: share, "none": share, "background": mean colour (3,)}."""
+    import ddpo_debias as dd
+    import rewards
+    classes = list(toyworld.THREE) if three else ["female", "male"]
+    config = dd.Config(model=toyworld.SHIPPED, unet=unet, batch_size=images, num_steps=steps,
+                       guidance_scale=toyworld.SETTINGS["guidance_scale"], mixed_precision="no", device="cpu")
+    model, vae, text_encoder, tokenizer, scheduler = dd.load_models(config, "cpu")
+    embeds = dd.encode_prompts(text_encoder, tokenizer, [toyworld.PROMPT], "cpu")
+    found = []
+    for start in range(0, images, 128):
+        n = min(128, images - start)
+        found.append(dd.sample(model, vae, scheduler, embeds, torch.zeros(n, dtype=torch.long),
+                               dd.Config(**{**config.__dict__, "batch_size": n}), "cpu",
+                               torch.Generator().manual_seed(seed * 1000 + start))["images"])
+    pictures = torch.cat(found)
+    labels = rewards.label_images(Referee(classes)(pictures), classes)
+    shares = {c: labels.count(c) / len(labels) for c in classes}
+    return {**shares, "none": labels.count(None) / len(labels), "background": background(pictures).mean(0).tolist()}
+
+
+def background(images):
+    """Each image's background colour: the mean of its two top corners' 3x3 pixels, where no face reaches. (B, 3)"""
+    return torch.cat([images[:, :, :3, :3], images[:, :, :3, -3:]], dim=-1).mean((2, 3))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("unet", help="a UNet folder, or a run folder with unet/ in it")
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--three-classes", action="store_true", help="the three-class world's classes")
+    parser.add_argument("--out", help="also write the reading here (JSON)")
+    args = parser.parse_args(argv)
+    unet = os.path.join(args.unet, "unet") if os.path.isdir(os.path.join(args.unet, "unet")) else args.unet
+    if not os.path.isfile(os.path.join(unet, "config.json")):
+        parser.error(f"unet: {args.unet} holds no UNet (no config.json, nor unet/config.json)")
+    if args.images < 1:
+        parser.error(f"--images: at least 1, got {args.images}")
+    if args.out and os.path.exists(args.out):
+        parser.error(f"--out: {args.out} exists; give a new file")
+    toyworld.one_thread()
+    reading = sample_and_read(unet, args.images, args.seed, args.three_classes)
+    print(json.dumps(reading))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(reading, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
