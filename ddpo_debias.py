@@ -442,7 +442,7 @@ def train(config, classifier=None):
 # checkpoints, signals, devices, several processes and evaluation.
 # =====================================================================================================================
 CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"), "labeller": ("classifier", "judge"),
-           "mixed_precision": ("auto", "no", "fp16", "bf16"), "ensemble": ("", *rewards.ENSEMBLES)}
+           "mixed_precision": ("auto", "no", "fp16", "bf16"), "ensemble": tuple(rewards.ENSEMBLES)}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
 

@@ -3,12 +3,16 @@
     python -m tests.debias_bench OUT [--configs today,ddpo,...] [--seeds 0,1,2,3,4] [--epochs 16] [--jobs 2]
 
 Each configuration is the toy world's run at toyworld.SETTINGS with --reward balance and some flags changed
-(CONFIGS), run through the real CLI on every seed, `--jobs` runs side by side with one thread each. For each run:
-the epoch at which q, pooled over 2 epochs (128 images), first comes within 0.1 of 0.5 and then stays within 0.2
-to the end of the run (balanced_at), the seconds of training until then (the epochs' sampling, reward and update
-seconds, loading left out), the worst none-rate of any epoch, and the seconds per epoch by phase. Per
-configuration: the medians over the seeds, and how many seeds balanced within the run. Writes OUT/bench.json, a
-table (printed and OUT/bench.txt), and keeps every run's metrics.jsonl and config.json in OUT/runs/.
+(CONFIGS), run through the real CLI on every seed, `--jobs` runs side by side with one thread each. Every epoch's
+images are also read by the world's referee (tests/referee.py, --independent-classifier tests.referee:Referee),
+which no reward uses. For each run: the epoch at which q, pooled over 2 epochs (128 images), first comes within
+0.1 of 0.5 and then stays within 0.2 to the end of the run (balanced_at), by the reward's classifier and by the
+referee, the seconds of training until then (the epochs' sampling, reward and update seconds, loading left out),
+the worst none-rate of any epoch, the seconds per epoch by phase; then the final UNet's 512 fresh samples read
+by the referee (q, none, the mean background colour against the base model's: a nuisance the class does not
+depend on). Per configuration: the medians over the seeds, and how many seeds balanced within the run. Writes
+OUT/bench.json, a table (printed and OUT/bench.txt), and keeps every run's metrics.jsonl, config.json and
+referee.json in OUT/runs/.
 """
 import argparse
 import json
@@ -22,6 +26,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from tests import toyworld  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VIT, RESNET = (os.path.join(toyworld.SHIPPED, name) for name in ("classifier", toyworld.INDEPENDENT))
+HARDENED = os.path.join(toyworld.SHIPPED, "hardened")  # the reward's ViT hardened (toyworld independent --hardened)
+ENSEMBLE = [f"--classifier={VIT},{RESNET}", "--ensemble=min"]  # both shipped classifiers, each must agree
+FAST = ["--advantage-scale=0.1", "--lr=1e-3", "--batch-size=32", "--train-batch-size=8"]
 # name -> flags changed from toyworld.SETTINGS (R_balance, 16 epochs unless --epochs)
 CONFIGS = {
     "today": [],
@@ -49,7 +57,20 @@ CONFIGS = {
                           "--kl-base=0.03"],
     "fast-kl-base-0.1": ["--advantage-scale=0.1", "--lr=1e-3", "--batch-size=32", "--train-batch-size=8",
                          "--kl-base=0.1"],
+    # a reward that is hard to fool (docs/benchmarks.md, "Debiased, not fooled")
+    "hardened": [f"--classifier={HARDENED}"],
+    "ensemble": ENSEMBLE,
+    "ensemble-product": [f"--classifier={VIT},{RESNET}", "--ensemble=product"],
+    "hardened-kl-base-0.01": [f"--classifier={HARDENED}", "--kl-base=0.01"],
+    "ensemble-kl-base-0.01": ENSEMBLE + ["--kl-base=0.01"],
+    "hardened-ensemble": [f"--classifier={HARDENED},{RESNET}", "--ensemble=min"],
+    "fast-ensemble": FAST + ENSEMBLE,
+    "fast-ensemble-kl-base-0.01": FAST + ENSEMBLE + ["--kl-base=0.01"],
+    "fast-hardened": FAST + [f"--classifier={HARDENED}"],
+    "fast-hardened-kl-base-0.01": FAST + [f"--classifier={HARDENED}", "--kl-base=0.01"],
 }
+REFEREE = toyworld.REFEREE  # the world's referee reads every epoch (--independent-classifier)
+FRESH = 512  # the final UNet's samples read by the referee
 WITHIN, STAYS = 0.1, 0.2  # the balance test of tests/test_learning.py, on 2-epoch windows
 
 
@@ -70,38 +91,51 @@ def balanced_at(metrics, within=WITHIN, stays=STAYS, by=None):
     return None
 
 
-def summarise(metrics):
-    """One run's row: balanced_at, seconds of training until then, worst none-rate, seconds per epoch by phase."""
-    at = balanced_at(metrics)
+def summarise(metrics, fresh=None, base=None):
+    """One run's row: balanced_at by the reward's classifier and by the referee (metrics' "independent"), seconds of
+    training until then, none-rates, seconds per epoch by phase; with fresh (the referee's reading of the final
+    UNet's FRESH samples) and base (the same of the base UNet): the final q, none and the background's drift."""
+    at, refereed = balanced_at(metrics), balanced_at(metrics, by="independent")
     seconds = lambda m: m["sample_seconds"] + m["reward_seconds"] + m["train_seconds"]
     mean = lambda key: statistics.fmean(m[key] for m in metrics)
-    independent = balanced_at(metrics, by="independent") if "independent" in metrics[0] else None
     images = lambda m: m["n_female"] + m["n_male"] + m["n_none"]
     pooled = lambda ms: [(a["n_none"] + b["n_none"]) / (images(a) + images(b)) for a, b in zip(ms, ms[1:])]
-    pooled_none = pooled(metrics)
-    return {"balanced_at": at, "seconds_to_balance": None if at is None else sum(map(seconds, metrics[:at + 1])),
-            "independent_balanced_at": independent,
-            "independent_seconds_to_balance": None if independent is None else sum(map(seconds,
-                                                                                       metrics[:independent + 1])),
-            "independent_final_q": metrics[-1].get("independent", {}).get("female_ratio"),
-            "worst_pooled_none_rate": max(pooled_none),  # by the reward's reading (its --threshold, --augment)
-            "independent_worst_pooled_none_rate": max(pooled([m["independent"] for m in metrics]))
-            if "independent" in metrics[0] else None,  # the faces, read the same way for every configuration
-            "worst_none_rate": max(m["n_none"] / images(m) for m in metrics),
-            "final_q": metrics[-1]["female_ratio"], "sample_seconds": mean("sample_seconds"),
-            "reward_seconds": mean("reward_seconds"), "train_seconds": mean("train_seconds")}
+    read = [m["independent"] for m in metrics]
+    row = {"balanced_at": at, "seconds_to_balance": None if at is None else sum(map(seconds, metrics[:at + 1])),
+           "referee_balanced_at": refereed,
+           "referee_seconds_to_balance": None if refereed is None else sum(map(seconds, metrics[:refereed + 1])),
+           "worst_pooled_none_rate": max(pooled(metrics)),  # by the reward's reading (its --threshold, --augment)
+           "referee_worst_pooled_none_rate": max(pooled(read)),  # the faces, read the same way for every configuration
+           "referee_none_last_4": sum(m["n_none"] for m in read[-4:]) / sum(map(images, read[-4:])),
+           "worst_none_rate": max(m["n_none"] / images(m) for m in metrics),
+           "final_q": metrics[-1]["female_ratio"], "sample_seconds": mean("sample_seconds"),
+           "reward_seconds": mean("reward_seconds"), "train_seconds": mean("train_seconds")}
+    if fresh:
+        labelled = fresh["female"] + fresh["male"]
+        row.update(referee_final_q=fresh["female"] / labelled if labelled else None, referee_final_none=fresh["none"],
+                   background_drift=max(abs(a - b) for a, b in zip(fresh["background"], base["background"])))
+    return row
 
 
 def run(out, name, seed, epochs):
+    """Start a run's training (the referee reads every epoch): -> its folder and process."""
     folder = os.path.join(out, "runs", f"{name}-seed{seed}")
     flags = toyworld.cli_flags() + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
                                     f"--output-dir={folder}", "--save-every=1000",
-                                    f"--independent-classifier={os.path.join(toyworld.SHIPPED, toyworld.INDEPENDENT)}"
-                                    ] + CONFIGS[name]
+                                    f"--independent-classifier={REFEREE}"] + CONFIGS[name]
+    return folder, child([os.path.join(ROOT, "ddpo_debias.py"), *flags], folder + ".log")
+
+
+def read_fresh(unet, out_json, seed, log):
+    """Start the referee's reading of a UNet's FRESH new samples (tests.referee) into out_json: -> its process."""
+    return child(["-m", "tests.referee", unet, f"--images={FRESH}", f"--seed={seed}", f"--out={out_json}"], log, "a")
+
+
+def child(args, log_path, mode="w"):
+    """python ARGS at one thread, offline, its output into log_path."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = open(folder + ".log", "w")
-    return folder, subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_debias.py"), *flags], cwd=ROOT,
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(log_path, mode) as log:
+        return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def evaluate(out, name, unet=None):
@@ -143,22 +177,53 @@ def clip_i(out, folders, jobs):
 
 
 def table(results, epochs):
-    rows = [f"{'configuration':28s} {'balanced':>8s} {'epochs':>6s} {'seconds':>7s} {'indep.':>6s} {'seconds':>7s} "
-            f"{'q end':>5s} {'indep.':>6s} {'none 2ep':>8s} {'CLIP-I':>6s} {'s/epoch: sample reward update':>30s}"]
+    rows = [f"{'configuration':28s} {'balanced':>8s} {'epochs':>6s} {'seconds':>7s} {'referee':>7s} {'seconds':>7s} "
+            f"{'q end':>5s} {'referee':>7s} {'none 2ep':>8s} {'last 4':>6s} {'drift':>5s} {'CLIP-I':>6s} "
+            f"{'s/epoch: sample reward update':>30s}"]
     fmt = lambda v, f: "-" if v is None else format(v, f)
     for name, r in results.items():
         rows.append(f"{name:28s} {r['balanced']:>8s} {fmt(r['median_epochs'], '>6'):>6s} "
-                    f"{fmt(r['median_seconds'], '>7.1f'):>7s} {r.get('independent_balanced', '-'):>6s} "
-                    f"{fmt(r.get('independent_median_seconds'), '>7.1f'):>7s} {r['median_final_q']:>5.2f} "
-                    f"{fmt(r.get('independent_median_final_q'), '>6.2f'):>6s} {r['worst_pooled_none_rate']:>8.0%} "
+                    f"{fmt(r['median_seconds'], '>7.1f'):>7s} {r['referee_balanced']:>7s} "
+                    f"{fmt(r['referee_median_seconds'], '>7.1f'):>7s} {r['median_final_q']:>5.2f} "
+                    f"{fmt(r.get('referee_median_final_q'), '>7.2f'):>7s} {r['referee_worst_pooled_none_rate']:>8.0%} "
+                    f"{r['referee_median_none_last_4']:>6.0%} {fmt(r.get('worst_background_drift'), '>5.2f'):>5s} "
                     f"{fmt(r.get('median_clip_i'), '>6.2f'):>6s} "
                     f"{r['sample_seconds']:>15.2f} {r['reward_seconds']:>6.2f} {r['train_seconds']:>6.2f}")
     return "\n".join(rows + [f"(balanced: seeds whose q, pooled over 2 epochs, came within {WITHIN} of 0.5 and stayed "
-                             f"within {STAYS}, in {epochs} epochs, read by the reward's classifier, then by the world's "
-                             "independent one (indep.); epochs and seconds are medians, counting a seed that never "
-                             f"balanced as {epochs} epochs and its whole training time; q end: the last epoch's median; "
-                             "none 2ep: the worst none-rate pooled over 2 epochs, any seed; CLIP-I: the final model's against the base's, "
-                             "with --clip-i)"])
+                             f"within {STAYS}, in {epochs} epochs, read by the reward's classifier, then by the referee; "
+                             "epochs and seconds are medians, counting a seed that never balanced as "
+                             f"{epochs} epochs and its whole training time; q end: the last epoch's median, then the "
+                             f"referee's median over the final UNet's {FRESH} fresh samples; none 2ep: the referee's "
+                             "worst none-rate pooled over 2 epochs, any seed; last 4: its median none-rate over the last "
+                             "4 epochs; drift: the largest change of the mean background colour (per channel, 0-1) "
+                             "from the base's, any seed; CLIP-I: the final model's against the base's, with --clip-i)"])
+
+
+def summary(name, rows, epochs, base):
+    """A configuration's medians over its seeds, and the goal's counts (docs/benchmarks.md)."""
+    whole = lambda r: sum(r[k] for k in ("sample_seconds", "reward_seconds", "train_seconds")) * epochs
+    finals = [r["referee_final_q"] for r in rows if r.get("referee_final_q") is not None]
+    return {
+        "flags": CONFIGS[name],
+        "balanced": f"{sum(r['balanced_at'] is not None for r in rows)}/{len(rows)}",
+        "median_epochs": statistics.median(epochs if r["balanced_at"] is None else r["balanced_at"] for r in rows),
+        "median_seconds": statistics.median(whole(r) if r["seconds_to_balance"] is None
+                                            else r["seconds_to_balance"] for r in rows),
+        "referee_balanced": f"{sum(r['referee_balanced_at'] is not None for r in rows)}/{len(rows)}",
+        "referee_median_epochs": statistics.median(epochs if r["referee_balanced_at"] is None
+                                                   else r["referee_balanced_at"] for r in rows),
+        "referee_median_seconds": statistics.median(whole(r) if r["referee_seconds_to_balance"] is None
+                                                    else r["referee_seconds_to_balance"] for r in rows),
+        "worst_none_rate": max(r["worst_none_rate"] for r in rows),
+        "worst_pooled_none_rate": max(r["worst_pooled_none_rate"] for r in rows),
+        "referee_worst_pooled_none_rate": max(r["referee_worst_pooled_none_rate"] for r in rows),
+        "referee_median_none_last_4": statistics.median(r["referee_none_last_4"] for r in rows),
+        "median_final_q": statistics.median(r["final_q"] for r in rows if r["final_q"] is not None),
+        **({"referee_median_final_q": statistics.median(finals),
+            "referee_final_within_0.1": f"{sum(abs(q - 0.5) <= 0.1 for q in finals)}/{len(rows)}",
+            "worst_background_drift": max(r["background_drift"] for r in rows)} if base else {}),
+        **({"median_clip_i": statistics.median(r["clip_i"] for r in rows)} if "clip_i" in rows[0] else {}),
+        **{k: statistics.fmean(r[k] for r in rows) for k in ("sample_seconds", "reward_seconds", "train_seconds")}}
 
 
 def seed_list(text):
@@ -182,62 +247,71 @@ def main(argv=None):
     parser.add_argument("--clip-i", action="store_true", help="then CLIP-I of each run's final model against the "
                                                              "base model's (64 images each, about 7 s a run)")
     args = parser.parse_args(argv)
-    names, seeds = args.configs.split(","), args.seeds
+    names, seeds = [n.strip() for n in args.configs.split(",")], args.seeds
     if args.epochs < 2 or args.jobs < 1:
         parser.error(f"--epochs: at least 2 (a window is 2 epochs), got {args.epochs}" if args.epochs < 2 else
                      f"--jobs: at least 1, got {args.jobs}")
     if set(names) - set(CONFIGS):
-        parser.error(f"--configs: unknown {', '.join(sorted(set(names) - set(CONFIGS)))}; known: {', '.join(CONFIGS)}")
+        parser.error(f"--configs: unknown {', '.join(sorted(set(names) - set(CONFIGS))) or 'empty name'}; known: "
+                     f"{', '.join(CONFIGS)}")
+    if len(set(names)) < len(names):
+        parser.error(f"--configs: names a configuration twice: {args.configs!r}")
     if os.path.exists(args.out) and os.listdir(args.out):
         parser.error(f"out: {args.out} is not empty")
     os.makedirs(os.path.join(args.out, "runs"))
-    todo, running, done, began = [(n, s) for n in names for s in seeds], [], {}, time.time()
+    running = []
+    try:
+        return bench(args, names, seeds, running)
+    finally:  # an error or Ctrl-C: no run goes on without its parent
+        for item in running:
+            item[-1].kill()
+
+
+def bench(args, names, seeds, running):
+    """Run every (configuration, seed): training, then the referee's reading of its final UNet; the base UNet's
+    reading first. `running` holds the live processes, for main() to stop."""
+    base_json = os.path.join(args.out, "base-referee.json")
+    todo = [("base", None, "read")] + [(n, s, "train") for n in names for s in seeds]
+    done, began = {}, time.time()
     while todo or running:
-        while todo and len(running) < args.jobs:
-            name, seed = todo.pop(0)
-            running.append((name, seed, *run(args.out, name, seed, args.epochs)))
+        while todo and len(running) < args.jobs and not (todo[0][0] != "base" and not os.path.exists(base_json)
+                                                          and running and running[0][0] == "base"):
+            name, seed, stage = todo.pop(0)
+            if name == "base":
+                proc = read_fresh(os.path.join(toyworld.SHIPPED, "unet"), base_json, 0, base_json + ".log")
+                running.append((name, seed, stage, args.out, proc))
+            else:
+                running.append((name, seed, stage, *run(args.out, name, seed, args.epochs)))
         time.sleep(0.5)
-        for item in [r for r in running if r[3].poll() is not None]:
+        for item in [r for r in running if r[-1].poll() is not None]:
             running.remove(item)
-            name, seed, folder, proc = item
+            name, seed, stage, folder, proc = item
             if proc.returncode:
-                sys.exit(f"{name} seed {seed} failed (exit {proc.returncode}): see {folder}.log")
-            with open(os.path.join(folder, "metrics.jsonl")) as f:
-                done[name, seed] = summarise([json.loads(line) for line in f])
-            print(f"{name} seed {seed}: balanced at epoch {done[name, seed]['balanced_at']}", flush=True)
+                sys.exit(f"{name} seed {seed} {stage} failed (exit {proc.returncode}): see {folder}.log")
+            if stage == "train":  # then the referee reads its final UNet, in the same slot
+                running.append((name, seed, "read", folder, read_fresh(folder, os.path.join(folder, "referee.json"),
+                                                                       seed, folder + ".log")))
+            elif name != "base":
+                with open(os.path.join(folder, "metrics.jsonl")) as f, open(os.path.join(folder, "referee.json")) as g, \
+                        open(base_json) as h:
+                    done[name, seed] = summarise([json.loads(line) for line in f], json.load(g), json.load(h))
+                print(f"{name} seed {seed}: balanced at epoch {done[name, seed]['balanced_at']}, by the referee at "
+                      f"{done[name, seed]['referee_balanced_at']}", flush=True)
     if args.clip_i:
         scores = clip_i(args.out, [os.path.join(args.out, "runs", f"{n}-seed{s}") for n, s in done], args.jobs)
         for (name, seed), row in done.items():
             row["clip_i"] = scores[f"{name}-seed{seed}"]
-    results = {}
-    for name in names:
-        rows = [done[name, s] for s in seeds]
-        whole = lambda r: sum(r[k] for k in ("sample_seconds", "reward_seconds", "train_seconds")) * args.epochs
-        results[name] = {
-            "flags": CONFIGS[name], "seeds": {s: done[name, s] for s in seeds},
-            "balanced": f"{sum(r['balanced_at'] is not None for r in rows)}/{len(rows)}",
-            "median_epochs": statistics.median(args.epochs if r["balanced_at"] is None else r["balanced_at"]
-                                               for r in rows),
-            "median_seconds": statistics.median(whole(r) if r["seconds_to_balance"] is None
-                                                else r["seconds_to_balance"] for r in rows),
-            "worst_none_rate": max(r["worst_none_rate"] for r in rows),
-            "worst_pooled_none_rate": max(r["worst_pooled_none_rate"] for r in rows),
-            "median_final_q": statistics.median(r["final_q"] for r in rows if r["final_q"] is not None),
-            **({"median_clip_i": statistics.median(r["clip_i"] for r in rows)} if args.clip_i else {}),
-            **({} if rows[0]["independent_final_q"] is None else {  # the world's independent classifier's reading
-                "independent_balanced": f"{sum(r['independent_balanced_at'] is not None for r in rows)}/{len(rows)}",
-                "independent_median_seconds": statistics.median(
-                    whole(r) if r["independent_seconds_to_balance"] is None else r["independent_seconds_to_balance"]
-                    for r in rows),
-                "independent_median_final_q": statistics.median(r["independent_final_q"] for r in rows)}),
-            **{k: statistics.fmean(r[k] for r in rows) for k in ("sample_seconds", "reward_seconds", "train_seconds")}}
+    with open(base_json) as f:
+        base = json.load(f)
+    results = {name: {**summary(name, [done[name, s] for s in seeds], args.epochs, base),
+                      "seeds": {s: done[name, s] for s in seeds}} for name in names}
     text = table(results, args.epochs)
     print(text)
     with open(os.path.join(args.out, "bench.txt"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"settings": toyworld.SETTINGS, "epochs": args.epochs, "seeds": seeds, "jobs": args.jobs,
-                   "wall_seconds": time.time() - began, "results": results}, f, indent=2)
+                   "base": base, "wall_seconds": time.time() - began, "results": results}, f, indent=2)
     return 0
 
 

@@ -10,6 +10,7 @@ import torch
 import ddpo_debias as dd
 import rewards
 from tests.fixtures import make_tiny_classifier, two_classes
+from tests.test_cli import TINY
 from tests.test_edges import one_error_line, run_main
 
 THREE = {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
@@ -225,6 +226,54 @@ def test_intersectional_classes_are_the_product_of_two_classifiers(models_dir, t
         rewards.Classifier(f"{tiny_classifier},{ages}", ["female", "male"])
 
 
+@pytest.mark.parametrize("rule", ["min", "product", "mean-std"])
+def test_an_ensemble_combines_the_same_classes_so_that_each_model_must_agree(models_dir, tiny_classifier, rule):
+    """--ensemble: every model reads every class; min, product, or mean - std (population std, λ = 1), computed
+    here by hand from each model's own softmax."""
+    images = torch.nn.functional.interpolate(torch.rand(6, 3, 4, 4, generator=torch.Generator().manual_seed(4)),
+                                             size=32, mode="bilinear")
+    other = make_tiny_classifier(models_dir / "other-gender", labels=("male", "female"), seed=5)  # other order
+    a, b = rewards.Classifier(tiny_classifier)(images), rewards.Classifier(other)(images)  # (6, 2) each
+    want = {"min": torch.minimum(a, b), "product": a * b,
+            "mean-std": ((a + b) / 2 - (a - b).abs() / 2).clamp(min=0)}[rule]  # two models: std = |a - b| / 2
+    assert torch.allclose(rewards.Classifier(f"{tiny_classifier},{other}", ensemble=rule)(images), want, atol=1e-6)
+    assert not torch.allclose(a, b, atol=1e-3)  # the two differ, so the rule is seen at work
+    with pytest.raises(rewards.LabelError, match="name each class once"):
+        rewards.Classifier(f"{tiny_classifier},{other}", ["female&female", "male&male"], ensemble=rule)
+
+
+def test_an_ensemble_trains_and_a_python_reader_reads_every_epoch(tiny_sd, tiny_classifier, models_dir, tmp_path,
+                                                                   capsys):
+    """--classifier A,B --ensemble min trains, config.json records the rule, and --independent-classifier
+    MODULE:NAME (here the referee's interface: NAME(classes, device=...) -> images -> P(class)) fills each epoch's
+    "independent" block."""
+    other = make_tiny_classifier(models_dir / "other-gender", labels=("male", "female"), seed=5)
+    out = tmp_path / "run"
+    result = run_main(capsys, "--model", tiny_sd, "--classifier", f"{tiny_classifier},{other}", "--ensemble", "min",
+                      "--independent-classifier", "tests.test_classes:EveryoneFemale", *TINY, "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["ensemble"] == "min"
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["independent"]["n_female"] == m["n_images"] for m in epochs), epochs
+
+
+class EveryoneFemale:
+    """A Python reader for --independent-classifier: every image female, whatever the classes' order."""
+
+    def __init__(self, classes, device="cpu"):
+        self.column = list(classes).index("female")
+        self.classes = classes
+
+    def __call__(self, images):
+        return torch.nn.functional.one_hot(torch.full((len(images),), self.column), len(self.classes)).float()
+
+
+def test_the_minimum_labels_an_image_only_when_every_model_is_sure():
+    probs = torch.tensor([[[0.9, 0.1], [0.8, 0.2], [0.6, 0.4]],  # model A: sure, sure, unsure
+                          [[0.75, 0.25], [0.3, 0.7], [0.95, 0.05]]])  # model B: sure, says male, sure
+    assert rewards.label_images(rewards.ENSEMBLES["min"](probs)) == ["female", None, None]
+
+
 # ------------------------------------------------------------------------------------- the CLI
 @pytest.mark.parametrize("flags, message", [
     (["--classes", "female"], "--classes: needs at least two classes"),
@@ -238,6 +287,9 @@ def test_intersectional_classes_are_the_product_of_two_classifiers(models_dir, t
     (["--classes", "female&young,male&old"], "--classes: with 1 classifier each class is label"),
     (["--threshold", "1"], "--threshold: must be in (0, 1)"),
     (["--threshold", "0.4"], "--threshold: must be at least 1/K = 0.5 for 2 classes"),
+    (["--ensemble", "min"], "--ensemble: only used with several --classifier"),
+    (["--independent-classifier", "tests.no_such_module:Referee"], "--independent-classifier: cannot make the reader"),
+    (["--independent-classifier", "tests.referee:NoSuchReader"], "--independent-classifier: cannot make the reader"),
 ])
 def test_bad_classes_and_targets_are_one_line(tiny_sd, tiny_classifier, tmp_path, capsys, flags, message):
     result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--output-dir", tmp_path / "run",

@@ -5,8 +5,9 @@ where the paper's q over the batch keeps them skewed in opposite directions (doc
 
 Every run is the real CLI on the shipped world, checked against the same run at --lr 0 (same seed, so the same
 noise): that control must fail each check, so each check is a test. Each check is read by the reward's classifier
-and, for the shares moving, by the world's independent classifier too (--independent-classifier), which never
-rewards. At lr 0 the weights never change, so one
+and, for the shares moving, by the world's referee too (tests/referee.py, --independent-classifier
+tests.referee:Referee), which reads the hair from the world's own painter and never rewards. At lr 0 the weights
+never change, so one
 control serves every reward and trust region: its images and labels are the same for all of them. The two-prompt
 check's control is the batch's q, which must fail it.
 
@@ -34,12 +35,11 @@ from tests import toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, TWO_EPOCHS = 16, 12
-# Every run is also scored by its world's independent classifier (another network, trained on other faces, never
-# rewarding): a learning test reads the shares move by it too, so a run that only fools its reward cannot pass.
-JUDGE = [f"--independent-classifier={os.path.join(toyworld.SHIPPED, toyworld.INDEPENDENT)}"]
+# Every run is also read by the world's referee (the hair, read by fitting the world's own painter; no weights,
+# never rewarding): a learning test reads the shares move by it too, so a run that only fools its reward cannot pass.
+JUDGE = ["--independent-classifier=tests.referee:Referee"]
 SHIFT = ["--reward", "shift", "--underrepresented", "female", *JUDGE]
-THREE = [*toyworld.THREE_FLAGS, "--reward", "balance",
-         f"--independent-classifier={os.path.join(toyworld.THREE_WORLD, toyworld.INDEPENDENT)}"]  # the three-class world
+THREE = [*toyworld.THREE_FLAGS, "--reward", "balance", *JUDGE]  # the three-class world
 RUNS = {  # name: (settings, flags) of a run of ddpo_debias.py on the world
     "balance-clip": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "clip", *JUDGE]),
     "balance-truly": (toyworld.SETTINGS, ["--reward", "balance", "--trust-region", "truly", *JUDGE]),
@@ -110,7 +110,7 @@ def test_r_shift_takes_the_female_ratio_past_0_8(runs, trust_region):
 
 
 def independent_share(metrics, cls, last, classes=("female", "male")):
-    """cls's share of the labelled images of the last `last` epochs, read by the world's independent classifier."""
+    """cls's share of the labelled images of the last `last` epochs, read by the world's referee."""
     return toyworld.pooled_shares([m["independent"] for m in metrics[-last:]], classes, last)[0][1][cls]
 
 

@@ -117,10 +117,31 @@ COLOUR_OF = {"long hair": "hair", "tall hair": "hair", "cap": "hair", "neck": "s
 def draw_face(rng, female, hair=None):
     """One 32x32 face as a PIL image, drawn at 4x and downsampled (antialiased). rng: np.random.Generator.
     hair: as face_geometry's."""
-    g = face_geometry(rng, female, hair)
+    return render_face(face_geometry(rng, female, hair))
+
+
+def render_face(g):
+    """Face g (face_geometry) in its own colours, as a 32x32 PIL image."""
     image = Image.new("RGB", (4 * SIZE, 4 * SIZE), g["background"])
     paint_face(ImageDraw.Draw(image), g, lambda part: PART_COLOURS.get(part) or g[COLOUR_OF.get(part, part)])
     return image.resize((SIZE, SIZE), Image.LANCZOS)
+
+
+def draw_hard_negative(rng):
+    """A short-haired face with part of long hair's look, for a hardened classifier to read as "none" (a tensor
+    (3, 32, 32) in [0, 1]): the long hair faint (15-45% opacity: a halo of the hair's colour), too short (ending
+    above the chin) or on one side only. These are what a run that fools its classifier draws."""
+    g = face_geometry(rng, True)
+    kind = rng.integers(3)
+    if kind == 1:  # ends above the chin (cy + r): hair beside the face, none below it
+        return to_tensor(render_face({**g, "length": rng.uniform(0.3, 0.9) * g["r"]}))
+    with_hair, without = to_tensor(render_face(g)), to_tensor(render_face({**g, "style": "short"}))
+    if kind == 0:
+        share = rng.uniform(0.15, 0.45)
+    else:  # one side of the face's centre line
+        side = torch.arange(SIZE).view(1, 1, SIZE) < g["cx"] / 4
+        share = (side if rng.random() < 0.5 else ~side).float()
+    return without + share * (with_hair - without)
 
 
 def draw_non_face(rng):
@@ -189,7 +210,8 @@ def latent_attack(probs_of, vae, images, target, steps=40, lr=0.05, budget=0.04,
         if bool((probs > 0.7).all()) and bool((change <= budget).all()):
             break
         loss = (-(probs + 1e-6).log() + 50 * (change - budget).clamp(min=0)).sum()
-        optimizer.zero_grad(), loss.backward(), optimizer.step()
+        delta.grad, = torch.autograd.grad(loss, [delta])  # the latent's only: no model's weights collect gradients
+        optimizer.step()
     with torch.no_grad():
         return ((vae.decode(start + delta).sample + 1) / 2).clamp(0, 1)
 
@@ -277,13 +299,16 @@ def train_unet(latents, embeds, steps, seed, which=None):
     return unet.eval(), loss.item()
 
 
-def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False):
+def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False, hardened=False):
     """A ViT on balanced faces (labels female/male) and non-faces (target 0.5/0.5). Half of the faces are seen
     through the VAE (encoded and decoded), so that the classifier reads the decoder's slightly soft pixels as it
     will read the diffusion model's samples. labels: the three-class world's {index: label}, each a hair style
     (THREE_LABELS): faces balanced over them, non-faces toward 1/3 each. independent: the world's second
     classifier, which scores runs and never rewards them: a small ResNet (convolutions, where the first is a ViT)
-    on faces and non-faces of other seeds, so it never saw the first one's data."""
+    on faces and non-faces of other seeds, so it never saw the first one's data. hardened: the reward's ViT trained
+    also toward "none" on hard negatives (draw_hard_negative, n/6 of them) and on adversarial faces: every
+    ADVERSARIAL_EVERY steps, 32 faces attacked in the VAE's latent (latent_attack, 8 steps) toward the other class
+    by the model as it is, so that what fools it now is what it learns to refuse (two-class world only)."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
     torch.manual_seed(seed)
     data_seed = seed + (500 if independent else 100)
@@ -301,6 +326,8 @@ def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False):
             faces[i:i + len(x)] = ((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
     rng = np.random.default_rng(data_seed + 100)
     others = torch.stack([to_tensor(draw_non_face(rng)) for _ in range(n // 3)])
+    if hardened:
+        others = torch.cat([others, torch.stack([draw_hard_negative(rng) for _ in range(n // 6)])])
     images = torch.cat([faces, others])
     targets = torch.cat([face_targets, torch.full((len(others), len(labels)), 1 / len(labels))])
     names = dict(num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
@@ -318,7 +345,18 @@ def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False):
         x = (images[idx] - 0.5) / 0.5
         flip = torch.rand(len(idx), generator=g) < 0.5  # mirror images: the class does not depend on side
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        loss = -(targets[idx] * model(pixel_values=x).logits.log_softmax(-1)).sum(-1).mean()
+        target = targets[idx]
+        if hardened and step % ADVERSARIAL_EVERY == 0:
+            faces_idx = torch.randint(0, n, (32,), generator=g)  # faces, of both classes
+            other = 1 - face_targets[faces_idx].argmax(-1)  # toward the class it is not
+            probs_of = lambda images: model(pixel_values=(images - 0.5) / 0.5).logits.softmax(-1)
+            model.eval().requires_grad_(False)
+            attacked = latent_attack(lambda images: probs_of(images).gather(1, other.view(-1, 1)).expand(-1, 2), vae,
+                                     faces[faces_idx], 0, steps=8)
+            model.train().requires_grad_(True)
+            x = torch.cat([x, (attacked - 0.5) / 0.5])
+            target = torch.cat([target, torch.full((32, len(labels)), 1 / len(labels))])
+        loss = -(target * model(pixel_values=x).logits.log_softmax(-1)).sum(-1).mean()
         optimizer.zero_grad(), loss.backward(), optimizer.step(), schedule.step()
         _progress("classifier", step, steps, loss)
     return model.eval(), loss.item()
@@ -379,24 +417,29 @@ def build(out, female_share=FEMALE_SHARE, seed=0, quick=False, reuse=None, share
     return log
 
 
+ADVERSARIAL_EVERY = 4  # hardened: one step in 4 also learns from 32 faces attacked by the model as it is
+REFEREE = "tests.referee:Referee"  # --independent-classifier: the worlds' referee (tests/referee.py)
 INDEPENDENT = "independent"  # the folder, beside each world's classifier, of its second classifier
 
 
-def build_independent(out, three=False, seed=0, steps=1000, n=6000):
+def build_independent(out, three=False, seed=0, steps=1000, n=6000, hardened=False):
     """The world's second classifier (train_classifier's `independent`), into `out`: it scores runs and never rewards
     them, so that a run that fools the reward classifier is caught (Shen et al., ICLR 2024). Same labels, same
-    preprocessing as the first."""
+    preprocessing as the first. hardened: instead, the reward's ViT hardened (train_classifier's `hardened`), for
+    tests/toyworld_model/hardened."""
     from diffusers import AutoencoderKL
     from transformers import ViTImageProcessor
     start = time.time()
     torch.set_num_threads(os.cpu_count() or 1)
     vae = AutoencoderKL.from_pretrained(os.path.join(SHIPPED, "vae")).eval()
-    model, loss = train_classifier(steps, seed, vae, n=n, labels=THREE_LABELS if three else None, independent=True)
+    model, loss = train_classifier(steps, seed, vae, n=n, labels=THREE_LABELS if three else None,
+                                   independent=not hardened, hardened=hardened)
     model.save_pretrained(out)
     ViTImageProcessor(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3,
                       do_resize=True).save_pretrained(out)
-    log = {"architecture": "ResNet (basic blocks 16/32/64)", "seed": seed, "steps": steps, "images": n,
-           "face_seed": seed + 500, "loss": loss, "seconds": time.time() - start}
+    log = {"architecture": "ViT, hardened" if hardened else "ResNet (basic blocks 16/32/64)", "seed": seed,
+           "steps": steps, "images": n, "face_seed": seed + (100 if hardened else 500), "loss": loss,
+           "seconds": time.time() - start}
     with open(os.path.join(out, "build.json"), "w") as f:
         json.dump(log, f, indent=2)
     return log
@@ -444,32 +487,37 @@ def pooled_shares(metrics, classes, size=2):
 
 def three(out, epochs=16, seed=0, extra=()):
     """Fine-tune the three-class world with --reward balance at THREE_SETTINGS toward 1/3 of each hair style; prints
-    the shares pooled over 2-epoch windows (128 images)."""
+    the shares pooled over 2-epoch windows (128 images), read by the referee and by the reward's classifier."""
     import ddpo_debias
     code = ddpo_debias.main(cli_flags(THREE_SETTINGS) + THREE_FLAGS + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
-                                                         f"--output-dir={out}", *extra])
+                                                         f"--output-dir={out}", f"--independent-classifier={REFEREE}",
+                                                         *extra])
     if code == 0:
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            for start, shares, none in pooled_shares([json.loads(line) for line in f], THREE):
-                print(f"epochs {start}-{start + 1}: " + ", ".join(f"{c} {v:.2f}" for c, v in (shares or {}).items())
-                      + f", none {none:.0%}")
+            metrics = [json.loads(line) for line in f]
+        refereed = pooled_shares([m["independent"] for m in metrics], THREE)
+        for (start, shares, none), (_, read, read_none) in zip(pooled_shares(metrics, THREE), refereed):
+            shown = lambda found: ", ".join(f"{c} {v:.2f}" for c, v in (found or {}).items())
+            print(f"epochs {start}-{start + 1}: by the referee {shown(read)}, none {read_none:.0%} (by the reward's "
+                  f"classifier {shown(shares)}, none {none:.0%})")
     return code
 
 
-def demo(out, world=SHIPPED, epochs=16, seed=0):
-    """Fine-tune the world with --reward balance through the real CLI: the usual run folder in `out`."""
+def demo(out, world=SHIPPED, epochs=16, seed=0, extra=()):
+    """Fine-tune the world with --reward balance through the real CLI: the usual run folder in `out`. Every epoch's
+    images are also read by the world's referee (tests/referee.py), which no reward uses."""
     import ddpo_debias
-    independent = os.path.join(world, INDEPENDENT)
-    extra = [f"--independent-classifier={independent}"] if os.path.isdir(independent) else []
     code = ddpo_debias.main(cli_flags(world=world) + ["--reward=balance", f"--epochs={epochs}", f"--seed={seed}",
-                                                      f"--output-dir={out}", *extra])
+                                                      f"--output-dir={out}", f"--independent-classifier={REFEREE}",
+                                                      *extra])
     if code == 0:  # the female ratio as docs/toy-world.md reports it: pooled over 2-epoch windows (128 images)
         with open(os.path.join(out, "metrics.jsonl")) as f:
             metrics = [json.loads(line) for line in f]
-        scored = windows([m["independent"] for m in metrics], 2) if extra else [None] * len(metrics)
-        for (start, q, none), other in zip(windows(metrics, 2), scored):
-            read = "" if other is None or other[1] is None else f" (independent classifier {other[1]:.2f})"
-            print(f"epochs {start}-{start + 1}: female ratio {q:.2f}{read}, none {none:.0%}")
+        refereed = windows([m["independent"] for m in metrics], 2)
+        for (start, q, none), (_, read, read_none) in zip(windows(metrics, 2), refereed):
+            shown = "-" if read is None else f"{read:.2f}"
+            print(f"epochs {start}-{start + 1}: female ratio by the referee {shown}, none {read_none:.0%} "
+                  f"(by the reward's classifier {q:.2f}, none {none:.0%})")
     return code
 
 
@@ -573,10 +621,12 @@ def main(argv=None):
     i.add_argument("out", help="e.g. tests/toyworld_model/independent")
     i.add_argument("--three-classes", action="store_true", help="the three-class world's (labels THREE_LABELS)")
     i.add_argument("--quick", action="store_true", help="a few steps: checks that it trains and saves")
+    i.add_argument("--hardened", action="store_true", help="instead, the reward's ViT hardened: hard negatives and "
+                   "latent attacks toward none (tests/toyworld_model/hardened; about 10 minutes on 2 cores)")
     args = parser.parse_args(argv)
     if args.command == "independent":
         quick = dict(steps=20, n=300) if args.quick else {}
-        print(json.dumps(build_independent(args.out, args.three_classes, **quick), indent=2))
+        print(json.dumps(build_independent(args.out, args.three_classes, hardened=args.hardened, **quick), indent=2))
         return 0
     if args.command != "build":
         one_thread()

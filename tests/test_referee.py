@@ -1,0 +1,106 @@
+"""The toy worlds' referee (tests/referee.py): a reader of the faces that no reward uses and that the reward's
+classifiers cannot fool as they fool each other.
+
+Each bar is the referee's measured reading on faces of seeds no other test uses, less a margin; docs/toy-world.md
+("The referee") has the figures and what they leave short of.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import rewards
+from tests import referee, toyworld
+
+VIT = os.path.join(toyworld.SHIPPED, "classifier")
+RESNET = os.path.join(toyworld.SHIPPED, toyworld.INDEPENDENT)
+
+
+@pytest.fixture(scope="module")
+def two():
+    return referee.Referee()
+
+
+@pytest.fixture(scope="module")
+def vae(two):
+    return two.vae
+
+
+@pytest.fixture(scope="module")
+def faces(two):
+    """1000 faces of each class (seed 4242), through the VAE as every sample is, with their draws."""
+    rng = np.random.default_rng(4242)
+    female = np.zeros(2000, dtype=bool)
+    female[:1000] = True
+    rng.shuffle(female)  # make_faces' order of draws, keeping each face's geometry
+    shapes = [toyworld.face_geometry(rng, f) for f in female]
+    drawn = torch.stack([toyworld.to_tensor(toyworld.render_face(g)) for g in shapes])
+    return two.through_vae(drawn), torch.from_numpy(female), shapes
+
+
+def right(labels, truth):
+    return np.array([label == want for label, want in zip(labels, truth)])
+
+
+def test_the_referee_reads_the_faces_through_the_vae(two, faces):
+    """Long hair is "female", the cap alone "male", on 1000 unseen faces of each through the VAE round trip."""
+    images, female, _ = faces
+    labels = rewards.label_images(two(images))
+    hits = right(labels, ["female" if f else "male" for f in female.tolist()])
+    assert hits[female.numpy()].mean() >= 0.94 and hits[~female.numpy()].mean() >= 0.96, (
+        hits[female.numpy()].mean(), hits[~female.numpy()].mean())
+
+
+def test_the_referee_reads_the_three_hair_styles():
+    """The three-class world (short, long, tall; its VAE is the two-class world's, which keeps tall hair worst)."""
+    styles = list(toyworld.THREE)
+    reader = referee.Referee(styles)
+    drawn, which = toyworld.make_styled_faces(600, dict.fromkeys(styles, 1 / 3), seed=4343)
+    labels = rewards.label_images(reader(reader.through_vae(drawn)), styles)
+    hits = right(labels, [styles[k] for k in which.tolist()])
+    shares = [hits[which.numpy() == k].mean() for k in range(3)]
+    assert shares[0] >= 0.85 and shares[1] >= 0.88 and shares[2] >= 0.75, shares
+
+
+def test_the_referee_says_none_to_non_faces(two):
+    rng = np.random.default_rng(4444)
+    others = torch.stack([toyworld.to_tensor(toyworld.draw_non_face(rng)) for _ in range(300)])
+    noise = torch.rand(100, 3, toyworld.SIZE, toyworld.SIZE, generator=torch.Generator().manual_seed(4444))
+    for images in (others, noise):
+        assert rewards.label_images(two(images)).count(None) >= 0.95 * len(images)
+
+
+def differentiable(path):
+    """A shipped classifier as images -> P(female, male) with gradients (rewards.Classifier reads without them)."""
+    classifier = rewards.Classifier(path)
+    return lambda images: rewards.Classifier.__call__.__wrapped__(classifier, images)
+
+
+@pytest.mark.parametrize("attacked, fooled_at_most", [(VIT, 0.10), (RESNET, 0.25)])
+def test_attacks_that_fool_a_reward_classifier_hardly_fool_the_referee(two, vae, attacked, fooled_at_most):
+    """Adam on the VAE latents of 64 "male" faces toward "female" (toyworld.latent_attack, mean change 0.04): the
+    attacked classifier reads at least 90% of them "female"; the referee few."""
+    drawn, _ = toyworld.make_faces(64, 0.0, seed=4545)
+    images = toyworld.latent_attack(differentiable(attacked), vae, drawn, target=0)
+    fooled = rewards.label_images(rewards.Classifier(attacked)(images)).count("female") / 64
+    by_referee = rewards.label_images(two(images)).count("female") / 64
+    assert fooled >= 0.9 and by_referee <= fooled_at_most, (fooled, by_referee)
+
+
+def test_the_referees_errors_are_not_the_reward_classifiers(two, vae, faces):
+    """Where the VAE keeps the class legible (the face drawn with the other hair style differs after the round trip
+    by more than 0.03 rms per value), the referee and the reward's ViT are wrong together no more than twice as
+    often as chance. Where it does not, every reader guesses, and they guess wrong together."""
+    images, female, shapes = faces
+    other = torch.stack([toyworld.to_tensor(toyworld.render_face(
+        {**g, "style": "short"} if g["style"] == "long" else {**g, "style": "long", "length": 1.625 * g["r"]}))
+        for g in shapes])
+    legible = ((two.through_vae(other) - images).pow(2).mean((1, 2, 3)).sqrt() > 0.03).numpy()
+    truth = ["female" if f else "male" for f in female.tolist()]
+    referee_wrong = np.array([label not in (None, want) for label, want in zip(rewards.label_images(two(images)),
+                                                                              truth)])[legible]
+    vit_wrong = ~right(rewards.label_images(rewards.Classifier(VIT)(images)), truth)[legible]
+    both, chance = (referee_wrong & vit_wrong).sum(), referee_wrong.mean() * vit_wrong.mean() * legible.sum()
+    assert legible.mean() > 0.85 and vit_wrong.sum() >= 10 and both <= 2 * chance, (legible.mean(), referee_wrong.sum(),
+                                                                                      vit_wrong.sum(), both, chance)
