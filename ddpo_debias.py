@@ -609,12 +609,18 @@ ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balanc
              "eval_prompts": (lambda c: c.evaluate or c.eval_every, "--evaluate or --eval-every"),
              "clip_model": (lambda c: c.evaluate or c.eval_every, "--evaluate or --eval-every"),
              "independent_classifier": (lambda c: not c.evaluate, "training (--evaluate takes it as --classifier)")}
+# What only training reads: refused with --evaluate, which samples and labels but never trains.
+TRAINING_ONLY = ("reward", "trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
+                 "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm", "epochs",
+                 "train_batch_size", "low_memory", "save_every", "augment", "underrepresented", "balance_window",
+                 "judge_group", "judge_criterion")
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
                            "save_every", "eval_images"), AT_LEAST_1),
           **dict.fromkeys(("truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
-          "kl_base": (lambda v: v >= 0, "0 (no anchor) or more"),
+          "kl_base": (lambda v: 0 <= v <= 100, "in [0, 100]: 0 is no anchor; at 1 the toy world's model already "
+                      "stays at the base, and far above it the anchor's loss overflows float32"),
           "lr": (lambda v: v >= 0, "0 or more (0 learns nothing: the control run of a comparison)"),
           "clip_range": (lambda v: 0 <= v < 1, "in [0, 1): r is clipped to [1 - ε, 1 + ε]; 0 derives it"),
           "eta": (lambda v: 0 < v <= 1, "in (0, 1]: DDIM's η, above 1 the step's variance is impossible"),
@@ -666,6 +672,10 @@ def validate(config, given=None):
     if config.threshold < 1 / len(classes):  # below, an image unsure of everything (1/K each) would get a label
         raise UsageError(f"--threshold: must be at least 1/K = {1 / len(classes):.3g} for {len(classes)} classes, "
                          f"got {config.threshold}")
+    for name in TRAINING_ONLY:
+        if name in given and config.evaluate:
+            raise UsageError(f"{flag_of(name)}: a training flag, and --evaluate does not train, so it would be ignored "
+                             "here; leave it out")
     for name, (used, by) in ONLY_WITH.items():
         if name in given and not used(config):
             raise UsageError(f"{flag_of(name)}: only used with {by}, so it would be ignored here; leave it out")

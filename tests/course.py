@@ -18,6 +18,7 @@ import ast
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -418,11 +419,19 @@ def train_check(number, out, epochs=16):
                                 cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
                                 capture_output=True, text=True)
         if result.returncode:
-            failures.append(f"the {name} toy world's run failed: {result.stderr.strip().splitlines()[-1:]}")
+            failures.append(f"the {name} toy world's run failed: {cause(result.stderr)}")
             continue
         with open(os.path.join(folder, "metrics.jsonl")) as f:
             failures += verdict(name, [json.loads(line) for line in f])
     return failures
+
+
+def cause(stderr):
+    """A failed run's reason: the last line of its stderr that is not a progress bar (tqdm redraws its bars with
+    carriage returns, so they can come after the traceback's last line)."""
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
+    lines = [line for line in lines if line and not re.search(r"\d+%\||it/s\]|s/it\]|\| *\d+/\d+ \[", line)]
+    return lines[-1] if lines else "no message"
 
 
 def verdict(name, metrics):

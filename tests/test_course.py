@@ -115,3 +115,12 @@ def test_the_verdict_by_hand():
     broken = rows([0.1, 0.2, 0.35, 0.5, 0.5, 0.55, 0.45, 0.5])
     broken[4]["n_none"], broken[4]["n_images"] = 30, 94
     assert course.verdict("two-class", broken) == ["the two-class toy world's faces broke: 32% 'none' in one epoch"]
+
+
+def test_a_failed_run_is_reported_by_its_error_not_by_its_progress_bar():
+    """The full grade runs the CLI; its stderr ends with tqdm's bars, redrawn after the traceback's last line."""
+    stderr = ("epochs:   0%|          | 0/16 [00:00<?, ?it/s]\nTraceback (most recent call last):\n  File \"x\", "
+              "line 1\nNotImplementedError: Assignment 2: write sample\nepochs:   0%|          | 0/16 [00:01<?, ?it/s]"
+              "\rsampling:  20%|██        | 1/5 [00:00<00:01,  3.56it/s]\n")
+    assert course.cause(stderr) == "NotImplementedError: Assignment 2: write sample"
+    assert course.cause("") == "no message"

@@ -104,3 +104,21 @@ def test_bad_evaluation_input_is_one_line(tiny_sd, tiny_classifier, tiny_clip, t
         extra += ["--clip-model", tiny_classifier]
     result = run_main(capsys, *base, *extra)
     assert one_error_line(result, flag), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags", [["--augment"], ["--kl-base", "0.1"], ["--lr", "1e-3"], ["--trust-region", "truly"],
+                                   ["--truly-alpha", "2"], ["--epochs", "5"], ["--reward", "shift"]])
+def test_training_flags_are_refused_with_evaluate(tiny_sd, tiny_classifier, tmp_path, capsys, flags):
+    """--evaluate samples and labels but never trains: a training flag with it would be ignored, so it is refused
+    (docs/reliability.md: flags are never silently ignored)."""
+    result = run_main(capsys, "--evaluate", "--model", tiny_sd, "--classifier", tiny_classifier, "--clip-model", "none",
+                      "--output-dir", tmp_path / "run", *flags)
+    assert one_error_line(result, f"{flags[0]}: a training flag, and --evaluate does not train"), result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("beta", ["1e39", "1e30", "101"])
+def test_an_anchor_too_strong_to_mean_anything_is_refused(tiny_sd, tiny_classifier, tmp_path, capsys, beta):
+    result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--kl-base", beta,
+                      "--output-dir", tmp_path / "run")
+    assert one_error_line(result, "--kl-base: must be in [0, 100]"), result.stderr

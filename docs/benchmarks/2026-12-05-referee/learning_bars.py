@@ -1,4 +1,4 @@
-"""The referee's readings behind tests/test_learning.py's bars: four of the suite's learning runs and their lr-0
+"""The referee's readings behind tests/test_learning.py's bars: R_shift and the three-class world's runs and their lr-0
 controls, on seeds 0-4, each read by the world's referee over its last 4 and last 2 epochs (the minority's share:
 female, or tall in the three-class world). Writes OUT/learning_bars.json. From the repository's root:
 
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, os.getcwd())
 from tests import test_learning, toyworld  # noqa: E402
 
-READ = {"balance-clip": "female", "shift-clip": "female", "control": "female", "three": "tall",
+READ = {"shift-clip": "female", "control": "female", "three": "tall",
         "three-control": "tall"}  # run -> the class whose share the test reads
 
 
@@ -26,7 +26,11 @@ def one(out, name, seed):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
     classes = tuple(toyworld.THREE) if READ[name] == "tall" else ("female", "male")
-    return {f"last{k}": test_learning.independent_share(metrics, READ[name], k, classes) for k in (4, 2)}
+    found = {f"last{k}": test_learning.independent_share(metrics, READ[name], k, classes) for k in (4, 2)}
+    read = [m["independent"] for m in metrics]
+    found["last2_shares"] = toyworld.pooled_shares(read[-2:], classes, 2)[0][1]  # every class, by the referee
+    found["none_last4"] = sum(m["n_none"] for m in read[-4:]) / sum(m["n_images"] for m in read[-4:])
+    return found
 
 
 def main(out):
