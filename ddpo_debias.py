@@ -672,6 +672,10 @@ def validate(config, given=None):
     if config.threshold < 1 / len(classes):  # below, an image unsure of everything (1/K each) would get a label
         raise UsageError(f"--threshold: must be at least 1/K = {1 / len(classes):.3g} for {len(classes)} classes, "
                          f"got {config.threshold}")
+    same = lambda a, b: os.path.realpath(os.path.expanduser(a)) == os.path.realpath(os.path.expanduser(b))
+    if config.independent_classifier and any(same(config.independent_classifier, c) for c in config.classifier.split(",")):
+        raise UsageError("--independent-classifier: is the reward's own classifier (--classifier), which can never "
+                         "disagree with itself; give a classifier the reward does not use")
     for name in TRAINING_ONLY:
         if name in given and config.evaluate:
             raise UsageError(f"{flag_of(name)}: a training flag, and --evaluate does not train, so it would be ignored "
@@ -1076,6 +1080,8 @@ def check_source(flag, path, kind, marker):
     """A local folder must exist and hold `marker`; anything else is taken for a hub id."""
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, marker)):
         raise UsageError(f"{flag}: {path} is not {kind} folder (no {marker})")
+    if os.path.isfile(path):
+        raise UsageError(f"{flag}: {path} is a file; give {kind} folder (one holding {marker}) or a hub id")
     if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise UsageError(f"{flag}: folder {path} does not exist")
 

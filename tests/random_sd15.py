@@ -5,6 +5,7 @@
                                                  memory of `ddpo_debias.py`, without the 4 GB download
     python -m tests.random_sd15 OUT_DIR --tiny   the tests' tiny models instead, for a CPU smoke run
     python -m tests.random_sd15 OUT_DIR --sdxl   SDXL base's shapes (UNet 2.6B, two text encoders, 1024 px)
+    python -m tests.random_sd15 OUT_DIR --tiny --sdxl   a tiny SDXL pipeline (tests.fixtures.make_tiny_sdxl)
     (or python path/to/tests/random_sd15.py ... from any folder)
 
 Then: python ddpo_debias.py --model OUT_DIR --classifier OUT_DIR/classifier ...
@@ -127,11 +128,12 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models instead of SD 1.5's shapes")
     parser.add_argument("--sdxl", action="store_true", help="SDXL base's shapes (1024 px) instead of SD 1.5's")
     args = parser.parse_args(argv)
-    if args.sdxl:
+    if args.tiny:  # the tests' tiny models, of SDXL's family with --sdxl
+        from tests.fixtures import make_tiny_classifier, make_tiny_sd, make_tiny_sdxl
+        (make_tiny_sdxl if args.sdxl else make_tiny_sd)(args.out_dir)
+        make_tiny_classifier(os.path.join(args.out_dir, "classifier"))
+    elif args.sdxl:
         make_sdxl(args.out_dir)
-    elif args.tiny:
-        from tests.fixtures import make_tiny_classifier, make_tiny_sd
-        make_tiny_sd(args.out_dir), make_tiny_classifier(os.path.join(args.out_dir, "classifier"))
     else:
         make_sd15(args.out_dir)
     print(f"wrote {args.out_dir} and {args.out_dir}/classifier")

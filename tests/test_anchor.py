@@ -138,12 +138,15 @@ def test_the_cli_logs_kl_base_and_only_with_the_flag(tiny_sd, tiny_classifier, t
 
 def test_the_independent_classifier_scores_and_never_rewards(tiny_sd, tiny_classifier, models_dir, tmp_path):
     """--independent-classifier adds its labels' report to each epoch and changes nothing else: metrics and
-    weights are the run's without it. Given the reward's own classifier, it reads the same counts."""
+    weights are the run's without it. Given a copy of the reward's own classifier (the classifier itself is
+    refused: it could never disagree), it reads the same counts."""
+    import shutil
     from tests.fixtures import make_tiny_classifier
     other = str(make_tiny_classifier(models_dir / "independent-tiny", seed=3))
+    copy = shutil.copytree(tiny_classifier, tmp_path / "copy")
     common = ["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--reward", "shift", "--lr", "1e-2",
               "--epochs", "3", "--save-every", "1"]
-    for name, extra in (("plain", []), ("same", ["--independent-classifier", tiny_classifier]),
+    for name, extra in (("plain", []), ("same", ["--independent-classifier", copy]),
                         ("other", ["--independent-classifier", other])):
         assert dd.main([*common, *extra, "--output-dir", str(tmp_path / name)]) == 0
     read = lambda name: [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

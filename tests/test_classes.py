@@ -242,6 +242,12 @@ def test_an_ensemble_combines_the_same_classes_so_that_each_model_must_agree(mod
         rewards.Classifier(f"{tiny_classifier},{other}", ["female&female", "male&male"], ensemble=rule)
 
 
+def test_the_rewards_own_classifier_is_refused_as_the_independent_one(tiny_sd, tiny_classifier, tmp_path, capsys):
+    result = run_main(capsys, "--model", tiny_sd, "--classifier", tiny_classifier, "--independent-classifier",
+                      tiny_classifier + "/", "--output-dir", tmp_path / "run")
+    assert one_error_line(result, "--independent-classifier: is the reward's own classifier"), result.stderr
+
+
 def test_an_ensemble_trains_and_a_python_reader_reads_every_epoch(tiny_sd, tiny_classifier, models_dir, tmp_path,
                                                                    capsys):
     """--classifier A,B --ensemble min trains, config.json records the rule, and --independent-classifier
@@ -289,6 +295,7 @@ def test_the_minimum_labels_an_image_only_when_every_model_is_sure():
     (["--threshold", "0.4"], "--threshold: must be at least 1/K = 0.5 for 2 classes"),
     (["--ensemble", "min"], "--ensemble: only used with several --classifier"),
     (["--independent-classifier", "tests.no_such_module:Referee"], "--independent-classifier: cannot make the reader"),
+    (["--independent-classifier", "README.md"], "--independent-classifier: README.md is a file"),
     (["--independent-classifier", "tests.referee:NoSuchReader"], "--independent-classifier: cannot make the reader"),
 ])
 def test_bad_classes_and_targets_are_one_line(tiny_sd, tiny_classifier, tmp_path, capsys, flags, message):

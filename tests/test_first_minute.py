@@ -263,3 +263,13 @@ def test_startup_line_names_the_threads_and_a_loaded_machine_gets_a_hint(monkeyp
     monkeypatch.setattr(dd.os, "getloadavg", lambda: (1.0, 1.0, 1.0))
     assert dd.cpu_threads("cpu") == " (2 threads)" and capsys.readouterr().err == ""
     assert dd.cpu_threads("cuda:0") == ""
+
+
+def test_random_sd15_tiny_sdxl_builds_the_tiny_sdxl(tmp_path):
+    """--tiny --sdxl: the tests' tiny SDXL (two text encoders), not SDXL's full 5 GB shapes."""
+    out = tmp_path / "tiny-xl"
+    result = subprocess.run([sys.executable, "-m", "tests.random_sd15", str(out), "--tiny", "--sdxl"], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "text_encoder_2").is_dir() and (out / "classifier" / "config.json").is_file()
+    assert sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) < 50e6
