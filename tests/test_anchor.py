@@ -143,7 +143,7 @@ def test_the_independent_classifier_scores_and_never_rewards(tiny_sd, tiny_class
     import shutil
     from tests.fixtures import make_tiny_classifier
     other = str(make_tiny_classifier(models_dir / "independent-tiny", seed=3))
-    copy = shutil.copytree(tiny_classifier, tmp_path / "copy")
+    copy = str(shutil.copytree(tiny_classifier, tmp_path / "copy"))
     common = ["--model", tiny_sd, "--classifier", tiny_classifier, *TINY, "--reward", "shift", "--lr", "1e-2",
               "--epochs", "3", "--save-every", "1"]
     for name, extra in (("plain", []), ("same", ["--independent-classifier", copy]),
