@@ -160,7 +160,7 @@ def evaluate(out, name, unet=None):
 
 def clip_i(out, folders, jobs):
     """CLIP-I of each run's final UNet against the base model: {run folder name: mean CLIP-I}."""
-    if evaluate(out, "base").wait():
+    if not os.path.exists(os.path.join(out, "eval", "base", "eval.json")) and evaluate(out, "base").wait():
         sys.exit("the base model's evaluation failed")
     todo, running, found = list(folders), [], {}
     while todo or running:
@@ -246,7 +246,11 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--clip-i", action="store_true", help="then CLIP-I of each run's final model against the "
                                                              "base model's (64 images each, about 7 s a run)")
+    parser.add_argument("--summarise", action="store_true", help="run nothing: summarise the finished runs already "
+                        "in OUT/runs (of one benchmark or several copied together) into OUT/bench.json and bench.txt")
     args = parser.parse_args(argv)
+    if args.summarise:
+        return summarise_folder(args.out, args.epochs, args.clip_i, args.jobs)
     names, seeds = [n.strip() for n in args.configs.split(",")], args.seeds
     if args.epochs < 2 or args.jobs < 1:
         parser.error(f"--epochs: at least 2 (a window is 2 epochs), got {args.epochs}" if args.epochs < 2 else
@@ -265,6 +269,48 @@ def main(argv=None):
     finally:  # an error or Ctrl-C: no run goes on without its parent
         for item in running:
             item[-1].kill()
+
+
+def summarise_folder(out, epochs, clip=False, jobs=2):
+    """bench.json and bench.txt from OUT/runs/NAME-seedK folders that finished (metrics.jsonl and referee.json) and
+    OUT/base-referee.json; with clip, CLIP-I of each (OUT/eval/NAME-seedK/eval.json, evaluated where missing).
+    Configurations in CONFIGS' order."""
+    runs = os.path.join(out, "runs")
+    found = {}
+    for folder in sorted(os.listdir(runs)):
+        name, _, seed = folder.rpartition("-seed")
+        path = os.path.join(runs, folder)
+        if name in CONFIGS and seed.isdigit() and os.path.exists(os.path.join(path, "referee.json")):
+            found.setdefault(name, {})[int(seed)] = path
+    if not found:
+        sys.exit(f"out: {runs} holds no finished run")
+    with open(os.path.join(out, "base-referee.json")) as f:
+        base = json.load(f)
+    scores = {}
+    if clip:
+        missing = [p for seeds in found.values() for p in seeds.values()
+                   if not os.path.exists(os.path.join(out, "eval", os.path.basename(p), "eval.json"))]
+        scores = clip_i(out, missing, jobs) if missing else {}
+        for seeds in found.values():
+            for p in seeds.values():
+                with open(os.path.join(out, "eval", os.path.basename(p), "eval.json")) as f:
+                    scores[os.path.basename(p)] = json.load(f)["overall"]["mean_clip_i"]
+    results = {}
+    for name in [n for n in CONFIGS if n in found]:
+        rows = {}
+        for seed, path in sorted(found[name].items()):
+            with open(os.path.join(path, "metrics.jsonl")) as f, open(os.path.join(path, "referee.json")) as g:
+                rows[seed] = summarise([json.loads(line) for line in f], json.load(g), base)
+            if clip:
+                rows[seed]["clip_i"] = scores[os.path.basename(path)]
+        results[name] = {**summary(name, list(rows.values()), epochs, base), "seeds": rows}
+    text = table(results, epochs)
+    print(text)
+    with open(os.path.join(out, "bench.txt"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "bench.json"), "w") as f:
+        json.dump({"settings": toyworld.SETTINGS, "epochs": epochs, "base": base, "results": results}, f, indent=2)
+    return 0
 
 
 def bench(args, names, seeds, running):
