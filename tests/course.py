@@ -133,10 +133,12 @@ def close(a, b, tol):
     return a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=tol, atol=tol)
 
 
-def sd_scheduler(steps=50, spacing="leading"):
+def sd_scheduler(steps=50, spacing="leading", **changes):
+    """Stable Diffusion v1.5's scheduler as DDIM; changes: e.g. prediction_type="v_prediction" (SD 2.x),
+    set_alpha_to_one=True (ᾱ of the step past the last is 1, not ᾱ_0)."""
     from diffusers import DDIMScheduler
     from tests.fixtures import SD_SCHEDULER  # Stable Diffusion v1.5's, as DDIM
-    scheduler = DDIMScheduler(**SD_SCHEDULER, timestep_spacing=spacing)
+    scheduler = DDIMScheduler(**{**SD_SCHEDULER, **changes}, timestep_spacing=spacing)
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -158,14 +160,16 @@ def grade_1(check):
     import torch
     import ddpo_debias as dd
     generator = torch.Generator().manual_seed(1)
-    for spacing in ("leading", "trailing"):
-        scheduler = sd_scheduler(50, spacing)
+    kinds = [("leading", {}, (0, 17, 48)), ("trailing", {}, (0, 17, 48)),
+             ("leading", {"prediction_type": "v_prediction"}, (0, 17, 48))]  # SD 2.x: the model predicts v
+    for spacing, changes, indices in kinds:
+        scheduler = sd_scheduler(50, spacing, **changes)
         for eta in (1.0, 0.5):
-            for index in (0, 17, 48):
+            for index in indices:
                 t = int(scheduler.timesteps[index])
                 x, eps, z = (torch.randn(3, 4, 8, 8, generator=generator) for _ in range(3))
                 prev, mean, std, log_prob = reference_step(scheduler, eps, t, x, eta, z)
-                where = f"t = {t} ({spacing} spacing), η = {eta}"
+                where = f"t = {t} ({spacing} spacing{''.join(f', {k}={v}' for k, v in changes.items())}), η = {eta}"
                 got = dd.ddim_step_with_logprob(scheduler, eps, t, x, eta, noise=z)
                 if not check(isinstance(got, tuple) and len(got) == 4, "ddim_step_with_logprob must return "
                              "(prev_latents, log_prob, prev_mean, std_dev), as its docstring says"):
@@ -193,6 +197,30 @@ def grade_1(check):
                 if not check(close(again, log_prob, 1e-4), f"log_prob at {where} with prev_latents given: it must "
                              "score the x_{t-1} passed in (training re-scores stored samples), not draw a new one"):
                     return
+    # the last step where ᾱ past it is 1 (set_alpha_to_one=True): x_0 = x̂₀, σ_t = 0 (no log-probability, so only
+    # the mean is compared). SD's config sets final_alpha_cumprod to ᾱ_0, where alphas_cumprod[0] would agree.
+    scheduler = sd_scheduler(50, set_alpha_to_one=True)
+    t, zeros = int(scheduler.timesteps[-1]), torch.zeros(3, 4, 8, 8)
+    x, eps = (torch.randn(3, 4, 8, 8, generator=generator) for _ in range(2))
+    mean = scheduler.step(eps, t, x, eta=1.0, variance_noise=zeros).prev_sample
+    if not check(close(dd.ddim_step_with_logprob(scheduler, eps, t, x, 1.0, noise=zeros)[2], mean, 1e-5),
+                 f"prev_mean at the last step (t = {t}) of a scheduler with set_alpha_to_one=True: ᾱ_{{t-1}} past the "
+                 "last step is scheduler.final_alpha_cumprod (1 here), not alphas_cumprod[0] (on SD's config the two "
+                 "agree, so the mistake would not show there)"):
+        return
+    # the gradient: training moves θ through ε̂ -> μ_θ -> log π; a detached mean trains nothing
+    scheduler = sd_scheduler(50)
+    t = int(scheduler.timesteps[17])
+    x, eps, z = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
+    prev = reference_step(scheduler, eps, t, x, 1.0, z)[0].float()
+    eps = eps.clone().requires_grad_(True)
+    log_prob = dd.ddim_step_with_logprob(scheduler, eps, t, x, 1.0, prev_latents=prev)[1]
+    if not check(log_prob.requires_grad, "log_prob carries no gradient to the noise prediction: the mean μ_θ(x_t) "
+                 "must stay in the graph (no .detach(), no torch.no_grad()), or the update trains nothing"):
+        return
+    log_prob.sum().backward()
+    check(eps.grad is not None and bool(eps.grad.abs().sum() > 0), "log_prob's gradient with respect to the noise "
+          "prediction is zero: the mean μ_θ(x_t) must depend on it")
     try:
         dd.ddim_step_with_logprob(sd_scheduler(), torch.zeros(1, 4, 8, 8), 981, torch.zeros(1, 4, 8, 8), eta=0.0)
         check(False, "eta = 0 must raise ValueError: with σ_t = 0 the step has no log-probability")
@@ -241,31 +269,33 @@ def grade_2(check):
             if not check(close(got, expected, 1e-4), f"guided_noise_pred with {what}: expected ε_u + w·(ε_c - ε_u), "
                          "ε_u from the empty prompt (row 0 of prompt_embeds) and ε_c from row 1 + prompt_ids"):
                 return
-    config = dd.Config(batch_size=4, num_steps=4, guidance_scale=5.0, eta=1.0, mixed_precision="no", device="cpu",
-                       train_batch_size=4)
-    scheduler = sd_scheduler(4)
     ids = torch.tensor([0, 1, 1, 0])
-    got = dd.sample(unet, vae, scheduler, embeds, ids, config, "cpu", torch.Generator().manual_seed(4))
-    keys = ("latents", "log_probs", "means", "timesteps", "prompt_ids", "images")
-    if not check(isinstance(got, dict) and set(keys) <= set(got), f"sample must return a dict with {', '.join(keys)}"):
-        return
-    generator, scheduler = torch.Generator().manual_seed(4), sd_scheduler(4)
-    with torch.no_grad():
-        latents = torch.randn(4, 4, 8, 8, generator=generator)  # x_T first, then each step's z, from one generator
-        chain, log_probs, means = [latents], [], []
-        for t in scheduler.timesteps:
-            eps = by_hand_guidance(unet, latents, t, embeds, ids, 5.0)
-            z = torch.randn(4, 4, 8, 8, generator=generator)
-            latents, mean, _, log_prob = reference_step(scheduler, eps, int(t), latents, 1.0, z)
-            latents = latents.float()
-            chain.append(latents), means.append(mean), log_probs.append(log_prob)
-    expected = {"latents": torch.stack(chain, 1), "log_probs": torch.stack(log_probs, 1), "means": torch.stack(means, 1)}
-    for key, shape in (("latents", "(B, T+1, C, H, W), x_T first"), ("log_probs", "(B, T)"),
-                       ("means", "(B, T, C, H, W)")):
-        if not check(close(got[key], expected[key], 1e-4), f"sample's {key}: expected {shape}, from x_T and then "
-                     "each step's z drawn from `generator` in that order, each step ddim_step_with_logprob of the "
-                     "guided ε̂"):
+    for eta, guidance in ((1.0, 5.0), (0.6, 2.5)):  # config's η and w, never constants
+        config = dd.Config(batch_size=4, num_steps=4, guidance_scale=guidance, eta=eta, mixed_precision="no",
+                           device="cpu", train_batch_size=4)
+        got = dd.sample(unet, vae, sd_scheduler(4), embeds, ids, config, "cpu", torch.Generator().manual_seed(4))
+        keys = ("latents", "log_probs", "means", "timesteps", "prompt_ids", "images")
+        if not check(isinstance(got, dict) and set(keys) <= set(got),
+                     f"sample must return a dict with {', '.join(keys)}"):
             return
+        generator, scheduler = torch.Generator().manual_seed(4), sd_scheduler(4)
+        with torch.no_grad():
+            latents = torch.randn(4, 4, 8, 8, generator=generator)  # x_T first, then each step's z, one generator
+            chain, log_probs, means = [latents], [], []
+            for t in scheduler.timesteps:
+                eps = by_hand_guidance(unet, latents, t, embeds, ids, guidance)
+                z = torch.randn(4, 4, 8, 8, generator=generator)
+                latents, mean, _, log_prob = reference_step(scheduler, eps, int(t), latents, eta, z)
+                latents = latents.float()
+                chain.append(latents), means.append(mean), log_probs.append(log_prob)
+        expected = {"latents": torch.stack(chain, 1), "log_probs": torch.stack(log_probs, 1),
+                    "means": torch.stack(means, 1)}
+        for key, shape in (("latents", "(B, T+1, C, H, W), x_T first"), ("log_probs", "(B, T)"),
+                           ("means", "(B, T, C, H, W)")):
+            if not check(close(got[key], expected[key], 1e-4), f"sample's {key} at η = {eta}, guidance {guidance}: "
+                         f"expected {shape}, from x_T and then each step's z drawn from `generator` in that order, "
+                         "each step ddim_step_with_logprob of the guided ε̂, with config's eta and guidance_scale"):
+                return
     check(torch.equal(got["timesteps"], scheduler.timesteps) and torch.equal(got["prompt_ids"], ids),
           "sample's timesteps must be the scheduler's T timesteps, and prompt_ids those given")
     with torch.no_grad():
@@ -287,7 +317,7 @@ def grade_3(check):
     check(close(got, torch.tensor(by_hand), 1e-5), f"gaussian_kl: expected ‖μ_new - μ_old‖²/(2σ_t²) averaged over "
           f"C·H·W per sample, {by_hand[0]:.6g} and {by_hand[1]:.6g}")
     eps = 0.1  # the clip range; samples chosen on each side of it for both signs of A
-    log_r = [0.05, 0.3, -0.3, 0.05, 0.3, -0.3]
+    log_r = [0.05, 0.3, -0.2, 0.04, 0.25, -0.3]  # not symmetric: r inverted gives another loss
     adv = [1.0, 1.0, 1.0, -1.0, -1.0, -1.0]
     cases = ["A > 0, r inside", "A > 0, r > 1 + ε", "A > 0, r < 1 - ε", "A < 0, r inside", "A < 0, r > 1 + ε",
              "A < 0, r < 1 - ε"]
@@ -315,11 +345,11 @@ def grade_3(check):
           "share of samples with |r - 1| > ε")
     check(math.isclose(stats["approx_kl"].item(), 0.5 * sum(x * x for x in log_r) / 6, rel_tol=1e-5),
           "ppo_clip_loss's stats['approx_kl']: ½·mean((log r)²)")
-    kl, delta, alpha = [0.5, 0.01, 0.5, 0.5, 0.5, 0.5], 0.1, 2.0
+    kl, delta, alpha = [0.5, 0.01, 0.5, 0.5, 0.5, 0.125], 0.125, 2.0  # the last at exactly δ: outside (KL ≥ δ)
     objective, rolled = [], []
     for lr, a, k in zip(log_r, adv, kl):
         surrogate = math.exp(lr) * a
-        back = k >= delta and surrogate > a  # outside the trust region and still "improving"
+        back = k >= delta and surrogate > a  # outside the trust region (KL ≥ δ) and still "improving"
         objective.append(surrogate - alpha * k if back else surrogate)
         rolled.append(back)
     lp = torch.tensor(log_r, requires_grad=True)
@@ -367,6 +397,11 @@ def grade_4(check):
           "(its P(class) labelled at the threshold, 0.7), not the batch's: expected [-0.25, 0.25]")
     check(close(rewards.r_balance(probs[:2], [None, None]), torch.zeros(2), 0), "r_balance with no labelled image: "
           "p̂ is undefined, every reward 0")
+    window = torch.tensor([[0.75, 0.25]] * 2 + [[0.1, 0.9]] * 2)  # at threshold 0.8 only the last two are labelled
+    got = rewards.r_balance(probs[:2], ["female", "male"], window, threshold=0.8)
+    check(close(got, torch.tensor([0.5, -0.5]), 1e-6), "r_balance with a window and threshold=0.8: the window's "
+          "images are labelled at the threshold given (here only its two 'male' ones), not at 0.7: expected "
+          f"[0.5, -0.5], got {[round(v, 4) for v in got.tolist()]}")
     history = rewards.PromptHistory(["p", "q"], 4)
     history.windows["rewards"][0] = [0.0, 1.0, 2.0, 5.0]  # prompt 0's window is full: its stats are the window's
     values = torch.tensor([1.0, 3.0, 2.0, 4.0])
@@ -380,10 +415,12 @@ def grade_4(check):
           f"{[round(v, 4) for v in expected]}, got {[round(v, 4) for v in got.tolist()]}")
     got = dd.compute_advantages(values, ids, history, adv_clip=0.5)
     check(close(got, torch.tensor(expected).clamp(-0.5, 0.5), 1e-5), "compute_advantages: clipped to ±adv_clip")
-    same = rewards.PromptHistory(["p"], 3)
-    got = dd.compute_advantages(torch.full((3,), 0.3), torch.zeros(3, dtype=torch.long), same, adv_clip=5.0)
-    check(torch.equal(got, torch.zeros(3)), f"compute_advantages of equal rewards: exactly 0 (they carry no signal; "
-          f"their float32 std is rounding), got {got.tolist()}")
+    for n, value in ((3, 0.3), (7, 0.1), (9, 0.7)):  # float32 means of 7 x 0.1 and 9 x 0.7 are not exact
+        got = dd.compute_advantages(torch.full((n,), value), torch.zeros(n, dtype=torch.long),
+                                    rewards.PromptHistory(["p"], n), adv_clip=5.0)
+        if not check(torch.equal(got, torch.zeros(n)), f"compute_advantages of {n} equal rewards {value}: exactly 0 "
+                     f"(they carry no signal; their float32 std is rounding), got {got.tolist()[:3]}..."):
+            break
     got = dd.compute_advantages(torch.tensor([0.1, 0.3]), torch.zeros(2, dtype=torch.long), rewards.PromptHistory(
         ["p"], 2), adv_clip=5.0, scale=0.1)
     check(close(got, torch.tensor([-1.0, 1.0]), 1e-5), "compute_advantages with scale > 0: (R - mean)/scale")
@@ -495,6 +532,9 @@ def reading_path():
 
 
 def main(argv=None):
+    import logging
+    from tests.random_sd15 import NoTorchvisionNotice  # transformers' notice that PIL, not torchvision, resizes
+    logging.getLogger("transformers.utils.import_utils").addFilter(NoTorchvisionNotice())
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     maker = sub.add_parser("make", help="a student copy with the assignments' functions stubbed")
@@ -535,8 +575,8 @@ def main(argv=None):
     passed, failures = grade(args.number, train=not args.no_train)
     for message in failures:
         print(f"  FAIL {message}")
-    print(f"assignment {args.number}: {'passed' if not failures else 'not yet'} ({passed} checks passed, "
-          f"{len(failures)} failed)")
+    print(f"assignment {args.number}: {'passed' if not failures else 'not yet'} ({passed} check"
+          f"{'s' if passed != 1 else ''} passed, {len(failures)} failed)")
     return 0 if not failures else 1
 
 

@@ -124,3 +124,89 @@ def test_a_failed_run_is_reported_by_its_error_not_by_its_progress_bar():
               "\rsampling:  20%|██        | 1/5 [00:00<00:01,  3.56it/s]\n")
     assert course.cause(stderr) == "NotImplementedError: Assignment 2: write sample"
     assert course.cause("") == "no message"
+
+
+# ------------------------------------------------------------------ mistakes the graders once let through
+def v_direction_uses_v(scheduler, noise_pred, timestep, latents, eta=1.0, prev_latents=None, generator=None,
+                       noise=None):
+    """v-prediction with the direction term built from v itself (ε̂ never recovered from v)."""
+    if scheduler.config.prediction_type != "v_prediction":
+        return STEP(scheduler, noise_pred, timestep, latents, eta, prev_latents, generator, noise)
+    t = torch.as_tensor(timestep).long().reshape(-1)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    a_t = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    a_prev = torch.where(prev_t >= 0, scheduler.alphas_cumprod[prev_t.clamp(min=0)],
+                         scheduler.final_alpha_cumprod).view(-1, 1, 1, 1)
+    x0 = a_t.sqrt() * latents - (1 - a_t).sqrt() * noise_pred
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * noise_pred  # v where ε̂ belongs
+    prev = mean + std * noise if prev_latents is None else prev_latents
+    log_prob = torch.distributions.Normal(mean, std).log_prob(prev).mean(dim=(1, 2, 3))
+    return prev, log_prob, mean, std
+
+
+STEP = dd.ddim_step_with_logprob
+
+
+@pytest.mark.parametrize("mistake", ["v-direction", "v-sign", "detached-mean", "alphas-cumprod-0"])
+def test_mistakes_in_the_ddim_step_are_caught(monkeypatch, mistake):
+    def v_sign(scheduler, noise_pred, timestep, latents, *args, **kwargs):  # x̂₀'s sign flipped for v
+        if scheduler.config.prediction_type == "v_prediction":
+            return STEP(scheduler, -noise_pred, timestep, latents, *args, **kwargs)
+        return STEP(scheduler, noise_pred, timestep, latents, *args, **kwargs)
+
+    def detached(*args, **kwargs):
+        prev, log_prob, mean, std = STEP(*args, **kwargs)
+        return prev, log_prob.detach(), mean.detach(), std
+
+    def alphas_cumprod_0(scheduler, *args, **kwargs):  # ᾱ past the last step taken as alphas_cumprod[0]
+        final = scheduler.final_alpha_cumprod
+        scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]
+        try:
+            return STEP(scheduler, *args, **kwargs)
+        finally:
+            scheduler.final_alpha_cumprod = final
+    mutant = {"v-direction": v_direction_uses_v, "v-sign": v_sign, "detached-mean": detached,
+              "alphas-cumprod-0": alphas_cumprod_0}[mistake]
+    said = failing(1, monkeypatch, dd, "ddim_step_with_logprob", mutant)
+    assert {"v-direction": "prediction_type=v_prediction", "v-sign": "prediction_type=v_prediction",
+            "detached-mean": "carries no gradient", "alphas-cumprod-0": "final_alpha_cumprod"}[mistake] in said, said
+
+
+@pytest.mark.parametrize("constant", ["eta", "guidance_scale"])
+def test_sample_with_a_constant_eta_or_guidance_is_caught(monkeypatch, constant):
+    import dataclasses
+    sample = dd.sample
+    value = {"eta": 1.0, "guidance_scale": 5.0}[constant]
+    mutant = lambda unet, vae, scheduler, embeds, ids, config, *a: sample(
+        unet, vae, scheduler, embeds, ids, dataclasses.replace(config, **{constant: value}), *a)
+    assert "η = 0.6, guidance 2.5" in failing(2, monkeypatch, dd, "sample", mutant)
+
+
+def test_the_equal_rewards_rule_dropped_is_caught(monkeypatch):
+    advantages = dd.compute_advantages
+
+    def no_rule(values, prompt_ids, history, adv_clip, scale=0.0):
+        if bool((values == values[0]).all()):  # as if the rule were not there: (R - mean)/std in float32
+            return ((values - values.mean()) / (values.std() + 1e-8)).clamp(-adv_clip, adv_clip)  # 0 if exact
+        return advantages(values, prompt_ids, history, adv_clip, scale)
+    said = failing(4, monkeypatch, dd, "compute_advantages", no_rule)
+    assert "equal rewards" in said and ("7 equal" in said or "9 equal" in said), said
+
+
+def test_r_balance_labelling_the_window_at_0_7_is_caught(monkeypatch):
+    balance = rewards.r_balance
+    mutant = lambda probs, labels, window=None, target=None, underrepresented=None, ranks=None, threshold=0.7: \
+        balance(probs, labels, window, target, underrepresented, ranks)  # the threshold given is dropped
+    assert "threshold=0.8" in failing(4, monkeypatch, rewards, "r_balance", mutant)
+
+
+def test_truly_ppo_with_kl_above_delta_strictly_and_an_inverted_ratio_are_caught(monkeypatch):
+    truly, clip = dd.truly_ppo_loss, dd.ppo_clip_loss
+
+    def strict(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):  # kl > δ rolls back, kl = δ does not
+        return truly(log_prob, log_prob_old, advantages, kl, kl_threshold + 1e-6, alpha)
+    assert "the rollback" in failing(3, monkeypatch, dd, "truly_ppo_loss", strict)
+    inverted = lambda log_prob, log_prob_old, advantages, clip_range: clip(log_prob_old, log_prob, advantages,
+                                                                           clip_range)  # r = π_old/π_θ
+    assert "ppo_clip_loss: expected mean of max" in failing(3, monkeypatch, dd, "ppo_clip_loss", inverted)

@@ -114,28 +114,27 @@ def independent_share(metrics, cls, last, classes=("female", "male")):
     return toyworld.pooled_shares([m["independent"] for m in metrics[-last:]], classes, last)[0][1][cls]
 
 
-# Read by a classifier that never gave the reward, the shares move, though less far than the reward's reading says
-# (docs/benchmarks.md: the reward's classifier is partly fooled). Each bar is the midpoint between the lr-0
-# control's highest share and the learnt runs' lowest over seeds (tests/test_learning.py's runs on seeds 0-9 for
-# balance-clip, shift-clip and three, 0-4 for the others and the controls, 2026-12-04): female over the last 4
-# epochs after R_balance, control 0.10-0.13, learnt 0.21-0.60 -> 0.17; after R_shift, over the last 2, control
-# 0.07-0.13, learnt 0.30-0.99 -> 0.21; the three-class world's rarest (tall) over the last 4, control 0.09-0.13,
-# learnt 0.21-0.44 -> 0.17.
+# Read by the referee, which never gave the reward, the shares move, though far less than the reward's reading says
+# (docs/benchmarks.md: the reward's classifier is mostly fooled). Each bar is the midpoint between the lr-0
+# control's highest share and the learnt runs' lowest over seeds, by the referee (balance-clip: the benchmark's
+# `today` runs, seeds 0-9; the others: docs/benchmarks/2026-12-05-referee/learning_bars.py, seeds 0-4): female over
+# the last 4 epochs after R_balance, control 0.04-0.07, learnt 0.11-0.41 -> 0.09; after R_shift, over the last 2,
+# control 0.01-0.09, learnt 0.46-0.99 -> 0.27; the three-class world's rarest (tall) over the last 4, THREE_BAR.
 @pytest.mark.parametrize("trust_region", ["clip", "truly"])
-def test_an_independent_classifier_sees_r_balance_raise_the_minority(runs, trust_region):
+def test_the_referee_sees_r_balance_raise_the_minority(runs, trust_region):
     learned = independent_share(runs[f"balance-{trust_region}"], "female", 4)
     control = independent_share(runs["control"], "female", 4)
-    assert learned >= 0.17 > control, (learned, control)
+    assert learned >= 0.09 > control, (learned, control)
 
 
 @pytest.mark.parametrize("trust_region", ["clip", "truly"])
-def test_an_independent_classifier_sees_r_shift_raise_u(runs, trust_region):
+def test_the_referee_sees_r_shift_raise_u(runs, trust_region):
     learned = independent_share(runs[f"shift-{trust_region}"], "female", 2)
     control = independent_share(runs["control"], "female", 2)
-    assert learned >= 0.21 > control, (learned, control)
+    assert learned >= 0.27 > control, (learned, control)
 
 
-def test_an_independent_classifier_sees_the_rarest_of_three_classes_rise(runs):
+def test_the_referee_sees_the_rarest_of_three_classes_rise(runs):
     classes = tuple(toyworld.THREE)
     learned = independent_share(runs["three"], "tall", 4, classes)
     control = independent_share(runs["three-control"], "tall", 4, classes)
