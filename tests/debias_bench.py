@@ -68,6 +68,8 @@ CONFIGS = {
     "fast-ensemble-kl-base-0.01": FAST + ENSEMBLE + ["--kl-base=0.01"],
     "fast-hardened": FAST + [f"--classifier={HARDENED}"],
     "fast-hardened-kl-base-0.01": FAST + [f"--classifier={HARDENED}", "--kl-base=0.01"],
+    "soft-balance": ["--reward=soft_balance"],  # eq. 2-3 on P(female): a label's threshold is no longer the target
+    "soft-balance-ensemble": ["--reward=soft_balance"] + ENSEMBLE,
 }
 REFEREE = toyworld.REFEREE  # the world's referee reads every epoch (--independent-classifier)
 FRESH = 512  # the final UNet's samples read by the referee

@@ -119,7 +119,8 @@ def independent_share(metrics, cls, last, classes=("female", "male")):
 # control's highest share and the learnt runs' lowest over seeds, by the referee (balance-clip: the benchmark's
 # `today` runs, seeds 0-9; the others: docs/benchmarks/2026-12-05-referee/learning_bars.py, seeds 0-4): female over
 # the last 4 epochs after R_balance, control 0.04-0.07, learnt 0.11-0.41 -> 0.09; after R_shift, over the last 2,
-# control 0.01-0.09, learnt 0.46-0.99 -> 0.27; the three-class world's rarest (tall) over the last 4, THREE_BAR.
+# control 0.01-0.09, learnt 0.46-0.99 -> 0.27; the three-class world's rarest (tall) over the last 4,
+# control 0.03-0.06, learnt 0.12-0.25 -> 0.09.
 @pytest.mark.parametrize("trust_region", ["clip", "truly"])
 def test_the_referee_sees_r_balance_raise_the_minority(runs, trust_region):
     learned = independent_share(runs[f"balance-{trust_region}"], "female", 4)
@@ -138,7 +139,7 @@ def test_the_referee_sees_the_rarest_of_three_classes_rise(runs):
     classes = tuple(toyworld.THREE)
     learned = independent_share(runs["three"], "tall", 4, classes)
     control = independent_share(runs["three-control"], "tall", 4, classes)
-    assert learned >= 0.17 > control, (learned, control)
+    assert learned >= 0.09 > control, (learned, control)
 
 
 @pytest.mark.parametrize("name", [*[n for n in RUNS if not n.startswith("three")], *TWO])
