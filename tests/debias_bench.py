@@ -97,18 +97,20 @@ def summarise(metrics, fresh=None, base=None):
     """One run's row: balanced_at by the reward's classifier and by the referee (metrics' "independent"), seconds of
     training until then, none-rates, seconds per epoch by phase; with fresh (the referee's reading of the final
     UNet's FRESH samples) and base (the same of the base UNet): the final q, none and the background's drift."""
-    at, refereed = balanced_at(metrics), balanced_at(metrics, by="independent")
+    refereed = "independent" in metrics[0]  # the referee's reading of every epoch (--independent-classifier)
+    at, by_referee = balanced_at(metrics), balanced_at(metrics, by="independent") if refereed else None
     seconds = lambda m: m["sample_seconds"] + m["reward_seconds"] + m["train_seconds"]
     mean = lambda key: statistics.fmean(m[key] for m in metrics)
     images = lambda m: m["n_female"] + m["n_male"] + m["n_none"]
     pooled = lambda ms: [(a["n_none"] + b["n_none"]) / (images(a) + images(b)) for a, b in zip(ms, ms[1:])]
-    read = [m["independent"] for m in metrics]
+    read = [m["independent"] for m in metrics] if refereed else None
     row = {"balanced_at": at, "seconds_to_balance": None if at is None else sum(map(seconds, metrics[:at + 1])),
-           "referee_balanced_at": refereed,
-           "referee_seconds_to_balance": None if refereed is None else sum(map(seconds, metrics[:refereed + 1])),
+           "referee_balanced_at": by_referee,
+           "referee_seconds_to_balance": None if by_referee is None else sum(map(seconds, metrics[:by_referee + 1])),
            "worst_pooled_none_rate": max(pooled(metrics)),  # by the reward's reading (its --threshold, --augment)
-           "referee_worst_pooled_none_rate": max(pooled(read)),  # the faces, read the same way for every configuration
-           "referee_none_last_4": sum(m["n_none"] for m in read[-4:]) / sum(map(images, read[-4:])),
+           # the faces, read the same way for every configuration
+           "referee_worst_pooled_none_rate": max(pooled(read)) if read else None,
+           "referee_none_last_4": sum(m["n_none"] for m in read[-4:]) / sum(map(images, read[-4:])) if read else None,
            "worst_none_rate": max(m["n_none"] / images(m) for m in metrics),
            "final_q": metrics[-1]["female_ratio"], "sample_seconds": mean("sample_seconds"),
            "reward_seconds": mean("reward_seconds"), "train_seconds": mean("train_seconds")}

@@ -84,6 +84,12 @@ def test_debias_bench_counts_the_epoch_q_balances_by_hand():
     assert summarise(metrics)["worst_pooled_none_rate"] == 12 / 52 and summarise(metrics)["worst_none_rate"] == 10 / 30
     metrics[4]["n_female"], metrics[4]["n_male"] = 19, 1  # windows 4 and 5 now past 0.7: no lasting balance yet
     assert balanced_at(metrics) is None
+    for m, (f, male, none) in zip(metrics, [(1, 19, 4), (3, 17, 0), (9, 11, 0), (11, 9, 2), (10, 10, 0), (9, 11, 2)]):
+        m["independent"] = {"n_female": f, "n_male": male, "n_none": none}  # the referee's reading
+    fresh, base = {"female": 0.3, "male": 0.6, "none": 0.1, "background": [0.5, 0.6, 0.7]}, {"background": [0.5, 0.5, 0.8]}
+    row = summarise(metrics, fresh, base)  # referee windows 0.1, 0.3, 0.5, 0.525, 0.475: balanced at epoch 3
+    assert row["referee_balanced_at"] == 3 and row["referee_none_last_4"] == 4 / 84
+    assert row["referee_final_q"] == pytest.approx(1 / 3) and row["background_drift"] == pytest.approx(0.1)
 
 
 def test_debias_bench_runs_and_writes_its_table(tmp_path):
