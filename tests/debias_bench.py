@@ -17,6 +17,7 @@ referee.json in OUT/runs/.
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -268,11 +269,16 @@ def main(argv=None):
         parser.error(f"out: {args.out} is not empty")
     os.makedirs(os.path.join(args.out, "runs"))
     running = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(f"stopped by SIGTERM; the finished runs are in "
+                                                                 f"{args.out}/runs (--summarise reads them)"))
     try:
         return bench(args, names, seeds, running)
-    finally:  # an error or Ctrl-C: no run goes on without its parent
+    except KeyboardInterrupt:
+        sys.exit(f"stopped by Ctrl-C; the finished runs are in {args.out}/runs (--summarise reads them)")
+    finally:  # an error, Ctrl-C or SIGTERM: no run goes on without its parent
         for item in running:
             item[-1].kill()
+            item[-1].wait()
 
 
 def summarise_folder(out, epochs, clip=False, jobs=2):

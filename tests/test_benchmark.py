@@ -121,3 +121,28 @@ def test_the_sdxl_configuration_runs_on_its_own_pipeline(tiny_pipeline, tmp_path
     assert row["sample_tflops"] > 0 and row["train_tflops"] > 0 and "--low-memory" in row["flags"]
     with open(tmp_path / "tiny-sdxl" / "model_index.json") as f:
         assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
+
+
+@pytest.mark.parametrize("configs, message", [("today,today", "names a configuration twice"),
+                                               ("", "unknown empty name"), ("today, nope", "unknown nope")])
+def test_debias_bench_refuses_bad_configurations_before_it_runs(tmp_path, configs, message):
+    result = subprocess.run([sys.executable, "-m", "tests.debias_bench", str(tmp_path / "b"), "--configs", configs],
+                            cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_debias_bench_stopped_leaves_no_run_behind(tmp_path):
+    """SIGTERM to the benchmark: it stops its runs (no child outlives it) and says where the finished ones are."""
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "tests.debias_bench", str(tmp_path / "b"), "--configs", "today",
+                             "--seeds", "0", "--epochs", "16"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list((tmp_path / "b" / "runs").glob("today-seed0/config.json")):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "--summarise reads them" in err and "Traceback" not in err, err
+    left = subprocess.run(["pgrep", "-f", str(tmp_path / "b")], capture_output=True, text=True).stdout.split()
+    assert not left, left
