@@ -63,12 +63,17 @@ def build_model(path, tiny, sdxl=False):
     return "built"
 
 
+LIVE = []  # the run now going, if any: stopped with the benchmark (Ctrl-C, SIGTERM), so no run outlives it
+
+
 def start(args, log_dir, name):
     """The CLI in its own process group, its stdout and stderr to files."""
     out, err = (open(os.path.join(log_dir, f"{name}.{kind}.txt"), "w") for kind in ("stdout", "stderr"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the models are local: never wait on a hub
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_debias.py"), *args], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "ddpo_debias.py"), *args], cwd=ROOT, env=env,
                             stdout=out, stderr=err, start_new_session=True)
+    LIVE[:] = [proc]
+    return proc
 
 
 def finish(proc, deadline):
@@ -164,13 +169,22 @@ def pack(runs, path):
                 tar.add(full, arcname=os.path.join("runs", name))
 
 
+def stop(name, out):
+    """Ctrl-C or SIGTERM: the run going is killed with its process group; what was written stays in OUT."""
+    for proc in LIVE:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    sys.exit(f"stopped by {name}; what was measured so far is in {out} (summary.json, runs/)")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="a new folder for summary.json and runs.tar.gz")
-    parser.add_argument("--model", help="the random pipeline folder, built if missing (default: /tmp/ddpo-sd15, "
-                                        "or /tmp/ddpo-tiny with --tiny)")
+    parser.add_argument("--model", help="the random pipeline folder, built if missing (default: OUT/model, removed "
+                                        "at the end; 4.3 GB for SD 1.5's shapes)")
     parser.add_argument("--sdxl-model", help="the random SDXL pipeline folder for the sdxl configurations, built if "
-                                             "missing (default: /tmp/ddpo-sdxl, or /tmp/ddpo-tiny-sdxl with --tiny)")
+                                             "missing (default: OUT/sdxl-model, removed at the end; 6.8 GB)")
     parser.add_argument("--budget", type=float, default=420, help="seconds for all runs together (default 420)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models and a small batch, for the CPU")
     parser.add_argument("--only", help="comma-separated configuration names (default: all of CONFIGS)")
@@ -183,16 +197,22 @@ def main(argv=None):
                      f"known: {', '.join(names)}")
     if os.path.exists(args.out) and os.listdir(args.out):
         parser.error(f"out: {args.out} is not empty; give a new folder")
+    import torch
+    if not args.tiny and not torch.cuda.is_available():
+        parser.error("no GPU here (torch.cuda.is_available() is False): the full-size models need one (SD 1.5's "
+                     "shapes take 4.3 GB on disk and about 15 GB of memory on the CPU); --tiny runs the tiny models")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # stop the run going with us, keep what is written, one line
+        signal.signal(sig, lambda signum, frame: stop(signal.Signals(signum).name, args.out))
     began = time.time()
     deadline = began + args.budget
-    model = args.model or ("/tmp/ddpo-tiny" if args.tiny else "/tmp/ddpo-sd15")
+    model = args.model or os.path.join(args.out, "model")
     runs = os.path.join(args.out, "runs")
     os.makedirs(runs)
     todo = [c for c in CONFIGS if c[0] in chosen]
     summary = {"environment": environment(), "model": model, "budget_seconds": args.budget, "configurations": {}}
     if any(c[0] not in SDXL for c in todo):
         summary["model_was"] = build_model(model, args.tiny)
-    sdxl_model = args.sdxl_model or ("/tmp/ddpo-tiny-sdxl" if args.tiny else "/tmp/ddpo-sdxl")
+    sdxl_model = args.sdxl_model or os.path.join(args.out, "sdxl-model")
     if any(c[0] in SDXL for c in todo):
         began_sdxl = time.time()
         summary.update(sdxl_model=sdxl_model, sdxl_model_was=build_model(sdxl_model, args.tiny, sdxl=True),
@@ -224,6 +244,9 @@ def main(argv=None):
         json.dump(summary, f, indent=2)
     pack(runs, os.path.join(args.out, "runs.tar.gz"))
     shutil.rmtree(runs)  # checkpoints and UNets (GBs on SD): only the packed files come back
+    for folder, given in ((model, args.model), (sdxl_model, args.sdxl_model)):
+        if not given and os.path.isdir(folder):  # the models it built into OUT: GBs, and random
+            shutil.rmtree(folder)
     print(f"wrote {args.out}/summary.json and {args.out}/runs.tar.gz in {summary['total_seconds']:.0f} s")
     return 0
 

@@ -146,3 +146,31 @@ def test_debias_bench_stopped_leaves_no_run_behind(tmp_path):
     assert proc.returncode == 1 and "--summarise reads them" in err and "Traceback" not in err, err
     left = subprocess.run(["pgrep", "-f", str(tmp_path / "b")], capture_output=True, text=True).stdout.split()
     assert not left, left
+
+
+def test_the_gpu_benchmark_refuses_a_machine_without_one(tmp_path, monkeypatch, capsys):
+    """Without --tiny it needs a GPU: on a CPU it says so in one line (exit 2) and builds nothing."""
+    import torch
+    from tests import benchmark as gpu_benchmark
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stopped:
+        gpu_benchmark.main([str(tmp_path / "b")])
+    assert stopped.value.code == 2 and "no GPU here" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_the_gpu_benchmark_stopped_by_ctrl_c_leaves_no_run_behind(tiny_pipeline, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "tests.benchmark", str(out), "--tiny", "--model", str(tiny_pipeline),
+                             "--only", "defaults", "--epochs", "100000"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "runs" / "defaults" / "config.json").exists():
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "stopped by SIGINT" in err and "Traceback" not in err, err
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not left, left
