@@ -1067,6 +1067,14 @@ def encode_prompts_xl(encoders, tokenizers, prompts, device):
     return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids.expand(len(embeds), 6)}
 
 
+def family_of(text_encoder, scheduler):
+    """The policy's family as load_models recognised it, for the start-up line."""
+    prediction = "v" if scheduler.config.prediction_type == "v_prediction" else "ε"
+    if isinstance(text_encoder, TextEncodersXL):
+        return f"SDXL ({prediction}-prediction)"
+    return f"SD {'2.x' if prediction == 'v' else '1.x or 2.x-base'} ({prediction}-prediction)"
+
+
 def load_unet(config):
     """The fp32 UNet to train or evaluate: --unet's folder if given, else the pipeline's."""
     from diffusers import UNet2DConditionModel
@@ -1356,7 +1364,8 @@ def start_run(config, classifier=None):
             shutil.copyfile(config.prompts, os.path.join(out, "prompts.txt"))  # --resume finds them if the file moves
         write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
-        print(f"device {device}{f' x {world} ranks' if world > 1 else ''}{cpu_threads(device)}, "
+        print(f"{family_of(text_encoder, scheduler)}; device {device}{f' x {world} ranks' if world > 1 else ''}"
+              f"{cpu_threads(device)}, "
               f"{config.mixed_precision}{' (auto)' if auto else ''}; B={config.batch_size} images x T={config.num_steps} steps"
               + (f" (the last {config.skip_final_steps} not trained)" if config.skip_final_steps else "")
               + (f", {trained_steps(config)} trained per image" if config.train_fraction < 1 else "")

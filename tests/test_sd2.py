@@ -74,3 +74,8 @@ def test_the_cli_trains_resumes_and_saves_a_unet_the_pipeline_samples_with(tiny_
     unet = train_and_resume(capsys, tiny_sd2, tiny_classifier, tmp_path / "run")
     image = pipeline(tiny_sd2, unet)("a face", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3) and bool(torch.isfinite(torch.tensor(image)).all())
+
+
+def test_the_start_up_line_names_sd2_with_v_prediction(tiny_sd2):
+    _, _, text_encoder, _, scheduler = dd.load_models(dd.Config(model=str(tiny_sd2), mixed_precision="no"), "cpu")
+    assert dd.family_of(text_encoder, scheduler) == "SD 2.x (v-prediction)"

@@ -31,8 +31,10 @@ def test_an_sdxl_folder_is_recognised_and_only_its_attention_trains(tiny_sdxl, t
     trained = dd.trainable_parameters(unet)
     assert trained and all(any(key in f".{name}" for key in dd.TRAINABLE) for name in trained)
     assert not any(name.startswith("add_embedding") for name in trained)  # the added conditions' layers: frozen
-    assert not isinstance(dd.load_models(dd.Config(model=str(tiny_sd), mixed_precision="no"), "cpu")[2],
-                          dd.TextEncodersXL)  # SD 1.5: one text encoder, as before
+    sd15 = dd.load_models(dd.Config(model=str(tiny_sd), mixed_precision="no"), "cpu")
+    assert not isinstance(sd15[2], dd.TextEncodersXL)  # SD 1.5: one text encoder, as before
+    assert dd.family_of(text_encoder, scheduler) == "SDXL (ε-prediction)"  # the start-up line names the family
+    assert dd.family_of(sd15[2], sd15[4]) == "SD 1.x or 2.x-base (ε-prediction)"
 
 
 def test_under_fp16_the_sdxl_vae_stays_fp32(tiny_sdxl):
