@@ -807,6 +807,8 @@ def resolve_config(given):
             saved = json.load(f)
     except (OSError, ValueError) as error:
         raise UsageError(f"--resume: {path} is damaged ({error})") from None
+    if isinstance(saved, dict):
+        saved.pop("family", None)  # recorded by start_run, not a flag: found again from --model
     unknown = sorted(set(saved) - {f.name for f in dataclasses.fields(Config)}) if isinstance(saved, dict) else ["?"]
     if unknown:
         raise UsageError(f"--resume: {path} is damaged or from another version (unknown keys: {', '.join(unknown)})")
@@ -1362,7 +1364,8 @@ def start_run(config, classifier=None):
         record_overrides(config, out, first)
         if config.prompts and os.path.abspath(config.prompts) != os.path.abspath(os.path.join(out, "prompts.txt")):
             shutil.copyfile(config.prompts, os.path.join(out, "prompts.txt"))  # --resume finds them if the file moves
-        write_json(os.path.join(out, "config.json"), dataclasses.asdict(config))
+        write_json(os.path.join(out, "config.json"), {**dataclasses.asdict(config),  # and the family recognised
+                                                      "family": family_of(text_encoder, scheduler)})
         write_json(os.path.join(out, "metrics.jsonl"), metrics, lines=True)  # drops lines past the checkpoint
         print(f"{family_of(text_encoder, scheduler)}; device {device}{f' x {world} ranks' if world > 1 else ''}"
               f"{cpu_threads(device)}, "

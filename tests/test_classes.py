@@ -258,7 +258,8 @@ def test_an_ensemble_trains_and_a_python_reader_reads_every_epoch(tiny_sd, tiny_
     result = run_main(capsys, "--model", tiny_sd, "--classifier", f"{tiny_classifier},{other}", "--ensemble", "min",
                       "--independent-classifier", "tests.test_classes:EveryoneFemale", *TINY, "--output-dir", out)
     assert result.returncode == 0, result.stderr
-    assert json.loads((out / "config.json").read_text())["ensemble"] == "min"
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["ensemble"] == "min" and saved["family"] == "SD 1.x or 2.x-base (ε-prediction)"  # not a flag
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(m["independent"]["n_female"] == m["n_images"] for m in epochs), epochs
 
