@@ -474,11 +474,10 @@ class Config(MethodConfig):
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """The policy: a hub id or a local SD 1.x, 2.x or SDXL pipeline folder (SDXL is recognised from it)."""
     classifier: str = "rizvandwiki/gender-classification-2"
-    """The AI feedback: a hub id or a local image-classification folder with a label for each of --classes; two,
-    comma-separated, for intersectional classes, or several of the same classes with --ensemble."""
+    """The AI feedback: an image classifier (hub id or folder) with a label for each of --classes; several,
+    comma-separated, for intersectional classes or --ensemble."""
     ensemble: str = ""
-    """With several --classifier of the same classes: how their P(class) combine, so that each must agree: min (the
-    worst case, Coste et al.), product, or mean-std (mean - std over the models). Empty: intersectional classes."""
+    """Several --classifier of the same classes, combined so that each must agree: min, product or mean-std."""
     device: str = ""
     """cpu, cuda or cuda:N; empty: cuda when there is one. config.json records the device used."""
     mixed_precision: str = "auto"
@@ -536,10 +535,8 @@ class Config(MethodConfig):
     their own, scored for bias, none-rate, CLIP-T and CLIP-I against the images of the same seeds before training.
     It changes no training result. 0: never."""
     independent_classifier: str = ""
-    """A second classifier (a hub id or a folder, with a label for each of --classes) that labels every epoch's
-    images for the metrics only, never for the reward: its shares beside the reward classifier's show a run that
-    fools its reward (Shen et al.). Or MODULE:NAME, a reader of your own in Python (tests.referee:Referee, the toy
-    worlds' referee): NAME(classes, device=...) must return images -> P(class). Empty: none."""
+    """A classifier (hub id or folder) or MODULE:NAME (a Python reader, tests.referee:Referee) that labels each
+    epoch's images for the metrics only."""
 
 
 # ----------------------------------------------------------------------------------------- command line and validation
