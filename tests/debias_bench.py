@@ -131,9 +131,9 @@ def run(out, name, seed, epochs):
     return folder, child([os.path.join(ROOT, "ddpo_debias.py"), *flags], folder + ".log")
 
 
-def read_fresh(unet, out_json, seed, log):
-    """Start the referee's reading of a UNet's FRESH new samples (tests.referee) into out_json: -> its process."""
-    return child(["-m", "tests.referee", unet, f"--images={FRESH}", f"--seed={seed}", f"--out={out_json}"], log, "a")
+def read_fresh(unet, out_json, seed, log, images=FRESH):
+    """Start the referee's reading of `images` new samples of a UNet (tests.referee) into out_json: -> its process."""
+    return child(["-m", "tests.referee", unet, f"--images={images}", f"--seed={seed}", f"--out={out_json}"], log, "a")
 
 
 def child(args, log_path, mode="w"):
@@ -251,15 +251,17 @@ def main(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side, one thread each")
     parser.add_argument("--clip-i", action="store_true", help="then CLIP-I of each run's final model against the "
                                                              "base model's (64 images each, about 7 s a run)")
+    parser.add_argument("--fresh", type=int, default=FRESH, help=f"new samples of each final UNet (and of the base) "
+                        f"the referee reads (default {FRESH})")
     parser.add_argument("--summarise", action="store_true", help="run nothing: summarise the finished runs already "
                         "in OUT/runs (of one benchmark or several copied together) into OUT/bench.json and bench.txt")
     args = parser.parse_args(argv)
     if args.summarise:
         return summarise_folder(args.out, args.epochs, args.clip_i, args.jobs)
     names, seeds = [n.strip() for n in args.configs.split(",")], args.seeds
-    if args.epochs < 2 or args.jobs < 1:
+    if args.epochs < 2 or args.jobs < 1 or args.fresh < 1:
         parser.error(f"--epochs: at least 2 (a window is 2 epochs), got {args.epochs}" if args.epochs < 2 else
-                     f"--jobs: at least 1, got {args.jobs}")
+                     f"--jobs: at least 1, got {args.jobs}" if args.jobs < 1 else f"--fresh: at least 1, got {args.fresh}")
     if set(names) - set(CONFIGS):
         parser.error(f"--configs: unknown {', '.join(sorted(set(names) - set(CONFIGS))) or 'empty name'}; known: "
                      f"{', '.join(CONFIGS)}")
@@ -334,7 +336,7 @@ def bench(args, names, seeds, running):
                                                           and running and running[0][0] == "base"):
             name, seed, stage = todo.pop(0)
             if name == "base":
-                proc = read_fresh(os.path.join(toyworld.SHIPPED, "unet"), base_json, 0, base_json + ".log")
+                proc = read_fresh(os.path.join(toyworld.SHIPPED, "unet"), base_json, 0, base_json + ".log", args.fresh)
                 running.append((name, seed, stage, args.out, proc))
             else:
                 running.append((name, seed, stage, *run(args.out, name, seed, args.epochs)))
@@ -346,7 +348,7 @@ def bench(args, names, seeds, running):
                 sys.exit(f"{name} seed {seed} {stage} failed (exit {proc.returncode}): see {folder}.log")
             if stage == "train":  # then the referee reads its final UNet, in the same slot
                 running.append((name, seed, "read", folder, read_fresh(folder, os.path.join(folder, "referee.json"),
-                                                                       seed, folder + ".log")))
+                                                                       seed, folder + ".log", args.fresh)))
             elif name != "base":
                 with open(os.path.join(folder, "metrics.jsonl")) as f, open(os.path.join(folder, "referee.json")) as g, \
                         open(base_json) as h:
@@ -367,7 +369,8 @@ def bench(args, names, seeds, running):
         f.write(text + "\n")
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump({"settings": toyworld.SETTINGS, "epochs": args.epochs, "seeds": seeds, "jobs": args.jobs,
-                   "base": base, "wall_seconds": time.time() - began, "results": results}, f, indent=2)
+                   "fresh": args.fresh, "base": base, "wall_seconds": time.time() - began, "results": results}, f,
+                  indent=2)
     return 0
 
 

@@ -141,7 +141,8 @@ class Referee:
             raise ValueError(f"the referee reads the toy worlds' classes ({', '.join(STYLES)}), not {unknown}")
         self.classes = [STYLES[c.lower()] for c in classes]
         self.styles = ["short"] + [s for s in ("long", "tall") if s in self.classes]  # the paintings, short first
-        self.vae = AutoencoderKL.from_pretrained(os.path.join(world, "vae")).eval().requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(os.path.join(world, "vae"), low_cpu_mem_usage=False).eval()
+        self.vae.requires_grad_(False)
         self.shapes = list(geometries(self.styles))
         self.maps = torch.stack([region_maps(g, self.styles) for g in self.shapes])
         self.basis = fitting_basis(self.maps)

@@ -94,8 +94,8 @@ def test_debias_bench_counts_the_epoch_q_balances_by_hand():
 
 def test_debias_bench_runs_and_writes_its_table(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tests.debias_bench", str(tmp_path / "b"), "--configs",
-                             "today,half-steps", "--seeds", "0", "--epochs", "2", "--clip-i"], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=300)
+                             "today,half-steps", "--seeds", "0", "--epochs", "2", "--clip-i", "--fresh", "32"], cwd=ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     bench = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert set(bench["results"]) == {"today", "half-steps"} and (tmp_path / "b" / "bench.txt").exists()
@@ -105,6 +105,7 @@ def test_debias_bench_runs_and_writes_its_table(tmp_path):
     clip_i = [today["seeds"]["0"]["clip_i"], half["seeds"]["0"]["clip_i"]]
     assert all(0 < c < 1 for c in clip_i) and today["median_clip_i"] == clip_i[0], clip_i  # trained: not the base
     assert (tmp_path / "b" / "eval" / "base" / "eval.json").exists()
+    assert bench["fresh"] == 32 and 0 <= today["referee_median_final_q"] <= 1 and today["referee_balanced"] == "0/1"
 
 
 def test_the_sdxl_configuration_runs_on_its_own_pipeline(tiny_pipeline, tmp_path):
