@@ -54,9 +54,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+import torch.utils._python_dispatch
+import torch.utils._pytree
 from tqdm import tqdm
 
 import rewards
@@ -105,8 +109,8 @@ class MethodConfig:
     guidance_scale: float = 5.0
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
-    """DDIM η in (0, 1]: at σ_t = 0 the step is deterministic and has no log-probability; above 1 the variance of
-    eq. (16) exceeds what the step can carry (1 - ᾱ_{t-1} - σ_t² < 0) and samples are NaN. 1.0 as DDPO."""
+    """DDIM η in (0, 1]: at σ_t = 0 the step is deterministic and has no log-probability; above 1, eq. (16)'s
+    1 - ᾱ_{t-1} - σ_t² < 0 and samples are NaN. 1.0 as DDPO."""
     lr: float = 1e-5
     """AdamW learning rate: full attention weights, not LoRA, so 30x below DDPO's LoRA rate 3e-4."""
     clip_range: float = 0.0
@@ -120,8 +124,8 @@ class MethodConfig:
     5, which hardly moved q on the toy world (docs/toy-world.md)."""
     kl_base: float = 0.0
     """β of DPOK's anchor (arXiv 2305.16381): the loss adds β·KL(π_θ(·|x_t) ‖ π_base(·|x_t)), the exact Gaussian KL
-    of each trained step to the pre-trained model's step (per latent element, as the log-probs), so the policy
-    cannot wander once the reward is met. It costs one more forward, without gradient, per trained step. 0: none."""
+    of each trained step to the pre-trained model's step, so the policy cannot wander once the reward is met. It
+    costs one more forward, without gradient, per trained step. 0: none."""
     adv_clip: float = 5.0
     """Advantages are standardised and clipped to ± this, as DDPO."""
     advantage_scale: float = 0.0
@@ -326,53 +330,80 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip, scale=0.0):
 
 
 # -------------------------------------------------------------------------------------------------------------- update
+def policy_step(unet, scheduler, prompt_embeds, samples, image, step, config):
+    """Re-score stored transitions under `unet`: rows = (image, step) pairs, image and step (n,) indices into the
+    epoch's samples. One guided UNet call over 2n rows, each with its own x_t and t: a micro-batch stacks several
+    steps of several images. -> log π(x_{t-1} | x_t) (n,), μ (n, C, H, W), σ_t (n, 1, 1, 1)."""
+    x_t, x_prev = samples["latents"][image, step], samples["latents"][image, step + 1]  # (n, C, H, W)
+    t, ids = samples["timesteps"][step], samples["prompt_ids"][image]  # (n,) each
+    with autocast(config, config.device):
+        noise_pred = guided_noise_pred(unet, x_t, t, prompt_embeds, ids, config.guidance_scale)
+    _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, config.eta, prev_latents=x_prev)
+    return log_prob, mean, std
+
+
 def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantages, config, generator, base=None):
     """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
-    gradient of B / updates_per_epoch images × their trained steps in micro-batches of b images (b =
-    --train-batch-size, which start_run sets to micro_batch()), one step at a time. `generator` draws the shuffles;
-    `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler); `base` the pre-trained model (frozen_base)
-    for --kl-base > 0.
+    gradient of B / updates_per_epoch images × their trained steps. Those (image, step) pairs go through the UNet in
+    micro-batches of b pairs (b = --train-batch-size, as micro_batch() sets it): b of the images at one step each, or,
+    when b is more than the update's images, all of them at b / images steps each, stacked in one call.
+    `generator` draws the shuffles; `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler); `base` the
+    pre-trained model (frozen_base) for --kl-base > 0.
 
-    Returns per-micro-step stats (micro-steps, 6) (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base; stacked
-    tensors, no host sync inside), how many optimizer steps were skipped, and each optimizer step's gradient norm before
-    clipping (None where not finite).
+    π_old, the denominator of r and Truly PPO's μ_old, is the sampler's (samples["log_probs"], ["means"]) with
+    --old-log-probs sampler, as DDPO. With "update" it is the update's own: a GPU rounds the sampler's batch of B
+    rows and a micro-batch of b rows differently, by more than PPO's tiny ε, so the first optimizer step takes it from
+    its own forward (detached: r = 1 exactly, for free) and the later ones from a forward with the weights before the
+    first step, in their own micro-batch shapes (one more forward without gradient for (U-1)/U of the pairs).
+
+    Returns per-micro-batch stats (micro-batches, 7) (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base,
+    sampler_gap: the mean square of log π_θ - the sampler's log-prob; stacked tensors, no host sync inside), how many
+    optimizer steps were skipped, and each optimizer step's gradient norm before clipping (None where not finite).
     """
-    device = config.device
     B, T = samples["log_probs"].shape
     steps = T - config.skip_final_steps  # steps 0..steps-1 (x_T -> ...); the last ones are not trained (Config)
     trained = trained_steps(config)  # of those, each image trains this many, the first of its shuffled order
-    per_update = B // config.updates_per_epoch
+    per_update, b = B // config.updates_per_epoch, config.train_batch_size
+    rows, cols = min(b, per_update), max(1, b // per_update)  # a micro-batch: `rows` images × `cols` steps of each
     params = list(trainable_parameters(unet).values())
-    order = torch.randperm(B, generator=generator).to(device)  # shuffle samples ...
-    step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(B)]).to(device)  # ... steps
-    stats, skipped, grad_norms = [], 0, []
+    order = torch.randperm(B, generator=generator).to(config.device)  # shuffle samples ...
+    step_order = torch.stack([torch.randperm(steps, generator=generator) for _ in range(B)]).to(config.device)  # steps
+    batches = []  # per optimizer step, its micro-batches' (image, step) index pairs, each (b,), (b,)
     for u in range(config.updates_per_epoch):
-        for idx in order[u * per_update:(u + 1) * per_update].split(config.train_batch_size):  # (b,) sample indices
-            for j in range(trained):
-                step_idx = step_order[idx, j]  # (b,): each sample's j-th step in its own shuffled order
-                x_t, x_prev = samples["latents"][idx, step_idx], samples["latents"][idx, step_idx + 1]  # (b, C, H, W)
-                t, ids = samples["timesteps"][step_idx], samples["prompt_ids"][idx]  # (b,) each
-                with autocast(config, device):
-                    noise_pred = guided_noise_pred(unet, x_t, t, prompt_embeds, ids, config.guidance_scale)
-                _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, config.eta,
-                                                                prev_latents=x_prev)
-                kl = gaussian_kl(samples["means"][idx, step_idx], mean, std)  # exact, (b,)
-                log_prob_old, adv = samples["log_probs"][idx, step_idx], advantages[idx]
-                if config.trust_region == "truly":  # EXERCISE: add a trust region here (e.g. a KL penalty, PPO-KL)
-                    loss, st = truly_ppo_loss(log_prob, log_prob_old, adv, kl, config.kl_threshold, config.truly_alpha)
-                else:
-                    loss, st = ppo_clip_loss(log_prob, log_prob_old, adv, config.clip_range)
-                kl_base = torch.zeros_like(kl)  # (b,)
-                if config.kl_base > 0:  # DPOK's anchor: the exact KL to the base model's step from the same x_t
-                    with torch.no_grad(), autocast(config, device):  # the base is frozen: a target, never trained
-                        base_pred = guided_noise_pred(base, x_t, t, prompt_embeds, ids, config.guidance_scale)
-                    base_mean = ddim_step_with_logprob(scheduler, base_pred, t, x_t, config.eta, prev_latents=x_prev)[2]
-                    kl_base = gaussian_kl(base_mean, mean, std)  # ‖μ_θ - μ_base‖²/(2σ_t²), mean over C·H·W
-                    loss = loss + config.kl_base * kl_base.mean()
-                # weight so the accumulated gradient is that of the mean over the update's images and steps
-                scaler.scale(loss * len(idx) / (per_update * trained)).backward()
-                stats.append(torch.stack([loss.detach(), st["approx_kl"].detach(), st["clipfrac"],
-                                          kl.detach().mean(), st["rollback_frac"], kl_base.detach().mean()]))
+        images = order[u * per_update:(u + 1) * per_update]  # (per_update,)
+        chosen = step_order[images, :trained]  # (per_update, trained): each image's first `trained` shuffled steps
+        batches.append([(images[i:i + rows, None].expand(-1, cols).reshape(-1),  # (b,) image of each row
+                         chosen[i:i + rows, j:j + cols].reshape(-1))  # (b,) its step
+                        for i in range(0, per_update, rows) for j in range(0, trained, cols)])
+    old = [[(samples["log_probs"][image, step], samples["means"][image, step]) for image, step in micro]
+           for micro in batches]  # π_old as sampled: (b,), (b, C, H, W) per micro-batch
+    if config.old_log_probs == "update":  # π_old from the update's own shapes, before the weights change
+        with torch.no_grad():  # targets, not trained through; None: the first step's own forward gives them
+            old = [[None] * len(batches[0])] + [[policy_step(unet, scheduler, prompt_embeds, samples, image, step,
+                                                             config)[:2] for image, step in micro]
+                                                for micro in batches[1:]]
+    stats, skipped, grad_norms = [], 0, []
+    for u, micro_batches in enumerate(batches):
+        for (image, step), old_values in zip(micro_batches, old[u]):
+            log_prob, mean, std = policy_step(unet, scheduler, prompt_embeds, samples, image, step, config)
+            log_prob_old, mean_old = old_values or (log_prob.detach(), mean.detach())  # None: the first step, r = 1
+            kl = gaussian_kl(mean_old, mean, std)  # exact, (b,)
+            adv = advantages[image]
+            if config.trust_region == "truly":  # EXERCISE: add a trust region here (e.g. a KL penalty, PPO-KL)
+                loss, st = truly_ppo_loss(log_prob, log_prob_old, adv, kl, config.kl_threshold, config.truly_alpha)
+            else:
+                loss, st = ppo_clip_loss(log_prob, log_prob_old, adv, config.clip_range)
+            kl_base = torch.zeros_like(kl)  # (b,)
+            if config.kl_base > 0:  # DPOK's anchor: the exact KL to the base model's step from the same x_t
+                with torch.no_grad():  # the base is frozen: a target, never trained
+                    base_mean = policy_step(base, scheduler, prompt_embeds, samples, image, step, config)[1]
+                kl_base = gaussian_kl(base_mean, mean, std)  # ‖μ_θ - μ_base‖²/(2σ_t²), mean over C·H·W
+                loss = loss + config.kl_base * kl_base.mean()
+            # weight so the accumulated gradient is that of the mean over the update's images and steps
+            scaler.scale(loss * len(image) / (per_update * trained)).backward()
+            sampler_gap = ((log_prob.detach() - samples["log_probs"][image, step]) ** 2).mean()  # rounding, on-policy
+            stats.append(torch.stack([loss.detach(), st["approx_kl"].detach(), st["clipfrac"], kl.detach().mean(),
+                                      st["rollback_frac"], kl_base.detach().mean(), sampler_gap]))
         # ---- the weights change here, once per `per_update` images: average, unscale, clip, step, reset.
         average_gradients(params)  # torchrun: the mean over processes, so all take the same step; alone: nothing
         scaler.unscale_(optimizer)
@@ -442,7 +473,8 @@ def train(config, classifier=None):
 # checkpoints, signals, devices, several processes and evaluation.
 # =====================================================================================================================
 CHOICES = {"reward": tuple(rewards.REWARDS), "trust_region": ("clip", "truly"), "labeller": ("classifier", "judge"),
-           "mixed_precision": ("auto", "no", "fp16", "bf16"), "ensemble": tuple(rewards.ENSEMBLES)}
+           "mixed_precision": ("auto", "no", "fp16", "bf16"),
+           "old_log_probs": ("auto", "update", "sampler"), "ensemble": tuple(rewards.ENSEMBLES)}
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # --mixed-precision
 MAX_NONFINITE = 3  # optimizer steps skipped in a row for NaN/Inf before the run stops
 
@@ -468,9 +500,8 @@ class Config(MethodConfig):
     epochs: int = 100
     """Epochs of sample-then-update; DDPO's runs take about 100 to move a reward."""
     train_batch_size: int = 4
-    """Images per training micro-batch (b): a memory knob only, gradients accumulate to the same update. 4 fits a
-    24 GB card, 8 a 40 GB one (docs/speed-and-memory.md). Larger than an update's images: one micro-batch of them
-    all, and config.json records that number."""
+    """(image, step) pairs per UNet call of the update (b): memory only, the update is the same. Above an update's
+    images, steps stacked. auto: the most the free memory holds (docs/speed-and-memory.md). 4 fits 24 GB."""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """The policy: a hub id or a local SD 1.x, 2.x or SDXL pipeline folder (SDXL is recognised from it)."""
     classifier: str = "rizvandwiki/gender-classification-2"
@@ -483,6 +514,9 @@ class Config(MethodConfig):
     mixed_precision: str = "auto"
     """no, fp16 or bf16: frozen weights and activations in that type, trained weights and AdamW state in fp32.
     auto: bf16 on a GPU that has it, else fp16 on a GPU; no on the CPU, where bf16 is slower."""
+    old_log_probs: str = "auto"
+    """PPO's π_old: 'sampler' (DDPO) or 'update', the update's own forward: exactly on-policy in any precision, for
+    one more forward without gradient (update()). auto: update under fp16/bf16 or on a GPU."""
     compile: bool = False
     """torch.compile the UNet (slow first epoch, faster after)."""
     low_memory: bool = False
@@ -492,7 +526,7 @@ class Config(MethodConfig):
     """Also log the UNet's achieved TFLOP/s and the peak GPU memory per epoch."""
     save_every: int = 10
     """Epochs between checkpoints (and after the last, and on Ctrl-C): a checkpoint of SD is 1 GiB (weights
-    and AdamW state), so a kill -9 loses at most 9 epochs. DDPO saves every 20."""
+    and AdamW state). DDPO saves every 20."""
     output_dir: str = ""
     """Where the run goes; empty: runs/<date-time>. A folder that holds a run is never overwritten."""
     resume: str = ""
@@ -558,13 +592,23 @@ HELP_GROUPS = {  # --help's sections, in the order of the method, then running i
     "the update (PPO)": ("trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
                          "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm"),
     "running it": ("epochs", "model", "classifier", "ensemble", "unet", "output_dir", "resume", "save_every", "device",
-                   "mixed_precision", "train_batch_size", "low_memory", "compile", "profile"),
+                   "mixed_precision", "train_batch_size", "old_log_probs", "low_memory", "compile", "profile"),
     "many prompts (docs/many-prompts.md)": ("prompts", "balance_window"),
     "the judge (docs/judge.md)": ("labeller", "judge_url", "judge_model", "judge_group", "judge_criterion",
                                   "judge_image_size"),
     "evaluation (docs/evaluate.md)": ("evaluate", "eval_prompts", "eval_images", "compare", "clip_model",
                                       "eval_every", "independent_classifier")}
 METAVARS = {int: "N", float: "X", str: "TEXT"}
+
+
+def int_or_auto(text):
+    """--train-batch-size: a number, or auto, kept as 0 until start_run counts what fits (auto_micro_batch)."""
+    if text == "auto":
+        return 0
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, not {text!r}") from None
 
 
 def parse_args(argv=None):
@@ -584,7 +628,8 @@ def parse_args(argv=None):
             if isinstance(default, bool):
                 group.add_argument(flag_of(name), action="store_true", help=doc)
             else:
-                group.add_argument(flag_of(name), type=type(default), choices=CHOICES.get(name), help=doc,
+                group.add_argument(flag_of(name), type=int_or_auto if name == "train_batch_size" else type(default),
+                                   choices=CHOICES.get(name), help=doc,
                                    metavar=METAVARS[type(default)] if name not in CHOICES else None)
     return vars(parser.parse_args(argv))
 
@@ -609,12 +654,13 @@ ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balanc
 # What only training reads: refused with --evaluate, which samples and labels but never trains.
 TRAINING_ONLY = ("reward", "trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
                  "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm", "epochs",
-                 "train_batch_size", "low_memory", "save_every", "augment", "underrepresented", "balance_window",
+                 "train_batch_size", "old_log_probs", "low_memory", "save_every", "augment", "underrepresented", "balance_window",
                  "judge_group", "judge_criterion")
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
-BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "train_batch_size", "num_steps", "updates_per_epoch",
-                           "save_every", "eval_images"), AT_LEAST_1),
+BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "num_steps", "updates_per_epoch", "save_every", "eval_images"),
+                         AT_LEAST_1),
+          "train_batch_size": (lambda v: v >= 0, "at least 1, or auto"),  # 0: auto (int_or_auto)
           **dict.fromkeys(("truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
           "kl_base": (lambda v: 0 <= v <= 100, "in [0, 100]: 0 is no anchor; at 1 the toy world's model already "
                       "stays at the base, and far above it the anchor's loss overflows float32"),
@@ -730,7 +776,7 @@ def validate(config, given=None):
         raise UsageError("--evaluate: runs in one process, without torchrun" if config.evaluate else
                          f"--device: with torchrun each rank uses cuda:LOCAL_RANK; give cuda, not {config.device}")
     per_update = config.batch_size // world // config.updates_per_epoch
-    if per_update % micro_batch(config, world):
+    if 0 < config.train_batch_size <= per_update and per_update % config.train_batch_size:
         raise UsageError(f"--train-batch-size: {config.train_batch_size} does not divide the {per_update} images of "
                          "each update into equal micro-batches")
     if config.skip_final_steps >= config.num_steps and not config.evaluate:
@@ -1281,10 +1327,105 @@ def derived_sizes(config, unet, world=1):
 
 
 def micro_batch(config, world=1):
-    """b: images per training micro-batch. It divides a process's B / N / updates_per_epoch images of an update, N =
-    world (validate), so every micro-batch has the same shape: one compiled graph, no recompiles."""
-    return min(config.train_batch_size, config.batch_size // world // config.updates_per_epoch)
+    """b: (image, step) pairs per UNet call of the update. Up to a process's B / N / updates_per_epoch images of an
+    update (N = world), b images at one step each, and b divides them (validate); above, all of them at k steps each,
+    k the largest divisor of the trained steps with k·images <= --train-batch-size. So every micro-batch has the same
+    shape: one compiled graph, no recompiles."""
+    per_update, trained = config.batch_size // world // config.updates_per_epoch, trained_steps(config)
+    if config.train_batch_size <= per_update:
+        return config.train_batch_size
+    return per_update * max(k for k in range(1, trained + 1)
+                            if trained % k == 0 and per_update * k <= config.train_batch_size)
 
+
+# ------------------------------------------------------------------------------------- --train-batch-size auto: counted
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Bytes of the storages created inside this mode that are still alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.sizes = 0, 0, {}
+
+    def _free(self, key):
+        self.live -= self.sizes.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage._cdata  # one StorageImpl, however many views of it exist
+                if key not in self.sizes:
+                    self.sizes[key] = storage.nbytes()
+                    self.live += self.sizes[key]
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+@contextlib.contextmanager
+def fp32_norms():
+    """Run group_norm and layer_norm in fp32, as CUDA autocast does (the CPU's keeps them in bf16)."""
+    group_norm, layer_norm = F.group_norm, F.layer_norm
+    up = lambda t: None if t is None else t.float()
+    F.group_norm = lambda x, g, w=None, b=None, eps=1e-5: group_norm(x.float(), g, up(w), up(b), eps)
+    F.layer_norm = lambda x, shape, w=None, b=None, eps=1e-5: layer_norm(x.float(), shape, up(w), up(b), eps)
+    try:
+        yield
+    finally:
+        F.group_norm, F.layer_norm = group_norm, layer_norm
+
+
+def update_memory(unet, scheduler, prompt_embeds, config, micro_batches=(1, 2)):
+    """The peak bytes of one update micro-batch (forward and backward of b pairs with guidance, the log-prob, the loss,
+    the trained weights' gradients) for each b, counted without running it: on a copy of the UNet built from its
+    config with fake weights (FakeTensorMode: shapes and dtypes, no data), in the run's precision, with CUDA
+    autocast's fp32 norms and the run's gradient checkpointing. tests/count_memory.py prints the whole model."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    peaks, cpu = {}, dataclasses.replace(config, device="cpu")
+    with FakeTensorMode(allow_non_fake_inputs=True), fp32_norms():
+        fake = train_attention_only(type(unet).from_config(unet.config), DTYPES[config.mixed_precision])
+        if unet.is_gradient_checkpointing:  # --low-memory
+            fake.enable_gradient_checkpointing()
+        steps = type(scheduler).from_config(scheduler.config)
+        steps.set_timesteps(config.num_steps)
+        embeds = torch.utils._pytree.tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype), prompt_embeds)
+        c, s = unet.config.in_channels, unet.config.sample_size
+        for b in micro_batches:
+            samples = {"latents": torch.randn(b, 2, c, s, s), "timesteps": steps.timesteps[:1],
+                       "prompt_ids": torch.zeros(b, dtype=torch.long)}
+            tracker = LiveBytes()
+            with tracker:
+                log_prob = policy_step(fake, steps, embeds, samples, torch.arange(b), torch.zeros(b, dtype=torch.long),
+                                       cpu)[0]
+                ppo_clip_loss(log_prob, log_prob.detach(), torch.ones(b), 1e-4)[0].backward()
+                del log_prob
+            fake.zero_grad(set_to_none=True)
+            peaks[b] = tracker.peak
+    return peaks
+
+
+def free_memory(device):
+    """Bytes free on `device`: the GPU's (torch.cuda.mem_get_info), or the CPU's available memory."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_micro_batch(config, unet, scheduler, prompt_embeds, world=1, free=None):
+    """--train-batch-size auto: the largest b micro_batch() allows whose counted peak fits 90% of the free memory, less
+    what the loop has yet to allocate (AdamW's two moments at the first step, the epoch's trajectories). The peak is
+    linear in b (update_memory at 1 and 2 pairs: fixed + b·per pair). free: bytes, free_memory(device) if None."""
+    per_update, trained = config.batch_size // world // config.updates_per_epoch, trained_steps(config)
+    candidates = [b for b in range(1, per_update * trained + 1)
+                  if (b <= per_update and per_update % b == 0) or (b % per_update == 0 and trained % (b // per_update) == 0)]
+    one, two = update_memory(unet, scheduler, prompt_embeds, config).values()
+    per_pair, fixed = two - one, 2 * one - two
+    c, s = unet.config.in_channels, unet.config.sample_size
+    later = (8 * sum(p.numel() for p in trainable_parameters(unet).values())  # AdamW: two fp32 moments
+             + config.batch_size * (2 * config.num_steps + 1) * c * s * s * 4)  # latents and means, fp32
+    budget = 0.9 * (free_memory(config.device) if free is None else free) - later
+    return max([b for b in candidates if fixed + b * per_pair <= budget], default=1)
 
 
 # ---------------------------------------------------------------------------------------- a run's state
@@ -1354,6 +1495,9 @@ def start_run(config, classifier=None):
             os.replace(os.path.join(out, "metrics.jsonl"), kept)
         print(f"{out} has no checkpoint: starting again from epoch 0"
               + (f" (its metrics so far are in {kept})" if os.path.exists(kept) else ""))
+    if config.train_batch_size == 0:  # --train-batch-size auto: the most pairs that fit, counted once
+        config = dataclasses.replace(config, train_batch_size=auto_micro_batch(config, unet, scheduler,
+                                                                               run.prompt_embeds, world))
     sizes = derived_sizes(config, unet, world)
     config = dataclasses.replace(config, clip_range=sizes["clip_range"],  # ε, δ and b as used, saved in config.json
                                  kl_threshold=sizes["kl_threshold"], train_batch_size=sizes["micro_batch"])
@@ -1372,7 +1516,7 @@ def start_run(config, classifier=None):
               + (f" over P={len(prompts)} prompts (q over the last {run.history.size} images of each)"
                  if len(prompts) > 1 else "") + ", "
               f"latent {'x'.join(map(str, sizes['latent']))}; {config.updates_per_epoch} updates/epoch of "
-              f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']}"
+              f"{config.batch_size // config.updates_per_epoch} images in micro-batches of {sizes['micro_batch']} (image, step) pairs"
               f"{' per rank' if world > 1 else ''}; {sum(p.numel() for p in params.values()) / 1e6:.2f}M trainable "
               "attention weights" + (f"; Truly PPO δ={config.kl_threshold:.3g}, α={config.truly_alpha:g}"
                                      if config.trust_region == "truly" else f"; clip ε={config.clip_range:.3g}"))
@@ -1440,16 +1584,16 @@ def judge_ranks(config, run, images, prompt_ids):
 
 def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, reward_range, stats, skipped,
                  grad_norms):
-    """The epoch's line of metrics.jsonl (docs/outputs.md). stats: update()'s (micro-steps, 6), or None without an
-    update; averaged over the update's micro-steps and over the processes."""
+    """The epoch's line of metrics.jsonl (docs/outputs.md). stats: update()'s (micro-batches, 7), or None without
+    an update; averaged over the update's micro-batches and over the processes."""
     device, B, T = config.device, config.batch_size, config.num_steps
-    (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base), first_update = [None] * 6, [None] * 6
+    (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base, _), first_update = [None] * 7, [None] * 7
     if stats is not None:
         on_policy = stats[:len(stats) // config.updates_per_epoch]  # the first update's: r = 1 but for precision
-        means = torch.stack([stats.mean(dim=0), on_policy.mean(dim=0)])  # (2, 6)
+        means = torch.stack([stats.mean(dim=0), on_policy.mean(dim=0)])  # (2, 7)
         means = gather(means[None]).mean(dim=0)  # the processes' mean
-        (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base), first_update = [[finite_or_none(x) for x in row]
-                                                                                 for row in means.tolist()]
+        (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base, _), first_update = [[finite_or_none(x) for x in row]
+                                                                                    for row in means.tolist()]
     shared = set(run.history.underrepresented)  # R_shift's U, when every prompt has the same
     seconds = laps.seconds
     record = {"epoch": epoch, "reward_mean": finite_or_none(reward_values.mean().item()),
@@ -1460,6 +1604,8 @@ def epoch_record(epoch, run, config, laps, reward_values, labels, per_prompt, re
               "rollback_frac": rollback_frac, "grad_norm": grad_norms, "skipped_steps": skipped,
               "onpolicy_log_ratio_rms": None if first_update[1] is None else math.sqrt(2 * first_update[1]),
               "onpolicy_clipfrac": first_update[2],  # the rms of log r from approx_kl = ½·mean (log r)²
+              # the rounding between the sampler's log-probs and the first update's: what --old-log-probs update removes
+              "sampler_log_ratio_rms": None if first_update[6] is None else math.sqrt(first_update[6]),
               "equal_rewards": reward_range == 0,
               "sample_seconds": seconds["sample"], "reward_seconds": seconds["reward"],
               "train_seconds": seconds["train"], "images_per_second": B / (laps.last - laps.start),
@@ -1616,7 +1762,10 @@ def resolve_device(config):
     precision = config.mixed_precision
     if precision == "auto":  # bf16 where the GPU has it; fp16 on older GPUs; fp32 on the CPU, where bf16 is slower
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.startswith("cuda") else "no"
-    return dataclasses.replace(config, device=device, mixed_precision=precision)
+    old = config.old_log_probs
+    if old == "auto":  # exact on-policy where the sampler's and the update's batch shapes round differently
+        old = "update" if precision != "no" or device.startswith("cuda") else "sampler"
+    return dataclasses.replace(config, device=device, mixed_precision=precision, old_log_probs=old)
 
 
 def cpu_threads(device):

@@ -14,57 +14,26 @@ flash/memory-efficient kernels. Not counted: the CUDA caching allocator's roundi
 or cuBLAS workspaces (a few hundred MB), so a GPU's max_memory_allocated will read somewhat higher.
 """
 import argparse
-import math
-import weakref
 
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from ddpo_debias import LiveBytes, fp32_norms  # the counter --train-batch-size auto uses
 
 GIB = 2**30
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of the storages created inside this mode that are still alive, and their peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.peak, self.sizes = 0, 0, {}
-
-    def _free(self, key):
-        self.live -= self.sizes.pop(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage._cdata  # one StorageImpl, however many views of it exist
-                if key not in self.sizes:
-                    self.sizes[key] = storage.nbytes()
-                    self.live += self.sizes[key]
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(storage, self._free, key)
-        return out
-
-
-def fp32_norms():
-    """Run group_norm and layer_norm in fp32, as CUDA autocast does (the CPU's keeps them in bf16)."""
-    group_norm, layer_norm = F.group_norm, F.layer_norm
-    up = lambda t: None if t is None else t.float()
-    F.group_norm = lambda x, g, w=None, b=None, eps=1e-5: group_norm(x.float(), g, up(w), up(b), eps)
-    F.layer_norm = lambda x, shape, w=None, b=None, eps=1e-5: layer_norm(x.float(), shape, up(w), up(b), eps)
-    return lambda: (setattr(F, "group_norm", group_norm), setattr(F, "layer_norm", layer_norm))
-
-
 def count(micro_batches, checkpointing_options=(False, True), family="sd15"):
+    """-> (resident bytes by name, [(checkpointing, b, training peak)], sampling peak, latent side, {b: decode peak})."""
+    with fp32_norms():
+        return counted(micro_batches, checkpointing_options, family)
+
+
+def counted(micro_batches, checkpointing_options, family):
     import ddpo_debias as dd
     from diffusers import DDIMScheduler
     from tests.fixtures import SD_SCHEDULER
     from tests import random_sd15
-    restore = fp32_norms()
     rows = []
     with torch.device("meta"):  # for their sizes only
         unet, vae, text_encoder, classifier = getattr(random_sd15, f"{family}_models")()
@@ -120,7 +89,6 @@ def count(micro_batches, checkpointing_options=(False, True), family="sd15"):
             with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                 vae.decode(torch.randn(b, 4, s, s, dtype=torch.bfloat16))
             decoding[b] = tracker.peak
-    restore()
     return weights, rows, sampling, s, decoding
 
 

@@ -84,7 +84,7 @@ def test_low_memory_is_checkpointing_and_keeps_the_micro_batch(tiny_sd):
     unet = dd.load_models(config, "cpu")[0]
     assert unet.is_gradient_checkpointing
     assert dd.micro_batch(config) == 4  # --low-memory no longer forces micro-batches of one image
-    assert dd.micro_batch(config, world=4) == 2  # torchrun: 16 images / 4 ranks / 2 updates per epoch
+    assert dd.micro_batch(config, world=4) == 4  # torchrun: 16 images / 4 ranks / 2 updates: 2 images x 2 steps
     assert not dd.load_models(dd.Config(model=tiny_sd, mixed_precision="no"), "cpu")[0].is_gradient_checkpointing
 
 
