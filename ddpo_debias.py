@@ -87,8 +87,8 @@ class MethodConfig:
     target: str = ""
     """The share to reach of each class, comma-separated, summing to 1 (t_c of R_balance); empty: 1/K each."""
     threshold: float = 0.7
-    """An image's label is its most probable class when that probability is above this, else none: the paper's 0.7.
-    Lower it for a classifier of many classes that is rarely that sure (at least 1/K)."""
+    """An image's label is its most probable class when that probability is above this, else none: the paper's 0.7
+    (lower, at least 1/K, for a classifier of many classes)."""
     augment: bool = False
     """Average the reward classifier's P(class) over 5 views of each image (mirror, shifts, blur)."""
     underrepresented: str = "auto"
@@ -187,6 +187,50 @@ def ddim_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, pr
     return prev_latents, log_prob.mean(dim=(1, 2, 3)), prev_mean, std_dev
 
 
+FLOW_NOISE = 0.7  # Flow-GRPO's a for SD 3.x (0.9 for FLUX): the SDE step's noise level at η = 1
+
+
+def flow_step_with_logprob(scheduler, noise_pred, timestep, latents, eta=1.0, prev_latents=None, generator=None,
+                           noise=None):
+    """One step x -> x' of a flow-matching sampler (SD 3.x) as a Gaussian policy: Flow-GRPO's SDE step (arXiv
+    2505.05470, sd3_sde_with_logprob.py), whose marginals are the ODE's, and the log-density of x' under it. The
+    signature and returns of ddim_step_with_logprob, with v = noise_pred the model's velocity:
+
+      σ, σ' the flow's noise levels at this step and the next (scheduler.sigmas), dt = σ' - σ < 0
+      σ_t  = a·√(σ/(1 - σ)),  a = FLOW_NOISE·η   (at σ = 1, the first step, 1 - σ is 1 - σ of the second: Flow-GRPO's)
+      μ    = x·(1 + σ_t²·dt/(2σ)) + v·(1 + σ_t²·(1 - σ)/(2σ))·dt
+      std  = σ_t·√(-dt)
+    As a -> 0, μ -> x + v·dt: the Euler step of diffusers' FlowMatchEulerDiscreteScheduler. Every step has σ > 0,
+    so std > 0: none is deterministic. The log-probability is the Gaussian's, mean over C·H·W, in fp32.
+    Shapes: as ddim_step_with_logprob; timestep a value of scheduler.timesteps (σ·1000), or (B,) of them.
+    """
+    if eta <= 0:
+        raise ValueError("eta must be > 0: with a = 0 the step is the deterministic ODE and has no log-probability")
+    noise_pred, latents = noise_pred.float(), latents.float()  # the density is computed in fp32 always
+    t = torch.as_tensor(timestep, device=latents.device).reshape(-1)  # (B,) or (1,)
+    index = (scheduler.timesteps.to(latents.device)[None] - t[:, None]).abs().argmin(dim=1)  # each t's step
+    sigmas = scheduler.sigmas.to(latents.device)  # (T+1,): 1 ... the last, then 0
+    sigma, sigma_next = sigmas[index].view(-1, 1, 1, 1), sigmas[index + 1].view(-1, 1, 1, 1)
+    dt = sigma_next - sigma
+    sigma_t = FLOW_NOISE * eta * (sigma / (1 - torch.where(sigma == 1, sigmas[1], sigma))).sqrt()
+    prev_mean = (latents * (1 + sigma_t**2 / (2 * sigma) * dt)
+                 + noise_pred * (1 + sigma_t**2 * (1 - sigma) / (2 * sigma)) * dt)
+    std_dev = sigma_t * (-dt).sqrt()
+    if prev_latents is None:  # sampling: draw x'; in training the stored one is re-scored
+        if noise is None:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        prev_latents = prev_mean + std_dev * noise
+    log_prob = (-((prev_latents.detach() - prev_mean) ** 2) / (2 * std_dev**2) - torch.log(std_dev)
+                - math.log(math.sqrt(2 * math.pi)))
+    return prev_latents, log_prob.mean(dim=(1, 2, 3)), prev_mean, std_dev
+
+
+def step_of(scheduler):
+    """The model's Gaussian step: DDIM's (SD 1.x, 2.x, SDXL), or Flow-GRPO's SDE step for a flow model (SD 3.x)."""
+    return flow_step_with_logprob if type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" else \
+        ddim_step_with_logprob
+
+
 def gaussian_kl(mean_old, mean_new, std):
     """Exact KL(π_old || π_new) of two step policies sharing σ_t: ‖μ_new - μ_old‖² / (2σ_t²), mean over C·H·W -> (B,)."""
     return ((mean_new - mean_old) ** 2 / (2 * std**2)).mean(dim=(1, 2, 3))
@@ -227,7 +271,8 @@ def truly_ppo_loss(log_prob, log_prob_old, advantages, kl, kl_threshold, alpha):
 
 
 # ------------------------------------------------------------------------------------------------- which weights train
-TRAINABLE = (".to_q.", ".to_k.", ".to_v.", ".to_out.0.")  # every attention projection of the UNet
+TRAINABLE = (".to_q.", ".to_k.", ".to_v.", ".to_out.0.",  # every attention projection of the UNet, and SD 3's
+             ".add_q_proj.", ".add_k_proj.", ".add_v_proj.", ".to_add_out.")  # joint attention's, of the text
 
 
 def train_attention_only(unet, dtype):
@@ -258,9 +303,9 @@ def guided_noise_pred(unet, latents, timesteps, prompt_embeds, prompt_ids, guida
     b = latents.shape[0]
     rows = torch.cat([prompt_ids.new_zeros(b), 1 + prompt_ids])  # (2b,): b unconditional rows, then each prompt's
     embeds, added = prompt_embeds, {}
-    if isinstance(prompt_embeds, dict):  # SDXL: also its pooled text embedding and size ids, the UNet's added inputs
+    if isinstance(prompt_embeds, dict):  # SDXL (SD 3): its pooled text embedding (and size ids), added inputs
         embeds = prompt_embeds["encoder_hidden_states"]
-        added = {name: prompt_embeds[name][rows] for name in ("text_embeds", "time_ids")}
+        added = {name: value[rows] for name, value in prompt_embeds.items() if name != "encoder_hidden_states"}
     t = timesteps.repeat(2) if timesteps.dim() else timesteps  # per-sample steps in training, one in sampling
     noise_uncond, noise_cond = unet(torch.cat([latents, latents]), t, encoder_hidden_states=embeds[rows],
                                     added_cond_kwargs=added).sample.chunk(2)
@@ -283,7 +328,7 @@ def sample(unet, vae, scheduler, prompt_embeds, prompt_ids, config, device, gene
         with autocast(config, device):
             noise_pred = guided_noise_pred(unet, latents, t, prompt_embeds, prompt_ids, config.guidance_scale)
         z = this_process(torch.randn((config.batch_size, c, s, s), generator=generator, device=device))  # eq. (12)
-        latents, log_prob, mean, _ = ddim_step_with_logprob(scheduler, noise_pred, t, latents, config.eta, noise=z)
+        latents, log_prob, mean, _ = step_of(scheduler)(scheduler, noise_pred, t, latents, config.eta, noise=z)
         all_latents.append(latents), log_probs.append(log_prob), means.append(mean)
     return {"latents": torch.stack(all_latents, dim=1), "log_probs": torch.stack(log_probs, dim=1),
             "means": torch.stack(means, dim=1), "timesteps": scheduler.timesteps.clone(), "prompt_ids": prompt_ids,
@@ -297,7 +342,10 @@ def decode(vae, latents, config, device):
     images = []
     for chunk in latents.split(config.train_batch_size):
         with autocast(config, device) if vae.dtype != torch.float32 else contextlib.nullcontext():  # SDXL's fp16
-            images.append(vae.decode(chunk.to(vae.dtype) / vae.config.scaling_factor).sample.float())
+            latents = chunk.to(vae.dtype) / vae.config.scaling_factor
+            if vae.config.get("shift_factor"):  # SD 3's VAE: latents were shifted, then scaled
+                latents = latents + vae.config.shift_factor
+            images.append(vae.decode(latents).sample.float())
     return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
 
@@ -331,34 +379,27 @@ def compute_advantages(reward_values, prompt_ids, history, adv_clip, scale=0.0):
 
 # -------------------------------------------------------------------------------------------------------------- update
 def policy_step(unet, scheduler, prompt_embeds, samples, image, step, config):
-    """Re-score stored transitions under `unet`: rows = (image, step) pairs, image and step (n,) indices into the
-    epoch's samples. One guided UNet call over 2n rows, each with its own x_t and t: a micro-batch stacks several
-    steps of several images. -> log π(x_{t-1} | x_t) (n,), μ (n, C, H, W), σ_t (n, 1, 1, 1)."""
+    """Re-score n stored steps under `unet` in one guided call, a t per row: image, step (n,) index the samples.
+    -> log π(x_{t-1} | x_t) (n,), μ (n, C, H, W), σ_t (n, 1, 1, 1)."""
     x_t, x_prev = samples["latents"][image, step], samples["latents"][image, step + 1]  # (n, C, H, W)
     t, ids = samples["timesteps"][step], samples["prompt_ids"][image]  # (n,) each
     with autocast(config, config.device):
         noise_pred = guided_noise_pred(unet, x_t, t, prompt_embeds, ids, config.guidance_scale)
-    _, log_prob, mean, std = ddim_step_with_logprob(scheduler, noise_pred, t, x_t, config.eta, prev_latents=x_prev)
+    _, log_prob, mean, std = step_of(scheduler)(scheduler, noise_pred, t, x_t, config.eta, prev_latents=x_prev)
     return log_prob, mean, std
 
 
 def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantages, config, generator, base=None):
-    """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the
-    gradient of B / updates_per_epoch images × their trained steps. Those (image, step) pairs go through the UNet in
-    micro-batches of b pairs (b = --train-batch-size, as micro_batch() sets it): b of the images at one step each, or,
-    when b is more than the update's images, all of them at b / images steps each, stacked in one call.
-    `generator` draws the shuffles; `scaler` scales the loss for fp16 (a no-op otherwise, make_scaler); `base` the
-    pre-trained model (frozen_base) for --kl-base > 0.
-
-    π_old, the denominator of r and Truly PPO's μ_old, is the sampler's (samples["log_probs"], ["means"]) with
-    --old-log-probs sampler, as DDPO. With "update" it is the update's own: a GPU rounds the sampler's batch of B
-    rows and a micro-batch of b rows differently, by more than PPO's tiny ε, so the first optimizer step takes it from
-    its own forward (detached: r = 1 exactly, for free) and the later ones from a forward with the weights before the
-    first step, in their own micro-batch shapes (one more forward without gradient for (U-1)/U of the pairs).
-
-    Returns per-micro-batch stats (micro-batches, 7) (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base,
-    sampler_gap: the mean square of log π_θ - the sampler's log-prob; stacked tensors, no host sync inside), how many
-    optimizer steps were skipped, and each optimizer step's gradient norm before clipping (None where not finite).
+    """One pass of PPO over the epoch's samples: `updates_per_epoch` optimizer steps, each accumulating the gradient
+    of B / updates_per_epoch images × their trained steps. Those (image, step) pairs go through the UNet b at a time
+    (b = --train-batch-size, micro_batch()): b images at one step, or all the update's images at several, stacked.
+    `generator` draws the shuffles; `scaler` scales the loss for fp16 (make_scaler); `base` the pre-trained model
+    for --kl-base > 0. π_old (r's denominator, Truly PPO's μ_old) is the sampler's with old_log_probs "sampler"
+    (DDPO); with "update" the update's own, in its own batch shapes (a GPU rounds other shapes differently, by about
+    ε): the first step's own forward, detached (r = 1 exactly), and for later steps a forward before the first step.
+    Returns per-micro-batch stats (n, 7) (loss, approx_kl, clipfrac, kl, rollback_frac, kl_base, sampler_gap = mean
+    (log π_θ - log π_sampler)²; no host sync inside), the optimizer steps skipped, and each step's gradient norm
+    before clipping (None where not finite).
     """
     B, T = samples["log_probs"].shape
     steps = T - config.skip_final_steps  # steps 0..steps-1 (x_T -> ...); the last ones are not trained (Config)
@@ -377,11 +418,10 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
                         for i in range(0, per_update, rows) for j in range(0, trained, cols)])
     old = [[(samples["log_probs"][image, step], samples["means"][image, step]) for image, step in micro]
            for micro in batches]  # π_old as sampled: (b,), (b, C, H, W) per micro-batch
-    if config.old_log_probs == "update":  # π_old from the update's own shapes, before the weights change
-        with torch.no_grad():  # targets, not trained through; None: the first step's own forward gives them
-            old = [[None] * len(batches[0])] + [[policy_step(unet, scheduler, prompt_embeds, samples, image, step,
-                                                             config)[:2] for image, step in micro]
-                                                for micro in batches[1:]]
+    if config.old_log_probs == "update":  # the update's own, before the weights change; None: the first step's own
+        with torch.no_grad():  # forward gives them, below. Targets, not trained through.
+            old = [[None] * len(batches[0])] + [[policy_step(unet, scheduler, prompt_embeds, samples, *pair, config)[:2]
+                                                 for pair in micro] for micro in batches[1:]]
     stats, skipped, grad_norms = [], 0, []
     for u, micro_batches in enumerate(batches):
         for (image, step), old_values in zip(micro_batches, old[u]):
@@ -518,10 +558,10 @@ class Config(MethodConfig):
     """PPO's π_old: 'sampler' (DDPO) or 'update', the update's own forward: exactly on-policy in any precision, for
     one more forward without gradient (update()). auto: update under fp16/bf16 or on a GPU."""
     compile: bool = False
-    """torch.compile the UNet (slow first epoch, faster after)."""
+    """torch.compile the UNet (a slow first epoch)."""
     low_memory: bool = False
     """Gradient checkpointing: recompute the UNet's activations in backward (a second forward: slower, far less
-    memory per image of the micro-batch; docs/speed-and-memory.md); with --train-batch-size, for 8-16 GB cards."""
+    memory per pair of the micro-batch; docs/speed-and-memory.md), for 8-16 GB cards."""
     profile: bool = False
     """Also log the UNet's achieved TFLOP/s and the peak GPU memory per epoch."""
     save_every: int = 10
@@ -1022,7 +1062,8 @@ def load_models(config, device):
     local = os.path.join(path, "scheduler", "scheduler_config.json")
     if os.path.exists(local):  # a local folder: its family first (a flow model has no unet/ to complain about)
         with open(local) as f:
-            check_family(json.load(f).get("_class_name", ""), path)
+            if check_family(json.load(f).get("_class_name", ""), path) == "flow":
+                return load_flow_models(config, device)
     check_source("--model", path, "a Stable Diffusion pipeline", os.path.join("unet", "config.json"))
     if config.unet:
         check_source("--unet", config.unet, "a UNet", "diffusion_pytorch_model.safetensors")
@@ -1030,7 +1071,8 @@ def load_models(config, device):
     dtype = DTYPES[config.mixed_precision]
     with loading("--model", path):
         raw = DDIMScheduler.load_config(path, subfolder="scheduler")  # the hub's file, before it is made a DDIM
-        check_family(raw.get("_class_name", ""), path)
+        if check_family(raw.get("_class_name", ""), path) == "flow":
+            return load_flow_models(config, device)
         scheduler = DDIMScheduler.from_config(raw)
         check_scheduler(scheduler.config, path, config.num_steps)  # before the large downloads
         if not config.evaluate:
@@ -1050,6 +1092,12 @@ def load_models(config, device):
                 zeros_for_empty=index.get("force_zeros_for_empty_prompt", True))
             tokenizer = (tokenizer, CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
     schedule_on_device(scheduler, device)
+    return prepared(unet, vae, text_encoder, tokenizer, scheduler, config, device)
+
+
+def prepared(unet, vae, text_encoder, tokenizer, scheduler, config, device):
+    """The loaded models on the device: everything frozen but the attention projections (train_attention_only)."""
+    dtype = DTYPES[config.mixed_precision]
     vae.to(device).requires_grad_(False).eval()  # frozen: the reward is computed on its images, no gradient
     text_encoder.to(device).requires_grad_(False).eval()
     train_attention_only(unet, dtype).to(device)
@@ -1089,6 +1137,8 @@ def encode_for(text_encoder, tokenizer, prompts, device):
                   "truncated", file=sys.stderr)
     if isinstance(text_encoder, TextEncodersXL):
         return encode_prompts_xl(text_encoder, tokenizer, prompts, device)
+    if isinstance(text_encoder, TextEncodersSD3):
+        return encode_prompts_sd3(text_encoder, tokenizer, prompts, device)
     return encode_prompts(text_encoder, tokenizer, prompts, device)
 
 
@@ -1114,19 +1164,23 @@ def encode_prompts_xl(encoders, tokenizers, prompts, device):
 
 def family_of(text_encoder, scheduler):
     """The policy's family as load_models recognised it, for the start-up line."""
+    if isinstance(text_encoder, TextEncodersSD3):
+        return "SD 3.x (flow matching, Flow-GRPO's SDE step)"
     prediction = "v" if scheduler.config.prediction_type == "v_prediction" else "ε"
     if isinstance(text_encoder, TextEncodersXL):
         return f"SDXL ({prediction}-prediction)"
     return f"SD {'2.x' if prediction == 'v' else '1.x or 2.x-base'} ({prediction}-prediction)"
 
 
-def load_unet(config):
-    """The fp32 UNet to train or evaluate: --unet's folder if given, else the pipeline's."""
-    from diffusers import UNet2DConditionModel
+def load_unet(config, flow=False):
+    """The fp32 UNet to train or evaluate (SD 3's transformer if `flow`): --unet's folder if given, else the
+    pipeline's."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+    kind, subfolder = (SD3Transformer2DModel, "transformer") if flow else (UNet2DConditionModel, "unet")
     if not config.unet:
-        return UNet2DConditionModel.from_pretrained(config.model, subfolder="unet", low_cpu_mem_usage=False)
+        return kind.from_pretrained(config.model, subfolder=subfolder, low_cpu_mem_usage=False)
     with loading("--unet", config.unet):
-        return UNet2DConditionModel.from_pretrained(config.unet, low_cpu_mem_usage=False)
+        return kind.from_pretrained(config.unet, low_cpu_mem_usage=False)
 
 
 def check_source(flag, path, kind, marker):
@@ -1188,12 +1242,106 @@ def check_scheduler(scheduler_config, path, num_steps):
 
 
 def check_family(scheduler_class, path):
-    """Refuse a flow-matching model (SD 3.x, FLUX) by its scheduler's class, before anything loads: its sampler is
-    an ODE with no Gaussian step to take a log-probability of."""
-    if "FlowMatch" in scheduler_class:
-        raise UsageError(f"--model: {path} is a flow-matching model ({scheduler_class}: SD 3.x, FLUX); DDPO's Gaussian "
-                         "step policy needs a DDPM-family model sampled with DDIM (SD 1.x, 2.x, SDXL), and a flow model "
-                         "would need its ODE turned into an SDE first (as Flow-GRPO does)")
+    """'flow' for an SD 3.x pipeline (a flow-matching scheduler), '' for the DDPM family (SD 1.x, 2.x, SDXL); any
+    other flow-matching model (FLUX, ...) is refused before anything loads: its step is not implemented here."""
+    if "FlowMatch" not in scheduler_class:
+        return ""
+    pipeline = pipeline_index(path).get("_class_name", "")
+    if pipeline != "StableDiffusion3Pipeline":
+        raise UsageError(f"--model: {path} is a flow-matching model ({pipeline or scheduler_class}) other than SD 3.x; "
+                         "the flow models trained here are SD 3.x pipelines (StableDiffusion3Pipeline), through "
+                         "Flow-GRPO's SDE step")
+    return "flow"
+
+
+FLOW_REFUSED = ("use_dynamic_shifting", "stochastic_sampling", "invert_sigmas", "use_karras_sigmas",
+                "use_exponential_sigmas", "use_beta_sigmas", "shift_terminal")  # schedules flow_step does not take
+
+
+def load_flow_models(config, device):
+    """SD 3.x's components, as load_models gives SD's: its transformer in the UNet's place (answering the UNet's call,
+    as_policy), TextEncodersSD3 (two CLIPs and T5, or none where the pipeline has none) and their three tokenizers,
+    and its FlowMatchEulerDiscreteScheduler, whose step flow_step_with_logprob makes a Gaussian policy."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+    path = config.model
+    check_source("--model", path, "an SD 3 pipeline", os.path.join("transformer", "config.json"))
+    if config.unet:
+        check_source("--unet", config.unet, "an SD 3 transformer", "diffusion_pytorch_model.safetensors")
+        check_class("--unet", config.unet, "SD3Transformer2DModel")
+    dtype = DTYPES[config.mixed_precision]
+    with loading("--model", path):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
+        refused = [name for name in FLOW_REFUSED if scheduler.config.get(name)]
+        if refused:
+            raise UsageError(f"--model: the scheduler of {path} has {', '.join(refused)}; the flow step here takes SD "
+                             "3's shifted schedule only")
+        if config.num_steps > scheduler.config.num_train_timesteps:
+            raise UsageError(f"--num-steps: {config.num_steps} is more than the scheduler's "
+                             f"{scheduler.config.num_train_timesteps} training steps")
+        has_t5 = (pipeline_index(path).get("text_encoder_3") or [None])[0] is not None
+        unet = as_policy(load_unet(config, flow=True))
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
+        clips = [CLIPTextModelWithProjection.from_pretrained(path, subfolder=f"text_encoder{n}", dtype=dtype)
+                 for n in ("", "_2")]
+        t5 = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", dtype=dtype) if has_t5 else None
+        tokenizers = tuple(CLIPTokenizer.from_pretrained(path, subfolder=f"tokenizer{n}") for n in ("", "_2")) + (
+            AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3") if has_t5 else None,)
+    text_encoder = TextEncodersSD3(*clips, t5, unet.config.joint_attention_dim)
+    return prepared(unet, vae, text_encoder, tokenizers, scheduler, config, device)
+
+
+def as_policy(model):
+    """SD 3's transformer answering the UNet's call, model(x, t, encoder_hidden_states=..., added_cond_kwargs=
+    {"text_embeds": pooled}), so that guided_noise_pred drives either: a forward pre-hook renames the arguments to
+    the transformer's (hidden_states, timestep per row, pooled_projections). The model stays an
+    SD3Transformer2DModel (its weights' names, save_pretrained). A UNet is returned as it is."""
+    if type(model).__name__ != "SD3Transformer2DModel":
+        return model
+
+    def unet_call(module, args, kwargs):
+        x, t = args
+        t = t.expand(len(x)) if t.dim() == 0 else t  # one t in sampling, one per row in training
+        return (), {"hidden_states": x, "timestep": t, "encoder_hidden_states": kwargs["encoder_hidden_states"],
+                    "pooled_projections": kwargs["added_cond_kwargs"]["text_embeds"]}
+    model.register_forward_pre_hook(unet_call, with_kwargs=True)
+    return model
+
+
+class TextEncodersSD3(torch.nn.Module):
+    """SD 3's frozen text encoders: CLIP ViT-L and OpenCLIP bigG with their projections, and T5-XXL (or None, where
+    the pipeline has none: zeros in its place, as its pipeline does), and the transformer's text width."""
+
+    def __init__(self, clip_l, clip_g, t5, joint_attention_dim):
+        super().__init__()
+        self.clip_l, self.clip_g, self.t5, self.joint_attention_dim = clip_l, clip_g, t5, joint_attention_dim
+
+
+T5_TOKENS = 256  # StableDiffusion3Pipeline's max_sequence_length default
+
+
+@torch.no_grad()  # frozen, as encode_prompts
+def encode_prompts_sd3(encoders, tokenizers, prompts, device):
+    """SD 3's conditioning, built as StableDiffusion3Pipeline.encode_prompt builds it -> {"encoder_hidden_states":
+    (1+P, 77 + 256, D): both CLIPs' penultimate hidden states side by side, padded (or cut) to T5's width D, then
+    T5's 256 tokens (zeros without T5), "text_embeds": (1+P, D_L + D_G) the CLIPs' pooled projections}, row 0 the
+    empty prompt (the pipeline's default negative prompt), row 1+p prompt p."""
+    hidden, pooled = [], []
+    for encoder, tokenizer in zip((encoders.clip_l, encoders.clip_g), tokenizers):
+        ids = tokenizer(["", *prompts], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = encoder(ids, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2]), pooled.append(out.text_embeds)  # (1+P, 77, D_i), (1+P, D_i)
+    dtype = encoders.clip_l.dtype
+    if encoders.t5 is None:
+        t5 = torch.zeros(1 + len(prompts), T5_TOKENS, encoders.joint_attention_dim, device=device, dtype=dtype)
+    else:
+        ids = tokenizers[2](["", *prompts], padding="max_length", max_length=T5_TOKENS, truncation=True,
+                            add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        t5 = encoders.t5(ids)[0]
+    clip = torch.cat(hidden, dim=-1).to(dtype)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # to T5's width, as the pipeline
+    return {"encoder_hidden_states": torch.cat([clip, t5], dim=-2), "text_embeds": torch.cat(pooled, dim=-1)}
 
 
 def check_trained_steps(scheduler, config):
@@ -1384,7 +1532,7 @@ def update_memory(unet, scheduler, prompt_embeds, config, micro_batches=(1, 2)):
     from torch._subclasses.fake_tensor import FakeTensorMode
     peaks, cpu = {}, dataclasses.replace(config, device="cpu")
     with FakeTensorMode(allow_non_fake_inputs=True), fp32_norms():
-        fake = train_attention_only(type(unet).from_config(unet.config), DTYPES[config.mixed_precision])
+        fake = train_attention_only(as_policy(type(unet).from_config(unet.config)), DTYPES[config.mixed_precision])
         if unet.is_gradient_checkpointing:  # --low-memory
             fake.enable_gradient_checkpointing()
         steps = type(scheduler).from_config(scheduler.config)
@@ -1718,7 +1866,7 @@ def load_checkpoint(path, run):
 def save_unet(unet, config, path):
     """The fine-tuned UNet for `UNet2DConditionModel.from_pretrained`: the original fp32 UNet (not its bf16
     copy) with the trained attention weights copied in, so no frozen weight is rounded."""
-    full = load_unet(config)
+    full = load_unet(config, flow=type(unet).__name__ == "SD3Transformer2DModel")
     full.load_state_dict(trained_weights(unet), strict=False)
     full.save_pretrained(path + ".tmp")  # then renamed: a kill during the save leaves no half-written `unet/`
     shutil.rmtree(path, ignore_errors=True)

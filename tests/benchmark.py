@@ -36,14 +36,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # precision. --kl-base adds one no-grad forward of the base weights per trained micro-step: its cost on SD's shapes.
 # A configuration gets the time left in proportion to its weight: --compile's first epoch compiles two
 # graphs. fp16 comes last so that it takes the time the others leave: its GradScaler needs epochs to act (20 asked).
+# --train-batch-size auto stacks as many (image, step) pairs per UNet call as the free memory holds; --old-log-probs
+# sampler is DDPO's π_old, whose on-policy clip fraction shows what the default (update, under bf16) removes.
 CONFIGS = [("defaults", [], 3, 1.0), ("compile", ["--compile"], 3, 1.8), ("low-memory", ["--low-memory"], 3, 1.0),
-           ("train-batch-size-8", ["--train-batch-size", "8"], 3, 1.0), ("kl-base", ["--kl-base", "0.01"], 3, 1.0),
+           ("auto", ["--train-batch-size", "auto"], 3, 1.0),
+           ("auto-compile", ["--train-batch-size", "auto", "--compile"], 3, 2.0),
+           ("old-log-probs-sampler", ["--old-log-probs", "sampler"], 3, 1.0), ("kl-base", ["--kl-base", "0.01"], 3, 1.0),
            ("resume", ["--save-every", "1"], 3, 1.2),
            ("fp16", ["--mixed-precision", "fp16"], 20, 1.0),
            # SDXL (--sdxl-model: its shapes with random weights, 1024 px): T = 10 so that an epoch takes about half a
            # minute on an H200; its sampling and update scale with T (docs/speed-and-memory.md extrapolates to 50)
-           ("sdxl", ["--num-steps", "10"], 3, 1.5), ("sdxl-low-memory", ["--num-steps", "10", "--low-memory"], 3, 1.5)]
-SDXL = ("sdxl", "sdxl-low-memory")  # the configurations run on the SDXL pipeline
+           ("sdxl", ["--num-steps", "10"], 3, 1.5), ("sdxl-low-memory", ["--num-steps", "10", "--low-memory"], 3, 1.5),
+           ("sdxl-auto", ["--num-steps", "10", "--train-batch-size", "auto"], 3, 1.5)]
+SDXL = ("sdxl", "sdxl-low-memory", "sdxl-auto")  # the configurations run on the SDXL pipeline
 TINY = ["--batch-size", "4", "--num-steps", "4", "--mixed-precision", "no"]  # --tiny: before each config's flags
 GRACE = 60  # seconds after SIGTERM for the run to finish its epoch and save, before SIGKILL
 PACKED = ("metrics.jsonl", "config.json", "plot.png")  # of each run folder, into runs.tar.gz
@@ -111,6 +116,7 @@ def summarise(metrics):
             "peak_memory_gb": max(peaks) if peaks else None,
             "onpolicy_log_ratio_rms": [m.get("onpolicy_log_ratio_rms") for m in metrics[:3]],
             "onpolicy_clipfrac": [m.get("onpolicy_clipfrac") for m in metrics[:3]],
+            "sampler_log_ratio_rms": [m.get("sampler_log_ratio_rms") for m in metrics[:3]],  # the rounding avoided
             "skipped_steps": sum(m["skipped_steps"] for m in metrics),
             "updated_epochs": sum(m.get("loss") is not None for m in metrics)}  # epochs whose update ran
 
@@ -140,7 +146,8 @@ def run_config(name, flags, epochs, base, runs, deadline):
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
         row.update(clip_range=config["clip_range"], mixed_precision=config["mixed_precision"],
-                   device=config["device"])
+                   device=config["device"], train_batch_size=config["train_batch_size"],
+                   old_log_probs=config["old_log_probs"])
     return row
 
 

@@ -46,7 +46,8 @@ SKIPPED = {".git", "__pycache__", ".pytest_cache", ".whl", ".venv"}  # not copie
 # path calls outside itself is in PATH_SKIPS with what it does, so a student can take it on trust.
 READING_PATH = {
     "ddpo_debias.py": ("MethodConfig", "trained_steps", "ddim_step_with_logprob", "gaussian_kl", "ppo_clip_loss",
-                       "truly_ppo_loss", "guided_noise_pred", "sample", "compute_advantages", "update", "train"),
+                       "truly_ppo_loss", "guided_noise_pred", "sample", "compute_advantages", "policy_step", "update",
+                       "train"),
     "rewards.py": ("THRESHOLD", "GENDER", "label_images", "class_shares", "r_shift", "r_balance", "REWARDS", "RESCORED",
                    "PromptHistory"),
 }
@@ -57,6 +58,7 @@ PATH_SKIPS = {  # a name the path uses but does not define -> what it does
     "gather": "every process's rows under torchrun; with one process, the tensor itself",
     "average_gradients": "the mean gradient over torchrun's processes; with one process, nothing",
     "decode": "the VAE: latents x_0 -> images in [0, 1]",
+    "step_of": "the model's Gaussian step: ddim_step_with_logprob for SD 1.x, 2.x, SDXL (Flow-GRPO's for SD 3.x)",
     "trainable_parameters": "the UNet's parameters that require a gradient: its attention projections",
     "Laps": "a stopwatch for the epoch's phases (metrics' timings)",
     "judge_ranks": "--reward rank's Borda scores from the judge; None otherwise",

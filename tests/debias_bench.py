@@ -68,6 +68,10 @@ CONFIGS = {
     "fast-ensemble": FAST + ENSEMBLE,
     "fast-ensemble-kl-base-0.01": FAST + ENSEMBLE + ["--kl-base=0.01"],
     "fast-hardened": FAST + [f"--classifier={HARDENED}"],
+    # the update's shapes (docs/speed-and-memory.md): 16 images x their 3 trained steps in one UNet call, and the
+    # exact π_old from the update's own forward (the default under bf16 and on a GPU)
+    "stacked": ["--train-batch-size=48"],
+    "old-log-probs-update": ["--old-log-probs=update"],
     "fast-hardened-kl-base-0.01": FAST + [f"--classifier={HARDENED}", "--kl-base=0.01"],
     "soft-balance": ["--reward=soft_balance"],  # eq. 2-3 on P(female): a label's threshold is no longer the target
     "soft-balance-ensemble": ["--reward=soft_balance"] + ENSEMBLE,

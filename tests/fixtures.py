@@ -4,6 +4,8 @@
     make_tiny_sd(path)              a StableDiffusionPipeline folder: UNet 32/64 channels, CLIP hidden 32
     make_tiny_sdxl(path)            a StableDiffusionXLPipeline folder: two text encoders, added conditions, and
                                     SDXL's own scheduler file (Euler), as the hub's SDXL base has them
+    make_tiny_sd3(path)             a StableDiffusion3Pipeline folder: SD3Transformer2DModel, 16-channel VAE with
+                                    SD 3's shift, two CLIPs with projections and a T5 encoder (t5=False: none)
     make_tiny_classifier(path)      a ViT image classifier with the labels given (female/male by default)
 """
 import json
@@ -110,6 +112,40 @@ def make_tiny_sdxl(path, seed=0, sample_size=8):
         index = json.load(f)
     with open(os.path.join(path, "model_index.json"), "w") as f:
         json.dump({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}, f, indent=2)
+    return path
+
+
+# SD 3.5's scheduler_config.json (stabilityai/stable-diffusion-3.5-medium): the flow's shift 3, no dynamic shifting.
+SD3_SCHEDULER = {"num_train_timesteps": 1000, "shift": 3.0}
+
+
+def make_tiny_sd3(path, seed=0, sample_size=8, t5=True):
+    """SD 3's architecture in small, as diffusers' own SD 3 tests build it: the transformer's joint attention reads
+    the text states (CLIPs' 32 + 32 padded or cut to T5's width 32, then T5's tokens) and the pooled projections
+    (32 + 32 = 64); the VAE has 16 latent channels and SD 3's scaling and shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=sample_size, patch_size=1, in_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=32, pooled_projection_dim=64, out_channels=16)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = make_tokenizer(vocab)
+    text = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+                vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu")
+    encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                        num_heads=4, pad_token_id=tokenizer.pad_token_id)) if t5 else None
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text)), tokenizer_2=tokenizer,
+        text_encoder_3=encoder_3, tokenizer_3=tokenizer if t5 else None)
+    pipe.save_pretrained(path)
     return path
 
 

@@ -33,7 +33,7 @@ def benchmark(out, model, *args):
 
 def test_summary_and_packed_runs(tiny_pipeline, tmp_path):
     out = tmp_path / "bench"
-    summary = benchmark(out, tiny_pipeline, "--only", "defaults,resume", "--budget", "200")
+    summary = benchmark(out, tiny_pipeline, "--only", "defaults,auto,resume", "--budget", "200")
     assert summary["model_was"] == "reused" and summary["environment"]["torch"] and summary["environment"]["diffusers"]
     assert sorted(os.listdir(out)) == ["runs.tar.gz", "summary.json"]  # few files come back from a lent machine
     defaults, resume = summary["configurations"]["defaults"], summary["configurations"]["resume"]
@@ -47,6 +47,10 @@ def test_summary_and_packed_runs(tiny_pipeline, tmp_path):
     assert defaults["onpolicy_log_ratio_rms"][0] < 1e-6 and defaults["onpolicy_clipfrac"][0] == 0.0
     assert defaults["clip_range"] == pytest.approx(1e-4 * 128 / 16) and defaults["mixed_precision"] == "no"
     assert 1 <= resume["killed_after_epochs"] <= 3
+    # auto on the CPU's free memory: the tiny model's 2 images x 2 trained steps of an update, all in one call
+    auto = summary["configurations"]["auto"]
+    assert auto["returncode"] == 0 and auto["train_batch_size"] == 4 and auto["updated_epochs"] == 3
+    assert defaults["old_log_probs"] == "sampler" and defaults["sampler_log_ratio_rms"][0] < 1e-6
     with tarfile.open(out / "runs.tar.gz") as tar:
         names = set(tar.getnames())
         metrics = tar.extractfile("runs/defaults/metrics.jsonl").read().decode().splitlines()
