@@ -1531,12 +1531,12 @@ def update_memory(unet, scheduler, prompt_embeds, config, micro_batches=(1, 2)):
     autocast's fp32 norms and the run's gradient checkpointing. tests/count_memory.py prints the whole model."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     peaks, cpu = {}, dataclasses.replace(config, device="cpu")
+    steps = type(scheduler).from_config(scheduler.config)  # on the CPU, with real values: its set-up reads them
+    steps.set_timesteps(config.num_steps)
     with FakeTensorMode(allow_non_fake_inputs=True), fp32_norms():
         fake = train_attention_only(as_policy(type(unet).from_config(unet.config)), DTYPES[config.mixed_precision])
         if unet.is_gradient_checkpointing:  # --low-memory
             fake.enable_gradient_checkpointing()
-        steps = type(scheduler).from_config(scheduler.config)
-        steps.set_timesteps(config.num_steps)
         embeds = torch.utils._pytree.tree_map(lambda t: torch.zeros(t.shape, dtype=t.dtype), prompt_embeds)
         c, s = unet.config.in_channels, unet.config.sample_size
         for b in micro_batches:

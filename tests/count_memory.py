@@ -31,16 +31,21 @@ def count(micro_batches, checkpointing_options=(False, True), family="sd15"):
 
 def counted(micro_batches, checkpointing_options, family):
     import ddpo_debias as dd
-    from diffusers import DDIMScheduler
-    from tests.fixtures import SD_SCHEDULER
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from tests.fixtures import SD3_SCHEDULER, SD_SCHEDULER
     from tests import random_sd15
     rows = []
+    sd3 = family.startswith("sd35")  # SD 3.5: its transformer in the UNet's place, a flow schedule
     with torch.device("meta"):  # for their sizes only
-        unet, vae, text_encoder, classifier = getattr(random_sd15, f"{family}_models")()
-    s, d = unet.config.sample_size, unet.config.cross_attention_dim  # latent side, text embedding width
-    xl = unet.config.addition_embed_type == "text_time"  # SDXL: added conditions (pooled text, size ids)
+        unet, vae, text_encoder, classifier = (random_sd15.sd35_models(family.split("-")[1]) if sd3 else
+                                               getattr(random_sd15, f"{family}_models")())
+    c, s = unet.config.in_channels, unet.config.sample_size  # latent channels and side
+    d = unet.config.joint_attention_dim if sd3 else unet.config.cross_attention_dim  # text embedding width
+    xl = not sd3 and unet.config.addition_embed_type == "text_time"  # SDXL: added conditions (pooled text, size ids)
+    scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER) if sd3 else DDIMScheduler(**SD_SCHEDULER)
+    scheduler.set_timesteps(50)  # real tensors: the flow schedule's set-up reads its values
     with FakeTensorMode(allow_non_fake_inputs=True):
-        unet = type(unet).from_config(unet.config)  # the same UNet, with fake weights that can run
+        unet = dd.as_policy(type(unet).from_config(unet.config))  # the same model, with fake weights that can run
         dd.train_attention_only(unet, torch.bfloat16)  # as load_models prepares it
         numel = lambda model: sum(p.numel() for p in model.parameters())
         trained = sum(p.numel() for p in unet.parameters() if p.requires_grad)
@@ -48,11 +53,12 @@ def counted(micro_batches, checkpointing_options, family):
                    "UNet frozen weights, bf16": 2 * (numel(unet) - trained),
                    "AdamW state (two fp32 moments)": 8 * trained,
                    "VAE, bf16": 2 * numel(vae),
-                   f"text encoder{'s (two)' if xl else ''}, bf16": 2 * numel(text_encoder),
+                   f"text encoder{'s (three: CLIP-L, CLIP-G, T5-XXL)' if sd3 else 's (two)' if xl else ''}, bf16":
+                       2 * numel(text_encoder),
                    "ViT-base classifier, fp32": 4 * numel(classifier)}
-        scheduler = DDIMScheduler(**SD_SCHEDULER)
-        scheduler.set_timesteps(50)
-        embeds = torch.randn(2, 77, d, dtype=torch.bfloat16)
+        embeds = torch.randn(2, 77 + (dd.T5_TOKENS if sd3 else 0), d, dtype=torch.bfloat16)
+        if sd3:  # as encode_prompts_sd3 gives them
+            embeds = {"encoder_hidden_states": embeds, "text_embeds": torch.randn(2, 2048, dtype=torch.bfloat16)}
         if xl:  # as encode_prompts_xl gives them: (1+P, ...) rows
             embeds = {"encoder_hidden_states": embeds, "text_embeds": torch.randn(2, 1280, dtype=torch.bfloat16),
                       "time_ids": torch.randn(2, 6, dtype=torch.bfloat16)}
@@ -61,13 +67,13 @@ def counted(micro_batches, checkpointing_options, family):
             if checkpointing:
                 unet.enable_gradient_checkpointing()
             for b in micro_batches:
-                x_t, x_prev = torch.randn(b, 4, s, s), torch.randn(b, 4, s, s)
+                x_t, x_prev = torch.randn(b, c, s, s), torch.randn(b, c, s, s)
                 t = scheduler.timesteps[:b]
                 tracker = LiveBytes()
                 with tracker:
                     with torch.autocast("cpu", dtype=torch.bfloat16):
                         noise_pred = dd.guided_noise_pred(unet, x_t, t, embeds, torch.zeros(b, dtype=torch.long), 5.0)
-                    _, log_prob, mean, std = dd.ddim_step_with_logprob(scheduler, noise_pred, t, x_t, 1.0, x_prev)
+                    _, log_prob, mean, std = dd.step_of(scheduler)(scheduler, noise_pred, t, x_t, 1.0, x_prev)
                     loss, _ = dd.ppo_clip_loss(log_prob, log_prob.detach(), torch.ones(b), 1e-4)
                     loss.backward()
                     del noise_pred, log_prob, mean, std, loss
@@ -76,7 +82,7 @@ def counted(micro_batches, checkpointing_options, family):
         # sampling: one guided forward over 2B = 32 rows without gradients (B = 16, the default)
         tracker = LiveBytes()
         with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            dd.guided_noise_pred(unet, torch.randn(16, 4, s, s), scheduler.timesteps[0], embeds,
+            dd.guided_noise_pred(unet, torch.randn(16, c, s, s), scheduler.timesteps[0], embeds,
                                  torch.zeros(16, dtype=torch.long), 5.0)
         sampling = tracker.peak
         # the VAE's decode of b images (decode's chunks are --train-batch-size's), no grad: large at SDXL's 1024 px
@@ -87,23 +93,25 @@ def counted(micro_batches, checkpointing_options, family):
         for b in micro_batches:
             tracker = LiveBytes()
             with tracker, torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                vae.decode(torch.randn(b, 4, s, s, dtype=torch.bfloat16))
+                vae.decode(torch.randn(b, c, s, s, dtype=torch.bfloat16))
             decoding[b] = tracker.peak
-    return weights, rows, sampling, s, decoding
+    return weights, rows, sampling, (c, s), decoding
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2, 4, 8])
-    parser.add_argument("--family", choices=("sd15", "sd21", "sdxl"), default="sd15",
-                        help="SD v1.5 (512 px), SD 2.1 (768 px, v-prediction: the same memory as epsilon) or SDXL "
-                             "(1024 px)")
+    parser.add_argument("--family", choices=("sd15", "sd21", "sdxl", "sd35-medium", "sd35-large"), default="sd15",
+                        help="SD v1.5 (512 px), SD 2.1 (768 px, v-prediction: the same memory as epsilon), SDXL "
+                             "(1024 px), or SD 3.5 medium or large (1024 px, the transformer in the UNet's place)")
     args = parser.parse_args(argv)
-    weights, rows, sampling, s, decoding = count(args.micro_batches, family=args.family)
+    weights, rows, sampling, (c, s), decoding = count(args.micro_batches, family=args.family)
     B, T = 16, 50  # the defaults
-    fixed = {**weights, f"trajectories of B={B}, T={T}: latents and means, fp32": B * (2 * T + 1) * 4 * s * s * 4}
-    name = {"sd15": "SD v1.5", "sd21": "SD 2.1 (768 px)", "sdxl": "SDXL base 1.0 (1024 px)"}[args.family]
-    print(f"torch {torch.__version__}; {name} UNet under FakeTensorMode, bf16 autocast with CUDA's fp32 norms\n")
+    fixed = {**weights, f"trajectories of B={B}, T={T}: latents and means, fp32": B * (2 * T + 1) * c * s * s * 4}
+    name = {"sd15": "SD v1.5 UNet", "sd21": "SD 2.1 (768 px) UNet", "sdxl": "SDXL base 1.0 (1024 px) UNet",
+            "sd35-medium": "SD 3.5 medium (1024 px) transformer", "sd35-large": "SD 3.5 large (1024 px) transformer"
+            }[args.family]
+    print(f"torch {torch.__version__}; {name} under FakeTensorMode, bf16 autocast with CUDA's fp32 norms\n")
     print("Resident through the run:")
     for name, n in fixed.items():
         print(f"  {name:50s} {n / GIB:6.2f} GiB")

@@ -69,6 +69,35 @@ def sdxl_models(tokenizer_vocab_size=49408):
     return unet, vae, torch.nn.ModuleList([first, second]), classifier
 
 
+# SD 3.5's transformers, as their transformer/config.json on the hub (stabilityai/stable-diffusion-3.5-medium and
+# -large): 2.5B and 8.1B weights; 16-channel latents in patches of 2, 4096-wide T5 text, 2048-wide pooled CLIP text.
+SD35 = {"medium": dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536, pos_embed_max_size=384,
+                       dual_attention_layers=tuple(range(13))),
+        "large": dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, pos_embed_max_size=192)}
+
+
+def sd35_models(size, tokenizer_vocab_size=49408):
+    """SD 3.5 medium's or large's transformer (1024 px: 128x128 latents of 16 channels), SD 3's VAE, its three text
+    encoders (CLIP ViT-L and OpenCLIP bigG with projections, T5-XXL) as a ModuleList, and the same classifier,
+    random: for counting memory (tests/count_memory.py --family sd35-medium, sd35-large)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    _, _, _, classifier = sd15_models(tokenizer_vocab_size)
+    transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                                        attention_head_dim=64, joint_attention_dim=4096, pooled_projection_dim=2048,
+                                        qk_norm="rms_norm", **SD35[size])
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=16, layers_per_block=2,
+                        sample_size=1024, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)
+    clip = lambda width, layers, heads: CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads, num_hidden_layers=layers,
+        projection_dim=width, hidden_act="gelu", vocab_size=tokenizer_vocab_size, max_position_embeddings=77))
+    t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                                 feed_forward_proj="gated-gelu"))
+    return transformer, vae, torch.nn.ModuleList([clip(768, 12, 12), clip(1280, 32, 20), t5]), classifier
+
+
 def sd15_models(tokenizer_vocab_size=49408):
     """SD v1.5's UNet, VAE and text encoder, and a ViT-base/16 classifier at 224 (as rizvandwiki's), random."""
     from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -178,3 +178,33 @@ def test_flux_and_untaken_schedules_are_refused_in_one_line(tiny_sd3, tiny_class
     result = run_main(capsys, "--model", tiny_sd3, "--unet", os.path.join(tiny_sd3, "vae"), "--classifier",
                       tiny_classifier, *TINY, "--output-dir", tmp_path / "c")
     assert one_error_line(result, "--unet") and "SD3Transformer2DModel" in result.stderr
+
+
+def test_update_memory_counts_the_transformer_as_a_real_micro_batch_allocates(tiny_sd3):
+    """--train-batch-size auto's count (fake weights) against the same count on the real tiny transformer."""
+    config = dd.Config(model=tiny_sd3, mixed_precision="no", batch_size=2, num_steps=4, device="cpu")
+    transformer, vae, encoders, tokenizers, scheduler = dd.load_models(config, "cpu")
+    embeds = dd.encode_for(encoders, tokenizers, [config.prompt], "cpu")
+    samples = dd.sample(transformer, vae, scheduler, embeds, torch.zeros(2, dtype=torch.long), config, "cpu",
+                        torch.Generator().manual_seed(0))
+    counted = dd.update_memory(transformer, scheduler, embeds, config, (1, 2))
+    for b in (1, 2):
+        tracker = dd.LiveBytes()
+        with tracker:
+            log_prob = dd.policy_step(transformer, scheduler, embeds, samples, torch.arange(b),
+                                      torch.zeros(b, dtype=torch.long), config)[0]
+            dd.ppo_clip_loss(log_prob, log_prob.detach(), torch.ones(b), 1e-4)[0].backward()
+            del log_prob
+        transformer.zero_grad(set_to_none=True)
+        assert counted[b] == pytest.approx(tracker.peak, rel=0.1), b
+
+
+def test_the_counted_sd35_transformers_have_the_published_sizes():
+    """tests.random_sd15's SD 3.5 configs (docs/memory/sd35-*-count.txt) against the published 2.5B and 8.1B: the
+    weights and the position-embedding buffer that their safetensors hold."""
+    from tests import random_sd15
+    for size, billions in (("medium", 2.5), ("large", 8.1)):
+        with torch.device("meta"):
+            transformer = random_sd15.sd35_models(size)[0]
+        stored = sum(t.numel() for t in transformer.state_dict().values()) / 1e9
+        assert stored == pytest.approx(billions, abs=0.05), size
