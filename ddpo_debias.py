@@ -110,7 +110,7 @@ class MethodConfig:
     """Classifier-free guidance weight w, as DDPO: ε̂ = ε_uncond + w·(ε_cond - ε_uncond)."""
     eta: float = 1.0
     """DDIM η in (0, 1]: at σ_t = 0 the step is deterministic and has no log-probability; above 1, eq. (16)'s
-    1 - ᾱ_{t-1} - σ_t² < 0 and samples are NaN. 1.0 as DDPO."""
+    1 - ᾱ_{t-1} - σ_t² < 0 and samples are NaN. 1.0 as DDPO. SD 3.x: the SDE's noise a = 0.7·η (Flow-GRPO's)."""
     lr: float = 1e-5
     """AdamW learning rate: full attention weights, not LoRA, so 30x below DDPO's LoRA rate 3e-4."""
     clip_range: float = 0.0
@@ -543,7 +543,7 @@ class Config(MethodConfig):
     """(image, step) pairs per UNet call of the update (b): memory only, the update is the same. Above an update's
     images, steps stacked. auto: the most the free memory holds (docs/speed-and-memory.md). 4 fits 24 GB."""
     model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """The policy: a hub id or a local SD 1.x, 2.x or SDXL pipeline folder (SDXL is recognised from it)."""
+    """The policy: a hub id or a local SD 1.x, 2.x, SDXL or SD 3.x pipeline folder (recognised from it)."""
     classifier: str = "rizvandwiki/gender-classification-2"
     """The AI feedback: an image classifier (hub id or folder) with a label for each of --classes; several,
     comma-separated, for intersectional classes or --ensemble."""

@@ -3,6 +3,7 @@
     python -m tests.benchmark OUT                 on a GPU machine: SD v1.5's architecture with random weights
     python -m tests.benchmark OUT --tiny          the tests' tiny models on the CPU (what the suite runs)
     python -m tests.benchmark OUT --only sdxl,sdxl-low-memory    SDXL's shapes (built in --sdxl-model), 1024 px
+    python -m tests.benchmark OUT --only sd35-low-memory,sd35-auto    SD 3.5 medium's (in --sd35-model), 1024 px
 
 It builds the SD v1.5 architecture with random weights (tests.random_sd15) in --model, or reuses it there, then
 runs the real CLI with --profile in each configuration of CONFIGS, one after another, and a kill -9 of one run
@@ -47,24 +48,24 @@ CONFIGS = [("defaults", [], 3, 1.0), ("compile", ["--compile"], 3, 1.8), ("low-m
            # SDXL (--sdxl-model: its shapes with random weights, 1024 px): T = 10 so that an epoch takes about half a
            # minute on an H200; its sampling and update scale with T (docs/speed-and-memory.md extrapolates to 50)
            ("sdxl", ["--num-steps", "10"], 3, 1.5), ("sdxl-low-memory", ["--num-steps", "10", "--low-memory"], 3, 1.5),
-           ("sdxl-auto", ["--num-steps", "10", "--train-batch-size", "auto"], 3, 1.5)]
-SDXL = ("sdxl", "sdxl-low-memory", "sdxl-auto")  # the configurations run on the SDXL pipeline
+           ("sdxl-auto", ["--num-steps", "10", "--train-batch-size", "auto"], 3, 1.5),
+           # SD 3.5 medium's shapes (--sd35-model, no T5), through Flow-GRPO's SDE step; T = 10 as SDXL's
+           ("sd35-low-memory", ["--num-steps", "10", "--low-memory"], 3, 1.5),
+           ("sd35-auto", ["--num-steps", "10", "--train-batch-size", "auto"], 3, 1.5)]
+SDXL = ("sdxl", "sdxl-low-memory", "sdxl-auto")
+SD35 = ("sd35-low-memory", "sd35-auto")  # the configurations run on the SD 3.5 pipeline
 TINY = ["--batch-size", "4", "--num-steps", "4", "--mixed-precision", "no"]  # --tiny: before each config's flags
 GRACE = 60  # seconds after SIGTERM for the run to finish its epoch and save, before SIGKILL
 PACKED = ("metrics.jsonl", "config.json", "plot.png")  # of each run folder, into runs.tar.gz
 
 
-def build_model(path, tiny, sdxl=False):
-    """The pipeline folder and its classifier, built once: SD v1.5's (or SDXL's) shapes with random weights, or
-    the tiny ones."""
+def build_model(path, tiny, family=""):
+    """The pipeline folder and its classifier, built once: SD v1.5's (or `family` sdxl's or sd35's) shapes with random
+    weights, or the tiny ones."""
     if os.path.exists(os.path.join(path, "model_index.json")):
         return "reused"
     from tests import random_sd15
-    if sdxl and tiny:
-        from tests.fixtures import make_tiny_classifier, make_tiny_sdxl
-        make_tiny_sdxl(path), make_tiny_classifier(os.path.join(path, "classifier"))
-    else:
-        random_sd15.main([path] + (["--tiny"] if tiny else []) + (["--sdxl"] if sdxl else []))
+    random_sd15.main([path] + (["--tiny"] if tiny else []) + ([f"--{family}"] if family else []))
     return "built"
 
 
@@ -192,6 +193,9 @@ def main(argv=None):
                                         "at the end; 4.3 GB for SD 1.5's shapes)")
     parser.add_argument("--sdxl-model", help="the random SDXL pipeline folder for the sdxl configurations, built if "
                                              "missing (default: OUT/sdxl-model, removed at the end; 6.8 GB)")
+    parser.add_argument("--sd35-model", help="the random SD 3.5 medium pipeline folder (no T5) for the sd35 "
+                                             "configurations, built if missing (default: OUT/sd35-model, removed at "
+                                             "the end; 7 GB)")
     parser.add_argument("--budget", type=float, default=420, help="seconds for all runs together (default 420)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models and a small batch, for the CPU")
     parser.add_argument("--only", help="comma-separated configuration names (default: all of CONFIGS)")
@@ -217,13 +221,16 @@ def main(argv=None):
     os.makedirs(runs)
     todo = [c for c in CONFIGS if c[0] in chosen]
     summary = {"environment": environment(), "model": model, "budget_seconds": args.budget, "configurations": {}}
-    if any(c[0] not in SDXL for c in todo):
+    if any(c[0] not in SDXL + SD35 for c in todo):
         summary["model_was"] = build_model(model, args.tiny)
-    sdxl_model = args.sdxl_model or os.path.join(args.out, "sdxl-model")
-    if any(c[0] in SDXL for c in todo):
-        began_sdxl = time.time()
-        summary.update(sdxl_model=sdxl_model, sdxl_model_was=build_model(sdxl_model, args.tiny, sdxl=True),
-                       sdxl_build_seconds=time.time() - began_sdxl)
+    folders = {"sdxl": args.sdxl_model or os.path.join(args.out, "sdxl-model"),
+               "sd35": args.sd35_model or os.path.join(args.out, "sd35-model")}
+    for family, names in (("sdxl", SDXL), ("sd35", SD35)):
+        if any(c[0] in names for c in todo):
+            began_family = time.time()
+            summary.update({f"{family}_model": folders[family],
+                            f"{family}_model_was": build_model(folders[family], args.tiny, family),
+                            f"{family}_build_seconds": time.time() - began_family})
     summary["build_seconds"] = time.time() - began
     # --reward shift: the images are noise, which a random classifier puts under none of its labels at 0.7, so
     # R_balance would be 0 for all and the update skipped (equal rewards); P(female) differs image to image, so every
@@ -233,8 +240,8 @@ def main(argv=None):
     for i, (name, flags, epochs, weight) in enumerate(todo):
         share = (deadline - time.time()) * weight / sum(c[3] for c in todo[i:])  # its part of what is left
         print(f"{name}: up to {share:.0f} s", flush=True)
-        row = run_config(name, flags, args.epochs or epochs, base(sdxl_model if name in SDXL else model), runs,
-                         time.time() + share)
+        folder = folders["sdxl"] if name in SDXL else folders["sd35"] if name in SD35 else model
+        row = run_config(name, flags, args.epochs or epochs, base(folder), runs, time.time() + share)
         summary["configurations"][name] = row
         print(f"  {row['ended']}, exit {row['returncode']}, {row['epochs_done']} epochs, "
               f"{row['epoch_seconds'] or 0:.1f} s/epoch after the first, peak {row['peak_memory_gb']} GB", flush=True)
@@ -251,7 +258,7 @@ def main(argv=None):
         json.dump(summary, f, indent=2)
     pack(runs, os.path.join(args.out, "runs.tar.gz"))
     shutil.rmtree(runs)  # checkpoints and UNets (GBs on SD): only the packed files come back
-    for folder, given in ((model, args.model), (sdxl_model, args.sdxl_model)):
+    for folder, given in ((model, args.model), (folders["sdxl"], args.sdxl_model), (folders["sd35"], args.sd35_model)):
         if not given and os.path.isdir(folder):  # the models it built into OUT: GBs, and random
             shutil.rmtree(folder)
     print(f"wrote {args.out}/summary.json and {args.out}/runs.tar.gz in {summary['total_seconds']:.0f} s")

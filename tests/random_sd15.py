@@ -6,6 +6,9 @@
     python -m tests.random_sd15 OUT_DIR --tiny   the tests' tiny models instead, for a CPU smoke run
     python -m tests.random_sd15 OUT_DIR --sdxl   SDXL base's shapes (UNet 2.6B, two text encoders, 1024 px)
     python -m tests.random_sd15 OUT_DIR --tiny --sdxl   a tiny SDXL pipeline (tests.fixtures.make_tiny_sdxl)
+    python -m tests.random_sd15 OUT_DIR --sd35   SD 3.5 medium's shapes (transformer 2.5B, two CLIPs, no T5:
+                                                 zeros in its place, as its pipeline does; 1024 px)
+    python -m tests.random_sd15 OUT_DIR --tiny --sd35   a tiny SD 3 pipeline (tests.fixtures.make_tiny_sd3)
     (or python path/to/tests/random_sd15.py ... from any folder)
 
 Then: python ddpo_debias.py --model OUT_DIR --classifier OUT_DIR/classifier ...
@@ -151,18 +154,42 @@ def make_sdxl(path, seed=0):
                       image_std=[0.5] * 3).save_pretrained(os.path.join(path, "classifier"))
 
 
+def make_sd35(path, seed=0):
+    """SD 3.5 medium's shapes with random weights, saved in fp16 (7 GB), without T5 (its 4.8B weights would add
+    9.5 GB to the folder and are run once per prompt: the pipeline and load_flow_models put zeros in its place)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import ViTImageProcessor
+    from tests.fixtures import SD3_SCHEDULER, make_tokenizer
+    torch.manual_seed(seed)
+    transformer, vae, (clip_l, clip_g, _), classifier = sd35_models("medium")
+    with tempfile.TemporaryDirectory() as vocab:
+        tokenizer = make_tokenizer(vocab)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+                             vae=vae, text_encoder=clip_l, tokenizer=tokenizer, text_encoder_2=clip_g,
+                             tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None
+                             ).to(torch.float16).save_pretrained(path)
+    classifier.save_pretrained(os.path.join(path, "classifier"))
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(os.path.join(path, "classifier"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])  # unknown flags are refused
     parser.add_argument("out_dir", help="the pipeline folder to write (the classifier goes in OUT_DIR/classifier)")
     parser.add_argument("--tiny", action="store_true", help="the tests' tiny models instead of SD 1.5's shapes")
     parser.add_argument("--sdxl", action="store_true", help="SDXL base's shapes (1024 px) instead of SD 1.5's")
+    parser.add_argument("--sd35", action="store_true", help="SD 3.5 medium's shapes (1024 px, no T5)")
     args = parser.parse_args(argv)
-    if args.tiny:  # the tests' tiny models, of SDXL's family with --sdxl
-        from tests.fixtures import make_tiny_classifier, make_tiny_sd, make_tiny_sdxl
-        (make_tiny_sdxl if args.sdxl else make_tiny_sd)(args.out_dir)
+    if args.sdxl and args.sd35:
+        parser.error("--sdxl, --sd35: one family at a time")
+    if args.tiny:  # the tests' tiny models, of SDXL's or SD 3's family with --sdxl or --sd35
+        from tests.fixtures import make_tiny_classifier, make_tiny_sd, make_tiny_sd3, make_tiny_sdxl
+        (make_tiny_sdxl if args.sdxl else make_tiny_sd3 if args.sd35 else make_tiny_sd)(args.out_dir)
         make_tiny_classifier(os.path.join(args.out_dir, "classifier"))
     elif args.sdxl:
         make_sdxl(args.out_dir)
+    elif args.sd35:
+        make_sd35(args.out_dir)
     else:
         make_sd15(args.out_dir)
     print(f"wrote {args.out_dir} and {args.out_dir}/classifier")

@@ -128,6 +128,20 @@ def test_the_sdxl_configuration_runs_on_its_own_pipeline(tiny_pipeline, tmp_path
         assert json.load(f)["_class_name"] == "StableDiffusionXLPipeline"
 
 
+def test_the_sd35_configuration_runs_on_its_own_pipeline(tmp_path):
+    """--only sd35-auto: SD 3's pipeline (tiny here) built in --sd35-model; every epoch samples and updates through
+    the flow step, with --train-batch-size auto's choice recorded."""
+    out = tmp_path / "bench"
+    summary = benchmark(out, tmp_path / "no-sd15", "--only", "sd35-auto", "--sd35-model", tmp_path / "tiny-sd3",
+                        "--epochs", "2", "--budget", "200")
+    assert summary["sd35_model_was"] == "built" and "model_was" not in summary and "sdxl_model" not in summary
+    row = summary["configurations"]["sd35-auto"]
+    assert row["returncode"] == 0 and row["epochs_done"] == 2 and row["updated_epochs"] == 2, row
+    assert row["train_batch_size"] == 16 and row["sample_tflops"] > 0  # 2 images x their 8 trained steps (T = 10)
+    with open(tmp_path / "tiny-sd3" / "model_index.json") as f:
+        assert json.load(f)["_class_name"] == "StableDiffusion3Pipeline"
+
+
 @pytest.mark.parametrize("configs, message", [("today,today", "names a configuration twice"),
                                                ("", "unknown empty name"), ("today, nope", "unknown nope")])
 def test_debias_bench_refuses_bad_configurations_before_it_runs(tmp_path, configs, message):
