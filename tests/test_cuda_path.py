@@ -155,18 +155,19 @@ def test_scheduler_outside_the_equations_is_refused(tiny_sd, tmp_path, capsys):
         assert code == 2 and "\n" not in err and "--model" in err and shown in err, err
 
 
-def test_a_flow_matching_model_is_refused_at_start(tmp_path, capsys):
-    """SD 3.x and FLUX (a FlowMatchEulerDiscreteScheduler, a transformer instead of a UNet): one line that says why,
-    exit 2, no run folder (issue 36)."""
-    model = tmp_path / "sd3"
-    (model / "scheduler").mkdir(parents=True), (model / "transformer").mkdir()
-    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
-    (model / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    code = dd.main(["--model", str(model), "--output-dir", str(tmp_path / "run"), "--epochs", "1"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and "--model" in err and "flow-matching" in err and "SDE" in err, err
-    assert not (tmp_path / "run").exists()
+def test_a_flow_matching_model_other_than_sd3_is_refused_at_start(tmp_path, capsys):
+    """FLUX (a FlowMatchEulerDiscreteScheduler, a transformer instead of a UNet, another pipeline): one line that says
+    why, exit 2, no run folder; an SD 3 folder without its transformer: one line naming what is missing."""
+    for pipeline, expected in (("FluxPipeline", "FluxPipeline"), ("StableDiffusion3Pipeline", "transformer")):
+        model = tmp_path / pipeline
+        (model / "scheduler").mkdir(parents=True), (model / "transformer").mkdir()
+        (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+            {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+        (model / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
+        code = dd.main(["--model", str(model), "--output-dir", str(tmp_path / f"run-{pipeline}"), "--epochs", "1"])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "\n" not in err and "--model" in err and expected in err, err
+        assert not (tmp_path / f"run-{pipeline}").exists()
 
 
 def test_cuda_index_reaches_synchronize_and_memory_stats(monkeypatch):
