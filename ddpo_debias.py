@@ -9,6 +9,7 @@ shares move toward the target (the female ratio toward 0.5).
     PPO      Schulman et al., arXiv 1707.06347: the clipped surrogate
     TR-PPO   Wang, He & Tan, arXiv 1903.07940: "Truly PPO", a KL trust region with a rollback
     Debias   arXiv 2407.09551: the rewards R_shift (eq. 1) and R_balance (eq. 2-3), in rewards.py
+    Flow-GRPO  Liu et al., arXiv 2505.05470: SD 3.x's flow made an SDE, whose step is Gaussian (docs/flow-models.md)
 
 Run it (one GPU; downloads SD v1.5 and the classifier on first use):
     python ddpo_debias.py --prompt "photo of the face of a computer scientist" --reward balance
@@ -17,14 +18,15 @@ A CPU smoke run on tiny random models (README "A tiny CPU run"):
         --classifier /tmp/tiny/classifier --epochs 2 --batch-size 4 --num-steps 4 --mixed-precision no
 
 Notation (one legend for the whole file):
-    B images per epoch, T denoising steps, C×H×W the latent (4×64×64 for SD 1.5), b images in a training
-    micro-batch, x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
+    B images per epoch, T denoising steps, C×H×W the latent (4×64×64 for SD 1.5), b (image, step) pairs in a
+    training micro-batch, x_t the latent at step t, ε̂ the guided noise prediction, μ_θ(x_t) the step's mean, σ_t its std,
     r = π_θ(x_{t-1}|x_t) / π_old(x_{t-1}|x_t) the probability ratio, A the advantage. Extensions: P prompts
     (--prompts), N processes (torchrun); with one prompt and one process, P = N = 1.
 
 Reading order:
-    Part 1, the method: MethodConfig -> ddim_step_with_logprob -> gaussian_kl -> ppo_clip_loss, truly_ppo_loss ->
-        train_attention_only -> encode_prompts, guided_noise_pred, sample, decode -> compute_advantages -> update.
+    Part 1, the method: MethodConfig -> ddim_step_with_logprob (SD 3.x: flow_step_with_logprob) -> gaussian_kl ->
+        ppo_clip_loss, truly_ppo_loss -> train_attention_only -> encode_prompts, guided_noise_pred, sample, decode ->
+        compute_advantages -> policy_step, update.
         The rewards (eq. 1-3) are in rewards.py: PromptHistory.score -> r_balance, r_shift.
     Part 2, the loop: train(), whose epoch loop is sample -> feedback -> advantages -> update -> log.
     Part 3, running it (a reader can stop before it): Config (every flag), command line and validation, run folder
