@@ -418,17 +418,17 @@ def update(unet, optimizer, scaler, scheduler, prompt_embeds, samples, advantage
         batches.append([(images[i:i + rows, None].expand(-1, cols).reshape(-1),  # (b,) image of each row
                          chosen[i:i + rows, j:j + cols].reshape(-1))  # (b,) its step
                         for i in range(0, per_update, rows) for j in range(0, trained, cols)])
-    old = [[(samples["log_probs"][image, step], samples["means"][image, step]) for image, step in micro]
-           for micro in batches]  # π_old as sampled: (b,), (b, C, H, W) per micro-batch
-    if config.old_log_probs == "update":  # the update's own, before the weights change; None: the first step's own
-        with torch.no_grad():  # forward gives them, below. Targets, not trained through.
-            old = [[None] * len(batches[0])] + [[policy_step(unet, scheduler, prompt_embeds, samples, *pair, config)[:2]
-                                                 for pair in micro] for micro in batches[1:]]
+    old = None  # π_old as sampled (DDPO); with --old-log-probs update, the update's own before the weights change:
+    if config.old_log_probs == "update":  # the first step's from its own forward (below), the later ones' from here
+        with torch.no_grad():  # targets, not trained through: (b,), (b, C, H, W) per micro-batch
+            old = [None] + [[policy_step(unet, scheduler, prompt_embeds, samples, *pair, config)[:2] for pair in micro]
+                            for micro in batches[1:]]
     stats, skipped, grad_norms = [], 0, []
     for u, micro_batches in enumerate(batches):
-        for (image, step), old_values in zip(micro_batches, old[u]):
+        for m, (image, step) in enumerate(micro_batches):
             log_prob, mean, std = policy_step(unet, scheduler, prompt_embeds, samples, image, step, config)
-            log_prob_old, mean_old = old_values or (log_prob.detach(), mean.detach())  # None: the first step, r = 1
+            log_prob_old, mean_old = ((samples["log_probs"][image, step], samples["means"][image, step]) if old is None
+                                      else old[u][m] if u else (log_prob.detach(), mean.detach()))  # u = 0: r = 1
             kl = gaussian_kl(mean_old, mean, std)  # exact, (b,)
             adv = advantages[image]
             if config.trust_region == "truly":  # EXERCISE: add a trust region here (e.g. a KL penalty, PPO-KL)
