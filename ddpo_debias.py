@@ -1481,11 +1481,17 @@ def micro_batch(config, world=1):
     update (N = world), b images at one step each, and b divides them (validate); above, all of them at k steps each,
     k the largest divisor of the trained steps with k·images <= --train-batch-size. So every micro-batch has the same
     shape: one compiled graph, no recompiles."""
-    per_update, trained = config.batch_size // world // config.updates_per_epoch, trained_steps(config)
-    if config.train_batch_size <= per_update:
+    if config.train_batch_size <= config.batch_size // world // config.updates_per_epoch:
         return config.train_batch_size
-    return per_update * max(k for k in range(1, trained + 1)
-                            if trained % k == 0 and per_update * k <= config.train_batch_size)
+    return max(b for b in stackable(config, world) if b <= config.train_batch_size)
+
+
+def stackable(config, world=1):
+    """The micro-batches b that split an update's pairs into equal (image, step) blocks: the divisors of its images,
+    and its images times each divisor of the trained steps."""
+    per_update, trained = config.batch_size // world // config.updates_per_epoch, trained_steps(config)
+    return sorted({b for b in range(1, per_update + 1) if per_update % b == 0}
+                  | {per_update * k for k in range(1, trained + 1) if trained % k == 0})
 
 
 # ------------------------------------------------------------------------------------- --train-batch-size auto: counted
@@ -1566,16 +1572,13 @@ def auto_micro_batch(config, unet, scheduler, prompt_embeds, world=1, free=None)
     """--train-batch-size auto: the largest b micro_batch() allows whose counted peak fits 90% of the free memory, less
     what the loop has yet to allocate (AdamW's two moments at the first step, the epoch's trajectories). The peak is
     linear in b (update_memory at 1 and 2 pairs: fixed + b·per pair). free: bytes, free_memory(device) if None."""
-    per_update, trained = config.batch_size // world // config.updates_per_epoch, trained_steps(config)
-    candidates = [b for b in range(1, per_update * trained + 1)
-                  if (b <= per_update and per_update % b == 0) or (b % per_update == 0 and trained % (b // per_update) == 0)]
     one, two = update_memory(unet, scheduler, prompt_embeds, config).values()
     per_pair, fixed = two - one, 2 * one - two
     c, s = unet.config.in_channels, unet.config.sample_size
     later = (8 * sum(p.numel() for p in trainable_parameters(unet).values())  # AdamW: two fp32 moments
              + config.batch_size * (2 * config.num_steps + 1) * c * s * s * 4)  # latents and means, fp32
     budget = 0.9 * (free_memory(config.device) if free is None else free) - later
-    return max([b for b in candidates if fixed + b * per_pair <= budget], default=1)
+    return max([b for b in stackable(config, world) if fixed + b * per_pair <= budget], default=1)
 
 
 # ---------------------------------------------------------------------------------------- a run's state
