@@ -129,12 +129,15 @@ def render_face(g):
     return image.resize((SIZE, SIZE), Image.LANCZOS)
 
 
-def draw_hard_negative(rng):
-    """A short-haired face with part of long hair's look, for a hardened classifier to read as "none" (a tensor
-    (3, 32, 32) in [0, 1]): the long hair faint (15-45% opacity: a halo of the hair's colour), too short (ending
-    above the chin) or on one side only. These are what a run that fools its classifier draws."""
-    g = face_geometry(rng, True)
+def draw_hard_negative(rng, style="long"):
+    """A short-haired face with part of another style's look, for a hardened classifier to read as "none" (a tensor
+    (3, 32, 32) in [0, 1]): the long (or tall) hair faint (15-45% opacity: a halo of the hair's colour), too short
+    (long hair ending above the chin; tall hair barely above the cap) or on one side only. These are what a run that
+    fools its classifier draws."""
+    g = face_geometry(rng, True, style)
     kind = rng.integers(3)
+    if kind == 1 and style == "tall":  # piled 1.0-1.3 r above the centre, where the tall style's is 1.6-1.9 r
+        return to_tensor(render_face({**g, "height": rng.uniform(1.0, 1.3) * g["r"]}))
     if kind == 1:  # ends above the chin (cy + r): hair beside the face, none below it
         return to_tensor(render_face({**g, "length": rng.uniform(0.3, 0.9) * g["r"]}))
     with_hair, without = to_tensor(render_face(g)), to_tensor(render_face({**g, "style": "short"}))
@@ -310,7 +313,7 @@ def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False, h
     on faces and non-faces of other seeds, so it never saw the first one's data. hardened: the reward's ViT trained
     also toward "none" on hard negatives (draw_hard_negative, n/6 of them) and on adversarial faces: every
     ADVERSARIAL_EVERY steps, 32 faces attacked in the VAE's latent (latent_attack, 8 steps) toward the other class
-    by the model as it is, so that what fools it now is what it learns to refuse (two-class world only)."""
+    by the model as it is, so that what fools it now is what it learns to refuse."""
     from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
     torch.manual_seed(seed)
     data_seed = seed + (500 if independent else 100)
@@ -328,8 +331,11 @@ def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False, h
             faces[i:i + len(x)] = ((vae.decode(vae.encode(x).latent_dist.mode()).sample + 1) / 2).clamp(0, 1)
     rng = np.random.default_rng(data_seed + 100)
     others = torch.stack([to_tensor(draw_non_face(rng)) for _ in range(n // 3)])
-    if hardened:
-        others = torch.cat([others, torch.stack([draw_hard_negative(rng) for _ in range(n // 6)])])
+    if hardened:  # the styles beyond short, in turn: long hair, and tall hair in the three-class world
+        named = {{"female": "long"}.get(label.lower(), label.lower()) for label in labels.values()}
+        hard = [style for style in ("long", "tall") if style in named]
+        others = torch.cat([others, torch.stack([draw_hard_negative(rng, hard[i % len(hard)])
+                                                 for i in range(n // 6)])])
     images = torch.cat([faces, others])
     targets = torch.cat([face_targets, torch.full((len(others), len(labels)), 1 / len(labels))])
     names = dict(num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()})
@@ -350,7 +356,8 @@ def train_classifier(steps, seed, vae, n=6000, labels=None, independent=False, h
         target = targets[idx]
         if hardened and step % ADVERSARIAL_EVERY == 0:
             faces_idx = torch.randint(0, n, (32,), generator=g)  # faces, of both classes
-            other = 1 - face_targets[faces_idx].argmax(-1)  # toward the class it is not
+            shift = torch.randint(1, len(labels), (32,), generator=g) if len(labels) > 2 else 1  # to a class it is not
+            other = (face_targets[faces_idx].argmax(-1) + shift) % len(labels)
             probs_of = lambda images: model(pixel_values=(images - 0.5) / 0.5).logits.softmax(-1)
             model.eval().requires_grad_(False)
             attacked = latent_attack(lambda images: probs_of(images).gather(1, other.view(-1, 1)).expand(-1, 2), vae,
@@ -428,7 +435,7 @@ def build_independent(out, three=False, seed=0, steps=1000, n=6000, hardened=Fal
     """The world's second classifier (train_classifier's `independent`), into `out`: it scores runs and never rewards
     them, so that a run that fools the reward classifier is caught (Shen et al., ICLR 2024). Same labels, same
     preprocessing as the first. hardened: instead, the reward's ViT hardened (train_classifier's `hardened`), for
-    tests/toyworld_model/hardened."""
+    tests/toyworld_model/hardened (three: tests/toyworld_three/hardened)."""
     from diffusers import AutoencoderKL
     from transformers import ViTImageProcessor
     start = time.time()
@@ -618,13 +625,15 @@ def main(argv=None):
     k.add_argument("--epochs", type=int, default=16)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--lr", help="another learning rate than THREE_SETTINGS' (0: the control)")
+    k.add_argument("--classifier", help="another reward classifier than the world's (e.g. tests/toyworld_three/hardened)")
     i = sub.add_parser("independent", help="train a world's second classifier, which scores and never rewards "
                        "(about 3 minutes on 2 cores)")
     i.add_argument("out", help="e.g. tests/toyworld_model/independent")
     i.add_argument("--three-classes", action="store_true", help="the three-class world's (labels THREE_LABELS)")
     i.add_argument("--quick", action="store_true", help="a few steps: checks that it trains and saves")
     i.add_argument("--hardened", action="store_true", help="instead, the reward's ViT hardened: hard negatives and "
-                   "latent attacks toward none (tests/toyworld_model/hardened; about 10 minutes on 2 cores)")
+                   "latent attacks toward none (tests/toyworld_model/hardened, or with --three-classes "
+                   "tests/toyworld_three/hardened; about 36 minutes on 2 cores)")
     args = parser.parse_args(argv)
     if args.command == "independent":
         quick = dict(steps=20, n=300) if args.quick else {}
@@ -633,7 +642,8 @@ def main(argv=None):
     if args.command != "build":
         one_thread()
     if args.command == "three":
-        return three(args.out, args.epochs, args.seed, [f"--lr={args.lr}"] if args.lr else [])
+        return three(args.out, args.epochs, args.seed, [f"--lr={args.lr}"] * bool(args.lr) + [
+            f"--classifier={args.classifier}"] * bool(args.classifier))
     if args.command == "two":
         return two(args.out, args.scope, args.epochs, args.seed)
     if args.command == "demo":
