@@ -93,6 +93,8 @@ class MethodConfig:
     (lower, at least 1/K, for a classifier of many classes)."""
     augment: bool = False
     """Average the reward classifier's P(class) over 5 views of each image (mirror, shifts, blur)."""
+    purify: int = 0
+    """T > 0: the reward reads each image as the base model redraws it from step T (DiffPure)."""
     underrepresented: str = "auto"
     """U for --reward shift: one of --classes, or auto = the rarest class in the first epoch's samples (step 1)."""
     trust_region: str = "clip"
@@ -129,12 +131,12 @@ class MethodConfig:
     of each trained step to the pre-trained model's step, so the policy cannot wander once the reward is met. It
     costs one more forward, without gradient, per trained step. 0: none."""
     adv_clip: float = 5.0
-    """Advantages are standardised and clipped to ± this, as DDPO."""
+    """Advantages are standardised, then clipped to ± this (DDPO)."""
     advantage_scale: float = 0.0
     """0: advantages divided by the rewards' std (DDPO). > 0: by this fixed number instead, so the push shrinks as
     the rewards do near the target (measured: docs/benchmarks.md)."""
     max_grad_norm: float = 1.0
-    """Gradient norm clip before every optimizer step, as DDPO."""
+    """The gradient's norm is clipped to this (DDPO)."""
     updates_per_epoch: int = 2
     """Optimizer steps per epoch, each over B / --updates-per-epoch images and all their trained steps (DDPO: 2)."""
     seed: int = 0
@@ -480,8 +482,9 @@ def train(config, classifier=None):
             laps("sample")
             # 2. AI feedback: P(class) of each image, then its reward (rewards.py: R_balance eq. 2-3, R_shift eq. 1)
             #    against its prompt's window of images (with one prompt and N = B: this epoch's batch).
-            probs = gather(run.labeller(samples["images"]))  # (B, K): every process sees the whole epoch
-            ranks = judge_ranks(config, run, samples["images"], prompt_ids)  # --reward rank only, else None
+            images = purified(run, samples, config) if config.purify else samples["images"]  # --purify: redrawn
+            probs = gather(run.labeller(images))  # (B, K): every process sees the whole epoch
+            ranks = judge_ranks(config, run, images, prompt_ids)  # --reward rank only, else None
             reward_values, labels, per_prompt = run.history.score(config.reward, probs, prompt_ids.tolist(), ranks)
             # 3. Advantages: each reward standardised with its prompt's mean and std, clipped (DDPO).
             advantages = compute_advantages(reward_values, prompt_ids.to(device), run.history, config.adv_clip,
@@ -572,7 +575,7 @@ class Config(MethodConfig):
     output_dir: str = ""
     """Where the run goes; empty: runs/<date-time>. A folder that holds a run is never overwritten."""
     resume: str = ""
-    """A run folder to continue from its last checkpoint."""
+    """A run folder to continue from its checkpoint."""
     unet: str = ""
     """A fine-tuned UNet folder (a run's unet/) to train from or to --evaluate; empty: the UNet of --model."""
     # -- extensions: many prompts (docs/many-prompts.md), the judge (docs/judge.md), evaluation (docs/evaluate.md)
@@ -629,7 +632,7 @@ class Parser(argparse.ArgumentParser):
 
 
 HELP_GROUPS = {  # --help's sections, in the order of the method, then running it, then the extensions
-    "the method": ("prompt", "reward", "classes", "target", "threshold", "augment", "underrepresented"),
+    "the method": ("prompt", "reward", "classes", "target", "threshold", "augment", "purify", "underrepresented"),
     "sampling": ("batch_size", "num_steps", "guidance_scale", "eta", "seed"),
     "the update (PPO)": ("trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
                          "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm"),
@@ -696,7 +699,8 @@ ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balanc
 # What only training reads: refused with --evaluate, which samples and labels but never trains.
 TRAINING_ONLY = ("reward", "trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
                  "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm", "epochs",
-                 "train_batch_size", "old_log_probs", "low_memory", "save_every", "augment", "underrepresented", "balance_window",
+                 "train_batch_size", "old_log_probs", "low_memory", "save_every", "augment", "purify", "underrepresented",
+                 "balance_window",
                  "judge_group", "judge_criterion")
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
@@ -704,6 +708,7 @@ BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "num_steps", "updates_per_epo
                          AT_LEAST_1),
           "train_batch_size": (lambda v: v >= 0, "at least 1, or auto"),  # 0: auto (int_or_auto)
           **dict.fromkeys(("truly_alpha", "adv_clip", "max_grad_norm"), POSITIVE),
+          "purify": (lambda v: 0 <= v < 1000, "in [0, 1000): a DDPM step to redraw each image from, 0 for none"),
           "kl_base": (lambda v: 0 <= v <= 100, "in [0, 100]: 0 is no anchor; at 1 the toy world's model already "
                       "stays at the base, and far above it the anchor's loss overflows float32"),
           "lr": (lambda v: v >= 0, "0 or more (0 learns nothing: the control run of a comparison)"),
@@ -1047,6 +1052,38 @@ def frozen_base(unet, base_weights):
     return lambda *args, **kwargs: torch.func.functional_call(unet, base_weights, args, kwargs)
 
 
+PURIFY_STEPS = 3  # --purify: the base model's deterministic DDIM steps from t = T down to t = 1
+
+
+@torch.no_grad()
+def purified(run, samples, config):
+    """--purify T: the images the reward reads, each redrawn by the pre-trained model from step T (DiffPure, Nie et
+    al. 2022, arXiv 2205.07460). The sample's x_0 is noised, x_T = √ᾱ_T·x_0 + √(1 - ᾱ_T)·z, then denoised by the
+    base model's guided ε̂ under the image's prompt in PURIFY_STEPS deterministic DDIM steps (η = 0: x̂_0 from ε̂,
+    then x_s = √ᾱ_s·x̂_0 + √(1 - ᾱ_s)·ε̂ at the next step s) to t = 1, and its x̂_0 decoded. What survives noise of
+    std √((1 - ᾱ_T)/ᾱ_T) (a face's layout, long hair) is paid; what the policy adds on top of it (a faint halo that
+    fools the classifier) is redrawn by a model that never learnt it. z comes from the sampling generator, after
+    the epoch's draws: a seed gives the same rewards on any process count, and a resumed run the same as an
+    unbroken one. samples: sample()'s; -> images (B, 3, H, W) in [0, 1]."""
+    device, alphas = config.device, run.scheduler.alphas_cumprod  # ᾱ for t = 0..999
+    x0 = samples["latents"][:, -1].float()  # (B, C, h, w)
+    z = this_process(torch.randn((config.batch_size, *x0.shape[1:]), generator=run.noise_generator, device=device))
+    steps = torch.linspace(config.purify, 1, PURIFY_STEPS).round().long().tolist()  # e.g. 300, 150, 1
+    x = alphas[steps[0]].sqrt() * x0 + (1 - alphas[steps[0]]).sqrt() * z
+    for i, t in enumerate(steps):
+        a = alphas[t]
+        with autocast(config, device):
+            eps = guided_noise_pred(run.base, x, torch.tensor(t, device=device), run.prompt_embeds,
+                                    samples["prompt_ids"], config.guidance_scale).float()
+        if run.scheduler.config.prediction_type == "v_prediction":  # SD 2.x: ε̂ and x̂_0 from v, as the DDIM step
+            eps, x0_hat = a.sqrt() * eps + (1 - a).sqrt() * x, a.sqrt() * x - (1 - a).sqrt() * eps
+        else:
+            x0_hat = (x - (1 - a).sqrt() * eps) / a.sqrt()
+        if i + 1 < len(steps):
+            x = alphas[steps[i + 1]].sqrt() * x0_hat + (1 - alphas[steps[i + 1]]).sqrt() * eps
+    return decode(run.vae, x0_hat, config, device)
+
+
 def schedule_on_device(scheduler, device):
     """Move the noise schedule (ᾱ_t and the final ᾱ) to the device once. Left on the CPU, every DDIM step would
     copy it to the GPU (two blocking copies per step, 300 per epoch), and no step could be captured in a graph."""
@@ -1281,6 +1318,8 @@ def load_flow_models(config, device):
         if config.num_steps > scheduler.config.num_train_timesteps:
             raise UsageError(f"--num-steps: {config.num_steps} is more than the scheduler's "
                              f"{scheduler.config.num_train_timesteps} training steps")
+        if config.purify:
+            raise UsageError("--purify: redraws with DDIM's ᾱ schedule (SD 1.x, 2.x, XL), not SD 3's flow")
         has_t5 = (pipeline_index(path).get("text_encoder_3") or [None])[0] is not None
         unet = as_policy(load_unet(config, flow=True))
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, low_cpu_mem_usage=False)
@@ -1632,7 +1671,7 @@ def start_run(config, classifier=None):
               lead=lead)
     if config.independent_classifier:
         run.independent = load_independent(config, device)
-    if config.kl_base > 0:  # the trained weights before any update or resume: the base model's
+    if config.kl_base > 0 or config.purify:  # the trained weights before any update or resume: the base model's
         run.base = frozen_base(unet, {name: p.detach().clone() for name, p in params.items()})
     metrics, first = [], 0
     if config.resume and run_state(out) == "checkpoint":  # every rank reads it: the RNG states are the same on all

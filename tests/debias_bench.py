@@ -75,6 +75,11 @@ CONFIGS = {
     "fast-hardened-kl-base-0.01": FAST + [f"--classifier={HARDENED}", "--kl-base=0.01"],
     "soft-balance": ["--reward=soft_balance"],  # eq. 2-3 on P(female): a label's threshold is no longer the target
     "soft-balance-ensemble": ["--reward=soft_balance"] + ENSEMBLE,
+    # the reward reads each image as the base model redraws it from step T (--purify, DiffPure)
+    "purify-200": ["--purify=200"],
+    "purify-300": ["--purify=300"],
+    "purify-400": ["--purify=400"],
+    "purify-300-lr1e-3": ["--purify=300", "--lr=1e-3"],
 }
 REFEREE = toyworld.REFEREE  # the world's referee reads every epoch (--independent-classifier)
 FRESH = 512  # the final UNet's samples read by the referee

@@ -26,8 +26,14 @@ def test_toy_world_commands_run_at_one_thread_unless_the_user_says_otherwise(tmp
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     demo = toyworld_command("demo", tmp_path / "demo", "--epochs", "1", env=env)
     assert demo.returncode == 0 and "device cpu (1 thread)" in demo.stdout, demo.stdout + demo.stderr
-    three = toyworld_command("three", tmp_path / "three", "--epochs", "1", env={**env, "OMP_NUM_THREADS": "2"})
+    hardened = os.path.join("tests", "toyworld_three", "hardened")  # three --classifier: another reward classifier
+    three = toyworld_command("three", tmp_path / "three", "--epochs", "1", "--classifier", hardened,
+                             env={**env, "OMP_NUM_THREADS": "2"})
     assert three.returncode == 0 and "device cpu (2 threads)" in three.stdout, three.stdout + three.stderr
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["classifier"] == hardened
+    missing = toyworld_command("three", tmp_path / "missing", "--classifier", tmp_path / "nothing", env=env)
+    assert one_error_line(missing, "--classifier"), missing.stderr
+    assert not (tmp_path / "missing").exists()
 
 
 # ---------------------------------------------------------------------------------------------- 6. resume
