@@ -183,12 +183,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_sd, tiny_classifier
     assert refused.returncode == 2 and "--resume" in refused.stderr
     resumed = run_cli("--resume", killed)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(killed, full)
+
+
+def assert_same_run(one, other):
+    """Two run folders hold the same metrics (timings aside) and the same final UNet, to the bit."""
     timing = ("sample_seconds", "reward_seconds", "train_seconds", "images_per_second")
     strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]
-    assert strip(read_metrics(killed)) == strip(read_metrics(full))
+    assert strip(read_metrics(one)) == strip(read_metrics(other))
     from diffusers import UNet2DConditionModel
-    a = UNet2DConditionModel.from_pretrained(full / "unet").state_dict()
-    b = UNet2DConditionModel.from_pretrained(killed / "unet").state_dict()
+    a = UNet2DConditionModel.from_pretrained(other / "unet").state_dict()
+    b = UNet2DConditionModel.from_pretrained(one / "unet").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 import ddpo_debias as dd
 import rewards
 from tests import toyworld
-from tests.test_cli import TINY, read_metrics, run_cli
+from tests.test_cli import TINY, assert_same_run, read_metrics, run_cli
 from tests.test_edges import one_error_line
 
 
@@ -66,13 +66,7 @@ def test_purify_runs_changes_the_rewards_and_resumes_exactly(tiny_sd, tiny_class
     assert run_cli(*args, "--purify", "500", "--epochs", "3", "--output-dir", straight).returncode == 0
     assert run_cli(*args, "--purify", "500", "--output-dir", resumed).returncode == 0
     assert run_cli("--resume", resumed, "--epochs", "3").returncode == 0
-    timing = ("sample_seconds", "reward_seconds", "train_seconds", "images_per_second")
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]
-    assert strip(read_metrics(resumed)) == strip(read_metrics(straight))
-    from diffusers import UNet2DConditionModel
-    a = UNet2DConditionModel.from_pretrained(straight / "unet").state_dict()
-    b = UNet2DConditionModel.from_pretrained(resumed / "unet").state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(resumed, straight)
 
 
 @pytest.mark.parametrize("value", ["1000", "-1", "x"])
