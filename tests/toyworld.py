@@ -612,6 +612,8 @@ def main(argv=None):
     d.add_argument("--world", default=SHIPPED, help="a world folder (default: the shipped one)")
     d.add_argument("--epochs", type=int, default=16)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--purify", help="the reward reads each image as the base model redraws it from this step "
+                   "(ddpo_debias.py --purify, e.g. 300; docs/toy-world.md)")
     t = sub.add_parser("two", help="fine-tune the two-prompt world on both prompts (12 epochs: 35 s at one "
                        "thread)")
     t.add_argument("out", help="the run folder (new)")
@@ -647,7 +649,7 @@ def main(argv=None):
     if args.command == "two":
         return two(args.out, args.scope, args.epochs, args.seed)
     if args.command == "demo":
-        return demo(args.out, args.world, args.epochs, args.seed)
+        return demo(args.out, args.world, args.epochs, args.seed, [f"--purify={args.purify}"] * bool(args.purify))
     print(json.dumps(build(args.out, args.female_share, args.seed, args.quick, args.reuse,
                            TWO_PROMPTS if args.two_prompts else None, args.three_classes), indent=2))
     return 0
