@@ -628,6 +628,7 @@ def main(argv=None):
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--lr", help="another learning rate than THREE_SETTINGS' (0: the control)")
     k.add_argument("--classifier", help="another reward classifier than the world's (e.g. tests/toyworld_three/hardened)")
+    k.add_argument("--purify", help="the reward reads each image as the base model redraws it from this step")
     i = sub.add_parser("independent", help="train a world's second classifier, which scores and never rewards "
                        "(about 3 minutes on 2 cores)")
     i.add_argument("out", help="e.g. tests/toyworld_model/independent")
@@ -645,7 +646,7 @@ def main(argv=None):
         one_thread()
     if args.command == "three":
         return three(args.out, args.epochs, args.seed, [f"--lr={args.lr}"] * bool(args.lr) + [
-            f"--classifier={args.classifier}"] * bool(args.classifier))
+            f"--classifier={args.classifier}"] * bool(args.classifier) + [f"--purify={args.purify}"] * bool(args.purify))
     if args.command == "two":
         return two(args.out, args.scope, args.epochs, args.seed)
     if args.command == "demo":
