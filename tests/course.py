@@ -62,6 +62,7 @@ PATH_SKIPS = {  # a name the path uses but does not define -> what it does
     "trainable_parameters": "the UNet's parameters that require a gradient: its attention projections",
     "Laps": "a stopwatch for the epoch's phases (metrics' timings)",
     "judge_ranks": "--reward rank's Borda scores from the judge; None otherwise",
+    "purified": "--purify T: the images as the base model redraws them from step T, for the reward to read",
     "start_run": "loading, resume and the run folder: the models, the optimizer and the PromptHistory in `run`",
     "epoch_record": "the epoch's line of metrics.jsonl",
     "end_epoch": "the sample grid, plot.png, a checkpoint every --save-every epochs, and stopping on a signal",
