@@ -81,6 +81,7 @@ CONFIGS = {
     "purify-400": ["--purify=400"],
     "purify-300-lr1e-3": ["--purify=300", "--lr=1e-3"],
     "purify-300-kl-base-0.01": ["--purify=300", "--kl-base=0.01"],
+    "purify-300-soft-balance": ["--purify=300", "--reward=soft_balance"],
 }
 REFEREE = toyworld.REFEREE  # the world's referee reads every epoch (--independent-classifier)
 FRESH = 512  # the final UNet's samples read by the referee
