@@ -700,8 +700,7 @@ ONLY_WITH = {"target": (lambda c: c.reward in rewards.RESCORED, "--reward balanc
 TRAINING_ONLY = ("reward", "trust_region", "lr", "updates_per_epoch", "skip_final_steps", "train_fraction", "clip_range",
                  "kl_threshold", "truly_alpha", "kl_base", "adv_clip", "advantage_scale", "max_grad_norm", "epochs",
                  "train_batch_size", "old_log_probs", "low_memory", "save_every", "augment", "purify", "underrepresented",
-                 "balance_window",
-                 "judge_group", "judge_criterion")
+                 "balance_window", "judge_group", "judge_criterion")
 AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
 POSITIVE = (lambda v: v > 0, "> 0")
 BOUNDS = {**dict.fromkeys(("epochs", "batch_size", "num_steps", "updates_per_epoch", "save_every", "eval_images"),
