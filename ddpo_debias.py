@@ -94,7 +94,7 @@ class MethodConfig:
     augment: bool = False
     """Average the reward classifier's P(class) over 5 views of each image (mirror, shifts, blur)."""
     purify: int = 0
-    """T > 0: the reward reads each image as the base model redraws it from step T (DiffPure)."""
+    """T > 0: the reward reads each image as the base model redraws it from step T (diffusion purification)."""
     underrepresented: str = "auto"
     """U for --reward shift: one of --classes, or auto = the rarest class in the first epoch's samples (step 1)."""
     trust_region: str = "clip"
