@@ -644,13 +644,13 @@ def main(argv=None):
         return 0
     if args.command != "build":
         one_thread()
+    given = lambda *names: [f"--{name}={getattr(args, name)}" for name in names if getattr(args, name)]  # to the CLI
     if args.command == "three":
-        return three(args.out, args.epochs, args.seed, [f"--lr={args.lr}"] * bool(args.lr) + [
-            f"--classifier={args.classifier}"] * bool(args.classifier) + [f"--purify={args.purify}"] * bool(args.purify))
+        return three(args.out, args.epochs, args.seed, given("lr", "classifier", "purify"))
     if args.command == "two":
         return two(args.out, args.scope, args.epochs, args.seed)
     if args.command == "demo":
-        return demo(args.out, args.world, args.epochs, args.seed, [f"--purify={args.purify}"] * bool(args.purify))
+        return demo(args.out, args.world, args.epochs, args.seed, given("purify"))
     print(json.dumps(build(args.out, args.female_share, args.seed, args.quick, args.reuse,
                            TWO_PROMPTS if args.two_prompts else None, args.three_classes), indent=2))
     return 0
