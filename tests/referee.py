@@ -5,17 +5,23 @@
 A reward's classifier can be fooled: a run at R_balance learnt to add faint pale halos that its ViT reads as long
 hair (docs/benchmarks.md). The referee reads what the world means instead, by analysis by synthesis. draw_face
 paints a face from a handful of numbers (position, head size, cap depth, hair length, four colours), so:
-  1. for each hair style among the classes, a grid of geometries (GRID: the head's centre and size, its width,
-     the cap's depth, the hair's length or height) is painted as region maps (background, clothes, hair, skin),
-     blurred as the VAE blurs, with a one-pixel ring round the figure for the VAE's colour bleed. Least squares
-     gives each region's colour; the geometry with the least squared error is the style's best fit;
-  2. each style's best fit is painted in its fitted colours by the world's own painter (toyworld.paint_face) and
-     sent through the world's VAE, as every sample was; e_s = its squared distance to the image;
-  3. P(style) = softmax(-e_s / TEMPERATURE): the style whose painting, seen through the VAE, looks like the image.
-     The cap and the long hair share one colour, so a halo that is not the cap's colour explains nothing; where
-     the VAE leaves the two styles alike, the margin is small and the label "none" (max P <= 0.7).
-An image that no face explains (its best fit leaves an rms error above FACE_RMS per pixel) reads "none": noise,
-blobs, shuffled pieces, a face that fell apart. The referee has no weights: nothing was trained, nothing the reward
+  1. where is the face? A grid of geometries (GRID: the head's centre and size, its width, the cap's depth, the
+     hair's length or height) is painted as region maps (background, clothes, cap, skin, eyes, mouth, and a zone
+     where each style's hair would be), blurred as the VAE blurs, with a one-pixel ring round the figure for the
+     VAE's colour bleed. Least squares gives each region's colour; the geometry with the least squared error is
+     the best fit. For the images that fit leaves unlabelled (step 3), a search moves each of draw_face's numbers
+     in turn (STEPS) from there while the fit improves: the grid is coarse, and a face placed a pixel off reads
+     its hair wrong;
+  2. paint each answer: the fit is painted by the world's own painter (toyworld.paint_face) in its fitted colours,
+     once short and once with each style's hair in the cap's colour, and sent through the world's VAE, as every
+     sample was;
+  3. where does the image lie between them? t = <x - short, style - short> / |style - short|^2 (0: the short
+     painting, 1: the style's), and P(style) = softmax over (CUT for short, t per style) / SOFTNESS: t >= 0.5
+     reads that style, t <= 0.35 short. The cap and the hair share one colour, so a halo that is not the cap's
+     colour explains nothing; where the VAE leaves two paintings alike (LEGIBLE), t says nothing either way.
+     A label also needs its style's painting within FIT_RMS of the image: an attack's strokes, noise, blobs,
+     shuffled pieces, a face that fell apart fit no painting that well, and read "none".
+The referee has no weights: nothing was trained, nothing the reward
 uses is read. It is a reader for the toy worlds only (it knows how they are drawn); on SD, see docs/evaluate.md.
 
 As an independent reader of a run: `ddpo_debias.py ... --independent-classifier tests.referee:Referee` (the
@@ -34,28 +40,35 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `tests.` from any folder
+import rewards  # noqa: E402
 from tests import toyworld  # noqa: E402
 
 STYLES = {"female": "long", "male": "short", "long": "long", "short": "short", "tall": "tall"}  # class -> hair style
 # The regions fitted: each part's index in the region maps. The long and the tall hair are zones with colours of
 # their own in the fit, so that what lies there (hair, a halo, background) never pulls the head's place or the
-# cap's colour; eyes and mouth are too small to fit and count as skin.
-REGIONS = {"background": 0, "clothes": 1, "cap": 2, "neck": 3, "head": 3, "eyes": 3, "mouth": 3, "long hair": 4,
-           "tall hair": 5}
+# cap's colour; the eyes and the mouth are regions of their own, so that the search below can place them.
+REGIONS = {"background": 0, "clothes": 1, "cap": 2, "neck": 3, "head": 3, "long hair": 4, "tall hair": 5, "eyes": 6,
+           "mouth": 7}
 S = 4 * toyworld.SIZE  # draw_face paints at 4x
 # The geometries fitted: draw_face's ranges (face_geometry), each cut into a few values, at 4x pixels.
 GRID = dict(dx=np.linspace(-9, 9, 5), dy=np.linspace(-8, 8, 9), r=np.linspace(0.205, 0.255, 6) * S,
             width=(0.81, 0.87), top=(0.3, 0.4), length=(1.54, 1.71), height=(1.68, 1.82))
+# The search from the grid's best fit, for the images the grid's fit leaves unlabelled: each of draw_face's numbers
+# moved by ± its step (4x pixels; top: a share of r), at these scales of the step, while the fit improves.
+STEPS = dict(cx=2.0, cy=2.0, r=1.5, w=1.2, top=0.04, eye_y=1.0, eye_dx=1.0, mouth_y=1.0, mouth_w=1.0, length=3.0,
+             height=3.0)
+SCALES, ROUNDS = (1, 0.5, 0.25), 2
 BLUR = 0.7  # the VAE's blur, as a Gaussian's std in pixels
 # draw_face's hair and skin: a palette entry and its jitter per channel. The fitted hair (the cap's colour) and skin
 # are moved into them, so the paintings compared are faces the world can draw.
 PALETTES = {"hair": (toyworld.HAIR, 15), "skin": (toyworld.SKIN, 12)}
 PALETTE_SLACK = 10  # per channel, for the colours' blur at the figure's edges
-CUT = 0.5  # t: how much of the full hair of that style, in the cap's colour, the image holds; above CUT: that style
-SOFTNESS = 0.118  # P(style) = softmax over (CUT for short, t per style) / SOFTNESS: |t - CUT| >= 0.1 gives P >= 0.7
-LEGIBLE = 0.5  # the squared distance below which a style's painting and the short one look alike through the VAE
-FACE_RMS = 0.065  # per value: 99.8% of the world's faces through the VAE fit closer, noise and blobs fit far worse
-
+# The reading's four numbers, chosen on faces and attacks of seeds no test reads: the highest accuracy on the worse
+# class with at most 10% of each classifier's attacks read "female" (docs/benchmarks/2026-12-05-referee/refined).
+CUT = 0.425  # t: how much of the full hair of that style, in the cap's colour, the image holds; above CUT: that style
+SOFTNESS = 0.0885  # P(style) = softmax over (CUT for short, t per style) / SOFTNESS: t <= 0.35 or >= 0.5: P >= 0.7
+LEGIBLE = 0.05  # the squared distance below which a style's painting and the short one look alike through the VAE
+FIT_RMS = 0.045  # rms per value: a label needs its style's painting this close to the image
 
 def geometries(styles):
     """draw_face's geometries on GRID with a zone for each style in `styles` beyond short (the eyes and mouth at
@@ -71,14 +84,16 @@ def geometries(styles):
 
 def region_maps(g, styles):
     """-> (R, 32, 32): the share of each pixel in each region (REGIONS) of face g with every zone in `styles`; the
-    zones of styles not in `styles` are left out (R = 4 + their number)."""
+    zones of styles not in `styles` are left out (R = 6 + their number)."""
     image = Image.new("L", (S, S), 0)
     draw = ImageDraw.Draw(image)
     for style in [s for s in ("long", "tall") if s in styles] or ["short"]:  # each zone painted where it lies
         toyworld.paint_face(draw, {**g, "style": style}, lambda part: REGIONS[part])
-    parts = F.one_hot(torch.from_numpy(np.asarray(image).astype(np.int64)), 6).permute(2, 0, 1).float()
-    kept = [0, 1, 2, 3] + [REGIONS[f"{s} hair"] for s in ("long", "tall") if s in styles]
-    return F.avg_pool2d(parts[None], 4)[0, kept]
+    # each 4x4 block's count of each region's pixels: the region maps at 32x32, as draw_face's downsampling sees them
+    labels = np.asarray(image).astype(np.int64).reshape(32, 4, 32, 4).transpose(0, 2, 1, 3).reshape(1024, 16)
+    counts = np.bincount((np.arange(1024)[:, None] * 8 + labels).ravel(), minlength=1024 * 8).reshape(32, 32, 8)
+    kept = [0, 1, 2, 3] + [REGIONS[f"{s} hair"] for s in ("long", "tall") if s in styles] + [6, 7]
+    return torch.from_numpy(counts[:, :, kept] / 16).permute(2, 0, 1).float()
 
 
 def fitting_basis(maps):
@@ -105,6 +120,26 @@ def best_fit(basis, images, chunk=200):
         better = value < best
         best, arg = torch.where(better, value, best), torch.where(better, index + i, arg)
     return arg
+
+
+def refined(g, image, styles):
+    """Face g moved, one of draw_face's numbers at a time (STEPS, at each of SCALES), while the least-squares fit to
+    `image` (3, 32, 32) improves: the grid's best fit, made as fine as the painter. -> (g, its region maps)."""
+    steps = {k: v for k, v in STEPS.items() if g.get(k) is not None}  # length/height: only where the zone is fitted
+    x = image.reshape(3, 1024).T  # (1024, 3)
+    error = lambda maps: x.pow(2).sum() - torch.einsum("gpk,pc->gkc", fitting_basis(maps), x).pow(2).sum((1, 2))
+    maps = region_maps(g, styles)[None]
+    best = error(maps)[0]
+    for scale in SCALES:
+        for _ in range(ROUNDS):
+            moves = [{**g, k: g[k] + sign * scale * step} for k, step in steps.items() for sign in (-1, 1)]
+            moved = torch.stack([region_maps(m, styles) for m in moves])  # (2 * numbers, R, 32, 32)
+            errors = error(moved)
+            i = int(errors.argmin())
+            if errors[i] >= best:
+                break
+            g, maps, best = moves[i], moved[i:i + 1], errors[i]
+    return g, maps[0]
 
 
 def in_palette(colour, palette, slack=PALETTE_SLACK):
@@ -153,26 +188,41 @@ class Referee:
             return torch.cat([((self.vae.decode(self.vae.encode(images[i:i + chunk] * 2 - 1).latent_dist.mode()).sample
                                 + 1) / 2).clamp(0, 1) for i in range(0, len(images), chunk)])
 
-    def read(self, images):
-        """(B, 3, 32, 32) -> t (B, styles), the image's place on the line from the short painting (0) to each
-        style's (1) through the VAE (t of short: CUT); and each image's rms distance to its nearest painting (B,)."""
-        images = images.detach().float().cpu().clamp(0, 1)
-        arg = best_fit(self.basis, images)
-        painted = torch.stack([paintings(self.shapes[a], self.maps[a], image, self.styles)
-                               for a, image in zip(arg.tolist(), images)])  # (B, styles, 3, 32, 32)
+    def seen(self, fits, images):
+        """fits: a (g, maps) per image -> t (B, styles) and the rms distance to each style's painting (B, styles): the
+        image's place on the line from the short painting (0) to each style's (1) through the VAE (t of short: CUT)."""
+        painted = torch.stack([paintings(g, maps, image, self.styles) for (g, maps), image in zip(fits, images)])
         seen = self.through_vae(painted.flatten(0, 1)).view(painted.shape).flatten(2)  # (B, styles, 3072)
         short, image = seen[:, :1], images.flatten(1)[:, None]
         along = seen[:, 1:] - short  # (B, styles - 1, 3072): what each style's hair changes in the image
         reach = along.pow(2).sum(-1)
         t = ((image - short) * along).sum(-1) / reach.clamp(min=1e-6)
         t = torch.where(reach < LEGIBLE, torch.full_like(t, CUT), t)  # alike through the VAE: no evidence either way
-        rms = ((seen - image).pow(2).mean(-1).min(dim=1).values).sqrt()
+        rms = (seen - image).pow(2).mean(-1).sqrt()
         return torch.cat([torch.full((len(images), 1), CUT), t], dim=1), rms
 
+    def read(self, images):
+        """(B, 3, 32, 32) -> t and rms (B, styles), as `seen`: from the grid's best fit, and for the images that fit
+        leaves unlabelled, from the search's (`refined`)."""
+        images = images.detach().float().cpu().clamp(0, 1)
+        fits = [(self.shapes[a], self.maps[a]) for a in best_fit(self.basis, images).tolist()]
+        t, rms = self.seen(fits, images)
+        unsure = (self.decide(t, rms).max(dim=1).values <= rewards.THRESHOLD).nonzero().flatten().tolist()
+        if unsure:
+            t[unsure], rms[unsure] = self.seen([refined(fits[i][0], images[i], self.styles) for i in unsure],
+                                               images[unsure])
+        return t, rms
+
+    def decide(self, t, rms):
+        """P(style) (B, styles): softmax(t / SOFTNESS); "none" (uniform) where the likeliest style's painting is
+        further than FIT_RMS from the image: no face of that style explains it (noise, blobs, an attack's strokes)."""
+        probs = (t / SOFTNESS).softmax(dim=1)
+        far = rms.gather(1, probs.argmax(dim=1, keepdim=True))[:, 0] > FIT_RMS
+        probs[far] = 1 / len(self.styles)
+        return probs
+
     def __call__(self, images):
-        t, rms = self.read(images)
-        probs = (t / SOFTNESS).softmax(dim=1)  # (B, styles)
-        probs[rms > FACE_RMS] = 1 / len(self.styles)  # "none": no face of this world explains the image
+        probs = self.decide(*self.read(images))  # (B, styles)
         return probs[:, [self.styles.index(c) for c in self.classes]].to(images.device)
 
 

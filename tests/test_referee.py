@@ -48,7 +48,7 @@ def test_the_referee_reads_the_faces_through_the_vae(two, faces):
     images, female, _ = faces
     labels = rewards.label_images(two(images))
     hits = right(labels, ["female" if f else "male" for f in female.tolist()])
-    assert hits[female.numpy()].mean() >= 0.94 and hits[~female.numpy()].mean() >= 0.96, (
+    assert hits[female.numpy()].mean() >= 0.955 and hits[~female.numpy()].mean() >= 0.98, (
         hits[female.numpy()].mean(), hits[~female.numpy()].mean())
 
 
@@ -60,7 +60,7 @@ def test_the_referee_reads_the_three_hair_styles():
     labels = rewards.label_images(reader(reader.through_vae(drawn)), styles)
     hits = right(labels, [styles[k] for k in which.tolist()])
     shares = [hits[which.numpy() == k].mean() for k in range(3)]
-    assert shares[0] >= 0.85 and shares[1] >= 0.88 and shares[2] >= 0.75, shares
+    assert shares[0] >= 0.95 and shares[1] >= 0.92 and shares[2] >= 0.88, shares
 
 
 def test_the_referee_says_none_to_non_faces(two):
@@ -77,12 +77,12 @@ def differentiable(path):
     return lambda images: rewards.Classifier.__call__.__wrapped__(classifier, images)
 
 
-@pytest.mark.parametrize("attacked, fooled_at_most", [("classifier", 0.15), (toyworld.INDEPENDENT, 0.2),
-                                                     ("hardened", 0.2)])
+@pytest.mark.parametrize("attacked, fooled_at_most", [("classifier", 0.05), (toyworld.INDEPENDENT, 0.15),
+                                                     ("hardened", 0.15)])
 def test_attacks_that_fool_a_reward_classifier_hardly_fool_the_referee(two, vae, attacked, fooled_at_most):
     """Adam on the VAE latents of 64 "male" faces toward "female" (toyworld.latent_attack, mean change 0.04): the
-    attacked classifier reads at least 90% of them "female"; the referee 11-16% (docs/toy-world.md: short of the
-    10% asked for; within 0.04 of mean change the attack can paint real strands of hair)."""
+    attacked classifier reads at least 90% of them "female"; the referee 2-13% (docs/toy-world.md: short of the
+    10% asked for on two of the three; within 0.04 of mean change the attack can paint dark strands of hair)."""
     path = os.path.join(toyworld.SHIPPED, attacked)
     drawn, _ = toyworld.make_faces(64, 0.0, seed=4545)
     images = toyworld.latent_attack(differentiable(path), vae, drawn, target=0)
@@ -94,8 +94,8 @@ def test_attacks_that_fool_a_reward_classifier_hardly_fool_the_referee(two, vae,
 def test_the_referees_errors_are_not_the_reward_classifiers(two, vae, faces):
     """Where the VAE keeps the class legible (the face drawn with the other hair style differs after the round trip
     by more than 0.03 rms per value), the referee is wrong on few of the faces the reward's ViT gets wrong: at most
-    10% of them, where the world's second classifier is wrong on about 30%. (Its errors are too few, 2 in 1851, for
-    "no more than twice chance" to be tested: chance is 0.04 of a face. Where the VAE keeps the class illegible,
+    10% of them, where the world's second classifier is wrong on about 30%. (Its errors are too few, 1 in 1851, for
+    "no more than twice chance" to be tested: chance is 0.02 of a face. Where the VAE keeps the class illegible,
     every reader guesses, and they guess wrong together.)"""
     images, female, shapes = faces
     other = torch.stack([toyworld.to_tensor(toyworld.render_face(
