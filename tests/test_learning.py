@@ -117,39 +117,39 @@ def independent_share(metrics, cls, last, classes=("female", "male")):
 
 # Read by the referee, which never gave the reward, the shares move, though far less than the reward's reading says
 # (docs/benchmarks.md: the reward's classifier is mostly fooled). Each bar is the midpoint between the lr-0
-# control's highest share and the learnt runs' lowest over seeds, by the referee (balance-clip: the benchmark's
-# `today` runs, seeds 0-9; the others: docs/benchmarks/2026-12-05-referee/learning_bars.py, seeds 0-4): female over
-# the last 4 epochs after R_balance, control 0.04-0.07, learnt 0.11-0.41 -> 0.09; after R_shift, over the last 2,
-# control 0.01-0.09, learnt 0.46-0.99 -> 0.27; the three-class world's rarest (tall) over the last 4,
-# control 0.03-0.06, learnt 0.12-0.25 -> 0.09.
+# control's highest share and the learnt runs' lowest over seeds 0-4, by the referee
+# (docs/benchmarks/2026-12-05-referee/refined/learning_bars.py): female over the last 4 epochs after R_balance,
+# control 0.08-0.11, learnt 0.18-0.47 -> 0.145; after R_shift, over the last 2, control 0.04-0.11, learnt
+# 0.33-1.00 -> 0.22; the three-class world's rarest (tall) over the last 4, control 0.07-0.12, learnt 0.22-0.28
+# on seeds 0, 1, 3, 4 -> 0.17. On seed 2 the three-class run breaks the faces (92% "none" by the referee, its tall
+# share 0.10 of the few it reads): the three-class settings do not hold on every seed (docs/toy-world.md).
 @pytest.mark.parametrize("trust_region", ["clip", "truly"])
 def test_the_referee_sees_r_balance_raise_the_minority(runs, trust_region):
     learned = independent_share(runs[f"balance-{trust_region}"], "female", 4)
     control = independent_share(runs["control"], "female", 4)
-    assert learned >= 0.09 > control, (learned, control)
+    assert learned >= 0.145 > control, (learned, control)
 
 
 @pytest.mark.parametrize("trust_region", ["clip", "truly"])
 def test_the_referee_sees_r_shift_raise_u(runs, trust_region):
     learned = independent_share(runs[f"shift-{trust_region}"], "female", 2)
     control = independent_share(runs["control"], "female", 2)
-    assert learned >= 0.27 > control, (learned, control)
+    assert learned >= 0.22 > control, (learned, control)
 
 
 def test_the_referee_sees_r_balance_on_the_base_models_redraw_raise_the_minority(runs):
     """--purify 300 (the reward reads each image as the base model redraws it): by the referee, female over the last
-    4 epochs, control 0.04-0.07, learnt 0.14-0.54 over seeds 0-9 (docs/benchmarks/2026-12-05-referee/purify) ->
-    0.10. (R_balance without it: 0.11-0.41, docs/benchmarks.md.)"""
+    4 epochs, control 0.08-0.11, learnt 0.17-0.46 over seeds 0-4 (refined/learning_bars.json) -> 0.14."""
     learned = independent_share(runs["balance-purify"], "female", 4)
     control = independent_share(runs["control"], "female", 4)
-    assert learned >= 0.10 > control, (learned, control)
+    assert learned >= 0.14 > control, (learned, control)
 
 
 def test_the_referee_sees_the_rarest_of_three_classes_rise(runs):
     classes = tuple(toyworld.THREE)
     learned = independent_share(runs["three"], "tall", 4, classes)
     control = independent_share(runs["three-control"], "tall", 4, classes)
-    assert learned >= 0.09 > control, (learned, control)
+    assert learned >= 0.17 > control, (learned, control)
 
 
 @pytest.mark.parametrize("name", [*[n for n in RUNS if not n.startswith("three")], *TWO])
