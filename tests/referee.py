@@ -21,8 +21,8 @@ paints a face from a handful of numbers (position, head size, cap depth, hair le
      colour explains nothing; where the VAE leaves two paintings alike (LEGIBLE), t says nothing either way.
      A label also needs its style's painting within FIT_RMS of the image: an attack's strokes, noise, blobs,
      shuffled pieces, a face that fell apart fit no painting that well, and read "none".
-The referee has no weights: nothing was trained, nothing the reward
-uses is read. It is a reader for the toy worlds only (it knows how they are drawn); on SD, see docs/evaluate.md.
+The referee has no weights: nothing was trained, nothing the reward uses is read. It is a reader for the toy worlds
+only (it knows how they are drawn); on SD, see docs/evaluate.md.
 
 As an independent reader of a run: `ddpo_debias.py ... --independent-classifier tests.referee:Referee` (the
 metrics' "independent" block; tests.toyworld demo does this). tests/test_referee.py checks it: accuracy through
@@ -69,6 +69,7 @@ CUT = 0.425  # t: how much of the full hair of that style, in the cap's colour, 
 SOFTNESS = 0.0885  # P(style) = softmax over (CUT for short, t per style) / SOFTNESS: t <= 0.35 or >= 0.5: P >= 0.7
 LEGIBLE = 0.05  # the squared distance below which a style's painting and the short one look alike through the VAE
 FIT_RMS = 0.045  # rms per value: a label needs its style's painting this close to the image
+
 
 def geometries(styles):
     """draw_face's geometries on GRID with a zone for each style in `styles` beyond short (the eyes and mouth at
