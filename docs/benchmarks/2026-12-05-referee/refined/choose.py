@@ -35,7 +35,8 @@ def readings(two, images, true=None):
         fits = searched = [(g, referee.region_maps(g, two.styles)) for g in true]
     found = []
     for fitted in (fits, searched):
-        painted = torch.stack([referee.paintings(g, maps, image, two.styles) for (g, maps), image in zip(fitted, images)])
+        painted = torch.stack([referee.paintings(g, maps, image, two.styles)
+                               for (g, maps), image in zip(fitted, images)])
         seen = two.through_vae(painted.flatten(0, 1)).view(painted.shape).flatten(2)
         found.append((*two.seen(fitted, images), (seen[:, 1:] - seen[:, :1]).pow(2).sum(-1)))
     referee.LEGIBLE = saved
@@ -76,12 +77,15 @@ def main(out):
     rows = []
     for short, long, fit_rms, legible in itertools.product(BANDS["short"], BANDS["long"], FIT_RMS, LEGIBLE):
         is_long, is_short = labels(sets["faces"], short, long, fit_rms, legible)
-        attacks = {n: float(labels(f, short, long, fit_rms, legible)[0].mean()) for n, f in sets.items() if n != "faces"}
-        rows.append(dict(short=short, long=long, fit_rms=fit_rms, legible=legible, female_right=float(is_long[female].mean()),
-                         male_right=float(is_short[~female].mean()), attacks_read_female=attacks))
+        attacks = {n: float(labels(f, short, long, fit_rms, legible)[0].mean())
+                   for n, f in sets.items() if n != "faces"}
+        rows.append(dict(short=short, long=long, fit_rms=fit_rms, legible=legible,
+                         female_right=float(is_long[female].mean()), male_right=float(is_short[~female].mean()),
+                         attacks_read_female=attacks))
     allowed = [r for r in rows if max(r["attacks_read_female"].values()) <= 0.10]
     chosen = max(allowed, key=lambda r: min(r["female_right"], r["male_right"]))
-    is_long, is_short = labels(readings(two, faces, true), *(chosen[k] for k in ("short", "long", "fit_rms", "legible")))
+    numbers = (chosen[k] for k in ("short", "long", "fit_rms", "legible"))
+    is_long, is_short = labels(readings(two, faces, true), *numbers)
     true_geometry = dict(female_right=float(is_long[female].mean()), male_right=float(is_short[~female].mean()))
     print(json.dumps({"chosen": chosen, "true_geometry": true_geometry}, indent=2))
     with open(out, "w") as f:
