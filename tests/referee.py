@@ -123,13 +123,14 @@ def best_fit(basis, images, chunk=200):
     return arg
 
 
-def refined(g, image, styles):
-    """Face g moved, one of draw_face's numbers at a time (STEPS, at each of SCALES), while the least-squares fit to
-    `image` (3, 32, 32) improves: the grid's best fit, made as fine as the painter. -> (g, its region maps)."""
+def refined(g, maps, image, styles):
+    """Face g (its region maps: `maps`) moved, one of draw_face's numbers at a time (STEPS, at each of SCALES),
+    while the least-squares fit to `image` (3, 32, 32) improves: the grid's best fit, made as fine as the painter.
+    -> (g, its region maps)."""
     steps = {k: v for k, v in STEPS.items() if g.get(k) is not None}  # length/height: only where the zone is fitted
     x = image.reshape(3, 1024).T  # (1024, 3)
     error = lambda maps: x.pow(2).sum() - torch.einsum("gpk,pc->gkc", fitting_basis(maps), x).pow(2).sum((1, 2))
-    maps = region_maps(g, styles)[None]
+    maps = maps[None]
     best = error(maps)[0]
     for scale in SCALES:
         for _ in range(ROUNDS):
@@ -189,29 +190,31 @@ class Referee:
             return torch.cat([((self.vae.decode(self.vae.encode(images[i:i + chunk] * 2 - 1).latent_dist.mode()).sample
                                 + 1) / 2).clamp(0, 1) for i in range(0, len(images), chunk)])
 
-    def seen(self, fits, images):
-        """fits: a (g, maps) per image -> t (B, styles) and the rms distance to each style's painting (B, styles): the
-        image's place on the line from the short painting (0) to each style's (1) through the VAE (t of short: CUT)."""
+    def seen(self, fits, images, legible=LEGIBLE):
+        """fits: a (g, maps) per image -> t (B, styles), the rms distance to each style's painting (B, styles) and
+        reach (B, styles - 1): t is the image's place on the line from the short painting (0) to each style's (1)
+        through the VAE (t of short: CUT; CUT too where reach, the squared distance from the short painting, is under
+        `legible`)."""
         painted = torch.stack([paintings(g, maps, image, self.styles) for (g, maps), image in zip(fits, images)])
         seen = self.through_vae(painted.flatten(0, 1)).view(painted.shape).flatten(2)  # (B, styles, 3072)
         short, image = seen[:, :1], images.flatten(1)[:, None]
         along = seen[:, 1:] - short  # (B, styles - 1, 3072): what each style's hair changes in the image
         reach = along.pow(2).sum(-1)
         t = ((image - short) * along).sum(-1) / reach.clamp(min=1e-6)
-        t = torch.where(reach < LEGIBLE, torch.full_like(t, CUT), t)  # alike through the VAE: no evidence either way
+        t = torch.where(reach < legible, torch.full_like(t, CUT), t)  # alike through the VAE: no evidence either way
         rms = (seen - image).pow(2).mean(-1).sqrt()
-        return torch.cat([torch.full((len(images), 1), CUT), t], dim=1), rms
+        return torch.cat([torch.full((len(images), 1), CUT), t], dim=1), rms, reach
 
     def read(self, images):
         """(B, 3, 32, 32) -> t and rms (B, styles), as `seen`: from the grid's best fit, and for the images that fit
         leaves unlabelled, from the search's (`refined`)."""
         images = images.detach().float().cpu().clamp(0, 1)
         fits = [(self.shapes[a], self.maps[a]) for a in best_fit(self.basis, images).tolist()]
-        t, rms = self.seen(fits, images)
+        t, rms, _ = self.seen(fits, images)
         unsure = (self.decide(t, rms).max(dim=1).values <= rewards.THRESHOLD).nonzero().flatten().tolist()
         if unsure:
-            t[unsure], rms[unsure] = self.seen([refined(fits[i][0], images[i], self.styles) for i in unsure],
-                                               images[unsure])
+            t[unsure], rms[unsure], _ = self.seen([refined(*fits[i], images[i], self.styles) for i in unsure],
+                                                  images[unsure])
         return t, rms
 
     def decide(self, t, rms):

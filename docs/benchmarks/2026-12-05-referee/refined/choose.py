@@ -27,20 +27,12 @@ LEGIBLE = (0.05, 0.1, 0.2, 0.3, 0.5)
 def readings(two, images, true=None):
     """-> for the grid's fit and the search's: t (B, 2) with no legibility applied, rms (B, 2), reach (B, 1).
     true: each image's own geometry (face_geometry), read in place of both fits (what a perfect fit would read)."""
-    saved, referee.LEGIBLE = referee.LEGIBLE, 0.0
     fits = [(two.shapes[a], two.maps[a]) for a in referee.best_fit(two.basis, images).tolist()]
     if true is None:
-        searched = [referee.refined(g, image, two.styles) for (g, _), image in zip(fits, images)]
+        searched = [referee.refined(*fit, image, two.styles) for fit, image in zip(fits, images)]
     else:
         fits = searched = [(g, referee.region_maps(g, two.styles)) for g in true]
-    found = []
-    for fitted in (fits, searched):
-        painted = torch.stack([referee.paintings(g, maps, image, two.styles)
-                               for (g, maps), image in zip(fitted, images)])
-        seen = two.through_vae(painted.flatten(0, 1)).view(painted.shape).flatten(2)
-        found.append((*two.seen(fitted, images), (seen[:, 1:] - seen[:, :1]).pow(2).sum(-1)))
-    referee.LEGIBLE = saved
-    return found
+    return [two.seen(fitted, images, legible=0.0) for fitted in (fits, searched)]
 
 
 def labels(found, short, long, fit_rms, legible):
