@@ -44,11 +44,12 @@ def right(labels, truth):
 
 
 def test_the_referee_reads_the_faces_through_the_vae(two, faces):
-    """Long hair is "female", the cap alone "male", on 1000 unseen faces of each through the VAE round trip."""
+    """Long hair is "female", the cap alone "male", on 1000 unseen faces of each through the VAE round trip: at least
+    97% of each (the bar asked for)."""
     images, female, _ = faces
     labels = rewards.label_images(two(images))
     hits = right(labels, ["female" if f else "male" for f in female.tolist()])
-    assert hits[female.numpy()].mean() >= 0.955 and hits[~female.numpy()].mean() >= 0.98, (
+    assert hits[female.numpy()].mean() >= 0.97 and hits[~female.numpy()].mean() >= 0.97, (
         hits[female.numpy()].mean(), hits[~female.numpy()].mean())
 
 
@@ -60,7 +61,7 @@ def test_the_referee_reads_the_three_hair_styles():
     labels = rewards.label_images(reader(reader.through_vae(drawn)), styles)
     hits = right(labels, [styles[k] for k in which.tolist()])
     shares = [hits[which.numpy() == k].mean() for k in range(3)]
-    assert shares[0] >= 0.95 and shares[1] >= 0.92 and shares[2] >= 0.88, shares
+    assert shares[0] >= 0.97 and shares[1] >= 0.96 and shares[2] >= 0.9, shares
 
 
 def test_the_referee_says_none_to_non_faces(two):
@@ -77,18 +78,16 @@ def differentiable(path):
     return lambda images: rewards.Classifier.__call__.__wrapped__(classifier, images)
 
 
-@pytest.mark.parametrize("attacked, fooled_at_most", [("classifier", 0.05), (toyworld.INDEPENDENT, 0.15),
-                                                     ("hardened", 0.15)])
-def test_attacks_that_fool_a_reward_classifier_hardly_fool_the_referee(two, vae, attacked, fooled_at_most):
+@pytest.mark.parametrize("attacked", ["classifier", toyworld.INDEPENDENT, "hardened"])
+def test_attacks_that_fool_a_reward_classifier_hardly_fool_the_referee(two, vae, attacked):
     """Adam on the VAE latents of 64 "male" faces toward "female" (toyworld.latent_attack, mean change 0.04): the
-    attacked classifier reads at least 90% of them "female"; the referee 2-13% (docs/toy-world.md: short of the
-    10% asked for on two of the three; within 0.04 of mean change the attack can paint dark strands of hair)."""
+    attacked classifier reads at least 90% of them "female", the referee at most 10% (the bar asked for)."""
     path = os.path.join(toyworld.SHIPPED, attacked)
     drawn, _ = toyworld.make_faces(64, 0.0, seed=4545)
     images = toyworld.latent_attack(differentiable(path), vae, drawn, target=0)
     fooled = rewards.label_images(rewards.Classifier(path)(images)).count("female") / 64
     by_referee = rewards.label_images(two(images)).count("female") / 64
-    assert fooled >= 0.9 and by_referee <= fooled_at_most, (fooled, by_referee)
+    assert fooled >= 0.9 and by_referee <= 0.1, (fooled, by_referee)
 
 
 def test_the_referees_errors_are_not_the_reward_classifiers(two, vae, faces):

@@ -1,8 +1,8 @@
 """The referee's figures in docs/toy-world.md ("The referee"), on the faces tests/test_referee.py reads (seeds
 4242, 4343, 4444, 4545): accuracy through the VAE, "none" on non-faces, the latent attacks on each reward
 classifier, and how often its errors coincide with the reward's ViT. Writes OUT.json: at revision c9196da (the first
-referee, the grid's fit alone) it wrote referee_check.json here, since then refined/referee_check.json. From the
-repository's root:
+referee, the grid's fit alone) it wrote referee_check.json here, at d6b5dca (the search added) refined/, and since
+each painting's colours are corrected through the VAE, colours/referee_check.json. From the repository's root:
 
     python docs/benchmarks/2026-12-05-referee/referee_check.py OUT.json [--attacked 64]
 """
