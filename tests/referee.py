@@ -14,10 +14,11 @@ paints a face from a handful of numbers (position, head size, cap depth, hair le
      its hair wrong;
   2. paint each answer: the fit is painted by the world's own painter (toyworld.paint_face) in its fitted colours,
      once short and once with each style's hair in the cap's colour, and sent through the world's VAE, as every
-     sample was;
+     sample was; each painting's colours are then corrected through the VAE (COLOUR_ROUNDS), which shifts colours
+     as well as blurring them;
   3. where does the image lie between them? t = <x - short, style - short> / |style - short|^2 (0: the short
      painting, 1: the style's), and P(style) = softmax over (CUT for short, t per style) / SOFTNESS: t >= 0.5
-     reads that style, t <= 0.35 short. The cap and the hair share one colour, so a halo that is not the cap's
+     reads that style, t <= 0.45 short. The cap and the hair share one colour, so a halo that is not the cap's
      colour explains nothing; where the VAE leaves two paintings alike (LEGIBLE), t says nothing either way.
      A label also needs its style's painting within FIT_RMS of the image: an attack's strokes, noise, blobs,
      shuffled pieces, a face that fell apart fit no painting that well, and read "none".
