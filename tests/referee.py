@@ -160,14 +160,14 @@ def in_palette(colour, palette, slack=PALETTE_SLACK):
 
 def colours_of(maps, image):
     """The colours (4, 3) in [0, 1] of the background, the clothes, the hair (the cap's) and the skin that least
-    squares fits to `image` (3, 32, 32) over face g's region maps (R, 32, 32)."""
+    squares fits to `image` (3, 32, 32) over a face's region maps (R, 32, 32)."""
     return torch.linalg.lstsq(maps.flatten(1).T, image.reshape(3, 1024).T).solution[:4].clamp(0, 1)
 
 
 def colour_maps(maps, style, styles):
     """(R, 32, 32) region maps -> (4, 32, 32): where the face painted in `style` shows each colour of colours_of
-    (the zones of the other styles taken as background, the eyes and the mouth left out: they have colours of
-    their own)."""
+    (the zones of the other styles taken as background, though clothes may lie under them: only the correction's
+    direction needs it; the eyes and the mouth left out: they have colours of their own)."""
     zones = {s: 4 + i for i, s in enumerate(s for s in ("long", "tall") if s in styles)}
     hair = maps[2] + sum(maps[i] for s, i in zones.items() if s == style)
     background = maps[0] + sum(maps[i] for s, i in zones.items() if s != style)
