@@ -117,8 +117,7 @@ def independent_share(metrics, cls, last, classes=("female", "male")):
 
 def labelled(metrics, last):
     """The share of the last `last` epochs' images that the world's referee labels (the rest: "none")."""
-    read = [m["independent"] for m in metrics[-last:]]
-    return 1 - sum(m["n_none"] for m in read) / sum(m["n_images"] for m in read)
+    return 1 - toyworld.pooled_shares([m["independent"] for m in metrics[-last:]], ("female", "male"), last)[0][2]
 
 
 # Read by the referee, which never gave the reward, the shares move, though far less than the reward's reading says,
