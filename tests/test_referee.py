@@ -98,10 +98,11 @@ def test_attacks_that_fool_a_reward_classifier_hardly_fool_the_referee(two, vae,
 
 def test_the_referees_errors_are_not_the_reward_classifiers(two, faces, labels):
     """Where the VAE keeps the class legible (the face drawn with the other hair style differs after the round trip
-    by more than 0.03 rms per value), the referee is wrong on few of the faces the reward's ViT gets wrong: at most
-    10% of them, where the world's second classifier is wrong on about 30%. (Its errors are too few, 3 in 1851, for
-    "no more than twice chance" to be tested: chance is 0.06 of a face. Where the VAE keeps the class illegible,
-    every reader guesses, and they guess wrong together.)"""
+    by more than 0.03 rms per value), the referee labels wrongly ("none" is no label) at most 10% of the faces the
+    reward's ViT does not label right. The bar asked for, "no more than twice as often as chance", cannot be tested
+    there: the referee errs on 3 of 1851 legible faces, and chance is 0.06 of a face. Where the VAE leaves the class
+    illegible every reader guesses, and they guess wrong together: even the referee given each face's true geometry
+    shares 2 of its 3 errors with the ViT (docs/toy-world.md, "The referee"; colours/coincidence.json)."""
     images, female, shapes = faces
     other = torch.stack([toyworld.to_tensor(toyworld.render_face(
         {**g, "style": "short"} if g["style"] == "long" else {**g, "style": "long", "length": 1.625 * g["r"]}))
@@ -109,12 +110,10 @@ def test_the_referees_errors_are_not_the_reward_classifiers(two, faces, labels):
     legible = ((two.through_vae(other) - images).pow(2).mean((1, 2, 3)).sqrt() > 0.03).numpy()
     truth = ["female" if f else "male" for f in female.tolist()]
     referee_wrong = np.array([label not in (None, want) for label, want in zip(labels, truth)])[legible]
-    vit_wrong = ~right(rewards.label_images(rewards.Classifier(VIT)(images)), truth)[legible]
-    resnet_wrong = ~right(rewards.label_images(rewards.Classifier(RESNET)(images)), truth)[legible]
-    given = lambda wrong: (wrong & vit_wrong).sum() / vit_wrong.sum()  # P(wrong | the ViT is wrong)
+    vit_wrong = ~right(rewards.label_images(rewards.Classifier(VIT)(images)), truth)[legible]  # "none" too: no reward
     assert legible.mean() > 0.85 and vit_wrong.sum() >= 20, (legible.mean(), vit_wrong.sum())
-    assert given(referee_wrong) <= 0.1 and given(resnet_wrong) >= 2 * given(referee_wrong), (
-        given(referee_wrong), given(resnet_wrong), referee_wrong.sum())
+    assert (referee_wrong & vit_wrong).sum() <= 0.1 * vit_wrong.sum(), (
+        (referee_wrong & vit_wrong).sum(), vit_wrong.sum(), referee_wrong.sum())
 
 
 # ------------------------------------------------------------------------- the reward's classifier, hardened
