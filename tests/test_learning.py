@@ -6,10 +6,10 @@ where the paper's q over the batch keeps them skewed in opposite directions (doc
 Every run is the real CLI on the shipped world, checked against the same run at --lr 0 (same seed, so the same
 noise): that control must fail each check, so each check is a test. Each check is read by the reward's classifier
 and, for the shares moving, by the world's referee too (tests/referee.py, --independent-classifier
-tests.referee:Referee), which reads the hair from the world's own painter and never rewards. At lr 0 the weights
-never change, so one
-control serves every reward and trust region: its images and labels are the same for all of them. The two-prompt
-check's control is the batch's q, which must fail it.
+tests.referee:Referee), which reads the hair from the world's own painter and never rewards; it reads a run's last
+READ_LAST epochs, the most any check reads (`stages`: the run resumed, bit for bit). At lr 0 the weights never
+change, so one control serves every reward and trust region: its images and labels are the same for all of them.
+The two-prompt check's control is the batch's q, which must fail it.
 
 Settings (toyworld.SETTINGS, shared with the demo; docs/toy-world.md has the runs behind them, on seeds 0-2):
 B = 64 images of T = 5 DDIM steps, seed 0, ε and δ derived from the 4x8x8 latent as on SD, the last two steps not
@@ -35,6 +35,7 @@ from tests import toyworld
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS, TWO_EPOCHS = 16, 12
+READ_LAST = 4  # the referee reads the last 4 epochs of a run (stages): the most any check reads
 # Every run is also read by the world's referee (the hair, read by fitting the world's own painter; no weights,
 # never rewarding): a learning test reads the shares move by it too, so a run that only fools its reward cannot pass.
 JUDGE = ["--independent-classifier=tests.referee:Referee"]
@@ -62,6 +63,19 @@ def command(name, out):
             str(EPOCHS), *flags, "--output-dir", out]
 
 
+def stages(name, out):
+    """command(name, out) as the suite runs it. A run the referee reads trains its first EPOCHS - READ_LAST epochs
+    without the referee, then goes on with --resume and the referee: the resume is the run uninterrupted, bit for bit
+    (tests/test_cli.py), the referee never touches training, no check reads an earlier epoch's referee, and on a
+    learnt run the referee takes longer than the epoch's sampling and update. -> the argvs, in order."""
+    argv = command(name, out)
+    if JUDGE[0] not in argv:
+        return [argv]
+    first = [arg for arg in argv if arg != JUDGE[0]]
+    first[first.index("--epochs") + 1] = str(EPOCHS - READ_LAST)
+    return [first, [argv[0], "--resume", out, "--epochs", str(EPOCHS), *JUDGE]]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """name -> that run's metrics. The ten runs go two at a time, the longest first, one thread each: a UNet
@@ -70,9 +84,10 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
 
     def train(name):
-        proc = subprocess.run([sys.executable, *command(name, str(out / name))], cwd=ROOT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        for argv in stages(name, str(out / name)):
+            proc = subprocess.run([sys.executable, *argv], cwd=ROOT, text=True,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+            assert proc.returncode == 0, proc.stderr[-2000:]
         with open(out / name / "metrics.jsonl") as f:
             return [json.loads(line) for line in f]
     names = ["three", "three-control", *[n for n in RUNS if not n.startswith("three")], *TWO]  # longest first
