@@ -156,7 +156,8 @@ def test_debias_bench_stopped_leaves_no_run_behind(tmp_path):
     import signal
     import time
     proc = subprocess.Popen([sys.executable, "-m", "tests.debias_bench", str(tmp_path / "b"), "--configs", "today",
-                             "--seeds", "0", "--epochs", "16"], cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
+                             "--seeds", "0", "--epochs", "16", "--fresh", "32"],  # the base's reading comes first
+                            cwd=ROOT, env=ENV, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not list((tmp_path / "b" / "runs").glob("today-seed0/config.json")):
         time.sleep(0.5)
