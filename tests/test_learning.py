@@ -21,7 +21,7 @@ trained (the default --skip-final-steps 2; training them, no setting tried learn
   9-13 on seeds 0-2.
 - The three-class world (docs/classes.md), R_balance at toyworld.THREE_SETTINGS (lr 1e-3): every class came within
   0.1 of 1/3 (2-epoch windows) by epochs 4-7 on 4 of seeds 0-4 and by 16-17 on seed 2, and stayed within 0.2.
-The ten runs (152 epochs) take about 9 minutes on 2 cores, two at a time (docs/tests.md).
+The ten runs (152 epochs) go two at a time; docs/tests.md has the suite's time.
 """
 import json
 import os
